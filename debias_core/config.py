@@ -1,0 +1,103 @@
+"""Mode and trend selection: environment variables, overridable in code with ``configure``.
+
+    DEBIAS=off|pad|pos|full         off = upstream behaviour (default)
+    DEBIAS_TREND=<preset|file>      e.g. paper:himap/gqa, calibrated:trend.json, trend.json
+    DEBIAS_METHOD=<method>          picks the paper's pad threshold (pdrop 0.01, others 0.5)
+    DEBIAS_PAD_THRESHOLD=<0..1>     overrides it
+    DEBIAS_GEOMETRY=exact|official  official = the authors' unfloored pad offset
+    DEBIAS_CHECK=1                  value checks (NaN scores, position range) on GPU tensors too (syncs)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import DebiasError
+from .geometry import check_threshold
+from .presets import pad_threshold as paper_pad_threshold, resolve_trend
+from .trend import Trend
+
+MODES = ("off", "pad", "pos", "full")
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str = "off"
+    trend: Trend | None = None
+    trend_spec: str | None = None
+    method: str | None = None
+    pad_threshold: float = 0.5
+    exact_geometry: bool = True
+    checks: bool = False
+
+    @property
+    def suppress_padding(self) -> bool:
+        return self.mode in ("pad", "full")
+
+    @property
+    def positional(self) -> bool:
+        return self.mode in ("pos", "full")
+
+
+_settings: Settings | None = None
+
+
+def _check_mode(mode) -> str:
+    if mode not in MODES:
+        raise DebiasError(f"debias mode {mode!r} is unknown; use one of {', '.join(MODES)} (env DEBIAS)")
+    return mode
+
+
+def _build(mode, trend, method, threshold, geometry, checks) -> Settings:
+    mode = _check_mode(mode)
+    if geometry not in ("exact", "official"):
+        raise DebiasError(f"geometry {geometry!r} is unknown; use exact or official (env DEBIAS_GEOMETRY)")
+    resolved = resolve_trend(trend) if trend not in (None, "") else None
+    if mode in ("pos", "full") and resolved is None:
+        raise DebiasError(f"mode {mode!r} needs a positional trend: set DEBIAS_TREND to a preset "
+                          f"(e.g. paper:himap/gqa; `python -m debias_core show --list`) or a trend JSON file")
+    thr = check_threshold(threshold) if threshold is not None else paper_pad_threshold(method)
+    spec = trend if isinstance(trend, str) else (None if trend is None else "<in-code trend>")
+    return Settings(mode, resolved, spec, method, thr, geometry == "exact", bool(checks))
+
+
+def from_env(env=os.environ) -> Settings:
+    thr = env.get("DEBIAS_PAD_THRESHOLD")
+    if thr is not None:
+        try:
+            thr = float(thr)
+        except ValueError:
+            raise DebiasError(f"DEBIAS_PAD_THRESHOLD={thr!r} is not a number in [0, 1]") from None
+    return _build(env.get("DEBIAS", "off").strip().lower() or "off", env.get("DEBIAS_TREND") or None,
+                  env.get("DEBIAS_METHOD") or None, thr, env.get("DEBIAS_GEOMETRY", "exact"),
+                  env.get("DEBIAS_CHECK", "0") not in ("", "0", "false"))
+
+
+def settings() -> Settings:
+    """Current settings (read from the environment on first use)."""
+    global _settings
+    if _settings is None:
+        _settings = from_env()
+    return _settings
+
+
+def configure(mode=None, trend=None, *, method=None, pad_threshold=None, geometry=None, checks=None) -> Settings:
+    """Override settings in code; arguments left None keep their current value."""
+    global _settings
+    cur = settings()
+    new_method = method if method is not None else cur.method
+    _settings = _build(
+        mode if mode is not None else cur.mode,
+        trend if trend is not None else (cur.trend_spec if cur.trend_spec not in (None, "<in-code trend>") else cur.trend),
+        new_method,
+        pad_threshold if pad_threshold is not None else (cur.pad_threshold if method is None else None),
+        geometry if geometry is not None else ("exact" if cur.exact_geometry else "official"),
+        checks if checks is not None else cur.checks,
+    )
+    return _settings
+
+
+def reset() -> None:
+    """Forget in-code settings; the environment is read again on next use."""
+    global _settings
+    _settings = None

@@ -1,0 +1,79 @@
+"""The paper's positional trends, regenerated from parameters (data/paper_presets.json).
+
+Names: ``paper:<method>/<benchmark>`` with method ∈ fastv, pdrop, sparsevlm, himap, tokencarve and
+benchmark ∈ gqa, mmbench, mmbench_cn, mme, mmvet, pope, scienceqa, textvqa, vizwiz, vqav2.
+FastV has one trend for every benchmark (``paper:fastv`` also works).
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from .errors import DebiasError
+from .trend import ExponentialTrend, Trend, load_trend_file, trend_from_json
+
+METHODS = ("fastv", "pdrop", "sparsevlm", "himap", "tokencarve")
+BENCHMARKS = ("gqa", "mmbench", "mmbench_cn", "mme", "mmvet", "pope", "scienceqa", "textvqa", "vizwiz", "vqav2")
+METHOD_ALIASES = {"pyramiddrop": "pdrop", "sparsevlms": "sparsevlm"}
+BENCHMARK_ALIASES = {"mm-vet": "mmvet", "mmbench-cn": "mmbench_cn", "sqa": "scienceqa"}
+DEFAULT_PAD_THRESHOLD = 0.5
+
+
+@lru_cache(maxsize=1)
+def _data() -> dict:
+    return json.loads(resources.files(__package__).joinpath("data/paper_presets.json").read_text())
+
+
+def method_name(method: str) -> str:
+    m = METHOD_ALIASES.get(method.lower(), method.lower())
+    if m not in METHODS and m not in ("illava", "video"):
+        raise DebiasError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    return m
+
+
+def pad_threshold(method: str | None) -> float:
+    """The paper's padding threshold for a method (UPSTREAM.md §4.4); 0.5 when unknown/None."""
+    if method is None:
+        return DEFAULT_PAD_THRESHOLD
+    return _data()["pad_threshold"].get(method_name(method), DEFAULT_PAD_THRESHOLD)
+
+
+def preset_names() -> list[str]:
+    names = ["paper:fastv"]
+    names += [f"paper:{m}/{b}" for m in METHODS if m != "fastv" for b in BENCHMARKS]
+    return names
+
+
+def paper_trend(method: str, benchmark: str | None = None) -> Trend:
+    m = method_name(method)
+    if m not in METHODS:
+        raise DebiasError(f"the paper publishes no trend for {method!r}; calibrate one (python -m debias_core.calibrate)")
+    if m == "fastv":
+        return trend_from_json(_data()["fastv"], "fastv preset")
+    if benchmark is None:
+        raise DebiasError(f"paper preset for {m} needs a benchmark: paper:{m}/<benchmark>, benchmark ∈ {', '.join(BENCHMARKS)}")
+    b = BENCHMARK_ALIASES.get(benchmark.lower(), benchmark.lower())
+    table = _data()["exponential_b"][m]
+    if b not in table:
+        raise DebiasError(f"benchmark {benchmark!r} has no paper preset; use one of {', '.join(BENCHMARKS)}")
+    return ExponentialTrend(a=1.0, b=table[b], n=_data()["n"], provenance={"source": f"paper:{m}/{b}"})
+
+
+def resolve_trend(spec) -> Trend:
+    """A Trend from a Trend, a preset name (``paper:himap/gqa``), ``calibrated:<file>`` or a JSON path."""
+    if isinstance(spec, Trend):
+        return spec
+    if not isinstance(spec, (str, Path)) or not str(spec):
+        raise DebiasError(f"trend {spec!r} is not a preset name or a JSON file path")
+    s = str(spec)
+    if s.startswith("paper:"):
+        method, _, bench = s[len("paper:"):].partition("/")
+        return paper_trend(method, bench or None)
+    if s.startswith("calibrated:"):
+        return load_trend_file(s[len("calibrated:"):])
+    if s.endswith(".json") or Path(s).exists():
+        return load_trend_file(s)
+    raise DebiasError(f"trend {s!r} is neither a preset (e.g. paper:himap/gqa; list: python -m debias_core show --list) "
+                      f"nor an existing .json file")

@@ -1,0 +1,257 @@
+"""Positional trends f(i) over visual-token position i, their weights w_i = f(0)/f(i), fitting and JSON I/O.
+
+Debiased score = score · w_i, i.e. the score divided by the trend normalised to f(0) = 1. Top-k is
+scale-invariant, so no renormalisation is needed.
+
+JSON forms (``"form"`` key):
+- ``exponential``: f(i) = a·exp(b·i) — {"form", "a", "b", "n", ["r2"], ["provenance"]}
+- ``polynomial``:  f(i) = Σ_k coef[k]·(i/x_scale)^k — {"form", "coef", "x_scale", "n"} (FastV's cubic)
+- ``table``:       f(i) = values[i], the naive per-position average — {"form", "values"}
+- ``staged``:      one trend per ranking stage — {"form": "staged", "stages": {"0": {...}, "1": {...}}}
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DebiasError
+
+
+class Trend:
+    """Base class. ``n`` is the number of positions the trend was fitted on (its domain)."""
+
+    n: int
+
+    def values(self, positions: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def weights(self, n: int | None = None) -> np.ndarray:
+        """w_i = f(0)/f(i) for i = 0..n−1 (default: the trend's own n). float64 [n]."""
+        n = self.n if n is None else n
+        if n > self.n:
+            raise DebiasError(f"trend is defined on {self.n} positions, asked for {n}; fit a trend for this span length")
+        f = self.values(np.arange(n, dtype=np.float64))
+        return self.values(np.zeros(1))[0] / f
+
+    def for_stage(self, stage: int) -> "Trend":
+        return self
+
+    def to_json(self) -> dict:
+        raise NotImplementedError
+
+
+@dataclass
+class ExponentialTrend(Trend):
+    a: float
+    b: float
+    n: int
+    r2: float | None = None
+    provenance: dict = field(default_factory=dict)
+
+    def values(self, positions):
+        return self.a * np.exp(self.b * np.asarray(positions, dtype=np.float64))
+
+    def weights(self, n=None):
+        n = self.n if n is None else n
+        if n > self.n:
+            raise DebiasError(f"trend is defined on {self.n} positions, asked for {n}; fit a trend for this span length")
+        return np.exp(-self.b * np.arange(n, dtype=np.float64))  # exact form of the official files
+
+    def to_json(self):
+        out = {"form": "exponential", "a": self.a, "b": self.b, "n": self.n}
+        if self.r2 is not None:
+            out["r2"] = self.r2
+        if self.provenance:
+            out["provenance"] = self.provenance
+        return out
+
+
+@dataclass
+class PolynomialTrend(Trend):
+    coef: list
+    x_scale: float
+    n: int
+
+    def values(self, positions):
+        x = np.asarray(positions, dtype=np.float64) / self.x_scale
+        return np.polynomial.polynomial.polyval(x, np.asarray(self.coef, dtype=np.float64))
+
+    def to_json(self):
+        return {"form": "polynomial", "coef": list(self.coef), "x_scale": self.x_scale, "n": self.n}
+
+
+@dataclass
+class TableTrend(Trend):
+    table: np.ndarray
+
+    def __post_init__(self):
+        self.table = np.asarray(self.table, dtype=np.float64)
+        self.n = len(self.table)
+
+    def values(self, positions):
+        return self.table[np.asarray(positions, dtype=np.int64)]
+
+    def to_json(self):
+        return {"form": "table", "values": self.table.tolist()}
+
+
+@dataclass
+class StagedTrend(Trend):
+    """One trend per ranking stage (multi-stage methods); stages without an entry use stage 0's."""
+    stages: dict
+
+    def __post_init__(self):
+        self.n = min(t.n for t in self.stages.values())
+
+    def for_stage(self, stage):
+        if stage in self.stages:
+            return self.stages[stage]
+        return self.stages[min(self.stages)]
+
+    def values(self, positions):
+        return self.for_stage(0).values(positions)
+
+    def weights(self, n=None):
+        return self.for_stage(0).weights(n)
+
+    def to_json(self):
+        return {"form": "staged", "stages": {str(k): v.to_json() for k, v in sorted(self.stages.items())}}
+
+
+# ----------------------------------------------------------------------------------------- fitting
+
+def mean_scores(scores) -> np.ndarray:
+    """1-D mean vector from a mean vector [n] or per-sample rows [rows, n] (rows averaged)."""
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim == 2:
+        if arr.shape[0] == 0:
+            raise DebiasError("scores have no rows; record at least one sample")
+        arr = arr.mean(axis=0)
+    if arr.ndim != 1 or arr.size < 2:
+        raise DebiasError(f"scores must be a 1-D mean vector or 2-D rows with ≥ 2 positions, got shape {np.shape(scores)}")
+    if not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise DebiasError(f"scores contain a non-finite value at position {bad} ({arr[bad]}); drop that row or position")
+    return arr
+
+
+def fit_exponential(scores, *, iterations: int = 100) -> ExponentialTrend:
+    """Least-squares fit of f(i) = a·exp(b·i) to mean scores (1-D [n] or 2-D [rows, n]).
+
+    Minimises Σ_i (ȳ_i − a·e^{b·i})² by Levenberg–Marquardt, started from the log-linear fit.
+    r² is reported on the original scale.
+    """
+    y = mean_scores(scores)
+    n = y.size
+    x = np.arange(n, dtype=np.float64) / (n - 1)          # conditioned abscissa; b = β/(n−1)
+    if (y <= 0).all():
+        raise DebiasError("scores are all ≤ 0: an exponential trend needs positive mean scores (attention weights)")
+    pos = y > 0
+    beta, log_a = np.polyfit(x[pos], np.log(y[pos]), 1)
+    a = math.exp(log_a)
+    lam = 1e-3
+
+    def sse(a_, beta_):
+        return float(((y - a_ * np.exp(beta_ * x)) ** 2).sum())
+
+    cur = sse(a, beta)
+    for _ in range(iterations):
+        e = np.exp(beta * x)
+        r = y - a * e
+        jac = np.stack([e, a * x * e], axis=1)
+        jtj, jtr = jac.T @ jac, jac.T @ r
+        step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-30), jtr)
+        cand = sse(a + step[0], beta + step[1])
+        if cand < cur:
+            a, beta, cur, lam = a + step[0], beta + step[1], cand, lam / 10
+            if abs(step[1]) < 1e-13 and abs(step[0]) < 1e-13 * abs(a):
+                break
+        else:
+            lam *= 10
+            if lam > 1e12:
+                break
+    sst = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - cur / sst if sst > 0 else 1.0
+    return ExponentialTrend(a=float(a), b=float(beta / (n - 1)), n=n, r2=float(r2))
+
+
+def table_trend(scores) -> TableTrend:
+    """The naive alternative: the per-position mean itself as the trend (noisy; for comparison)."""
+    y = mean_scores(scores)
+    if (y <= 0).any():
+        raise DebiasError("a table trend needs every mean score > 0; some positions have none")
+    return TableTrend(y)
+
+
+# ----------------------------------------------------------------------------------------- JSON I/O
+
+def _number(d: dict, key: str, where: str) -> float:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise DebiasError(f"{where}: field {key!r} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _length(d: dict, where: str) -> int:
+    n = d.get("n")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
+        raise DebiasError(f"{where}: field 'n' (number of positions) must be an integer ≥ 2, got {n!r}")
+    return int(n)
+
+
+def trend_from_json(d, where: str = "trend") -> Trend:
+    """Build a trend from its JSON dict; raises DebiasError naming the bad field."""
+    if not isinstance(d, dict):
+        raise DebiasError(f"{where}: expected a JSON object with a 'form' field, got {type(d).__name__}")
+    form = d.get("form")
+    if form == "exponential":
+        return ExponentialTrend(a=_number(d, "a", where), b=_number(d, "b", where), n=_length(d, where),
+                                r2=d.get("r2"), provenance=d.get("provenance") or {})
+    if form == "polynomial":
+        coef = d.get("coef")
+        if not isinstance(coef, list) or not coef or not all(isinstance(c, numbers.Real) for c in coef):
+            raise DebiasError(f"{where}: field 'coef' must be a non-empty list of numbers")
+        trend = PolynomialTrend(coef=[float(c) for c in coef], x_scale=_number(d, "x_scale", where), n=_length(d, where))
+        if (trend.values(np.arange(trend.n)) <= 0).any():
+            raise DebiasError(f"{where}: polynomial trend is not positive on 0..{trend.n - 1}")
+        return trend
+    if form == "table":
+        vals = d.get("values")
+        if not isinstance(vals, list) or len(vals) < 2:
+            raise DebiasError(f"{where}: field 'values' must be a list of ≥ 2 positive numbers")
+        arr = np.asarray(vals, dtype=np.float64)
+        if not np.isfinite(arr).all() or (arr <= 0).any():
+            raise DebiasError(f"{where}: table values must be finite and > 0")
+        return TableTrend(arr)
+    if form == "staged":
+        stages = d.get("stages")
+        if not isinstance(stages, dict) or not stages:
+            raise DebiasError(f"{where}: field 'stages' must map stage numbers to trends")
+        try:
+            parsed = {int(k): trend_from_json(v, f"{where} stage {k}") for k, v in stages.items()}
+        except (TypeError, ValueError) as e:
+            if isinstance(e, DebiasError):
+                raise
+            raise DebiasError(f"{where}: stage keys must be integers, got {list(stages)}") from None
+        return StagedTrend(parsed)
+    raise DebiasError(f"{where}: unknown form {form!r}; expected exponential, polynomial, table or staged")
+
+
+def load_trend_file(path) -> Trend:
+    path = Path(path)
+    if not path.is_file():
+        raise DebiasError(f"trend file {str(path)!r} does not exist; write one with `python -m debias_core fit` or name a preset")
+    try:
+        d = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DebiasError(f"trend file {str(path)!r} is not JSON ({e}); trend files are JSON, never pickle") from None
+    return trend_from_json(d, where=f"trend file {str(path)!r}")
+
+
+def save_trend(trend: Trend, path) -> None:
+    Path(path).write_text(json.dumps(trend.to_json(), indent=1) + "\n")
