@@ -35,13 +35,14 @@ def require_populated(name: str) -> Path:
     return path
 
 
-def require_module(module: str, why: str):
-    """Import ``module`` or skip naming the environment that has it."""
+def require_module(module: str, why: str, env: str | None = None):
+    """Import ``module`` or skip naming the environment that has it (``env``: a baseline Name)."""
     try:
         return __import__(module)
     except ImportError as e:
-        pytest.skip(f"{why}: this interpreter lacks {module!r} ({e}); run this file in that environment "
-                    f"(bash setup.sh --test-env <Name>; scripts/test.sh runs every built one)")
+        build = f"bash setup.sh --test-env {env}" if env else "bash setup.sh --test"
+        pytest.skip(f"{why}: this interpreter lacks {module!r} ({e}); build the environment that has it "
+                    f"({build}) and run bash scripts/test.sh, which runs every built one")
 
 
 def require_transformers(prefix: str, name: str):
@@ -55,11 +56,24 @@ def require_transformers(prefix: str, name: str):
                     f"build it with `bash setup.sh --test-env {name}` and run scripts/test.sh")
 
 
+def _absent_blobs(repo: Path, commit: str) -> list[str]:
+    """Files of ``commit`` whose blobs the local object store lacks (sparse snapshots leave out large
+    binaries such as FastV's .arrow data); exports leave them out too. None of them is code."""
+    listing = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", commit], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    blobs = [(line.split()[2], line.split("\t", 1)[1]) for line in listing if line.split()[1] == "blob"]
+    check = subprocess.run(["git", "-C", str(repo), "cat-file", "--batch-check"], capture_output=True, text=True,
+                           input="".join(f"{sha}\n" for sha, _ in blobs), check=True).stdout.splitlines()
+    return [path for (_, path), answer in zip(blobs, check) if answer.endswith("missing")]
+
+
 def pristine_tree(name: str, dest: Path) -> Path:
     """Export third_party/<name> at its pin into ``dest`` (a plain folder, not a repository)."""
     src = require_populated(name)
     dest.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(src), "archive", "--format=tar", pinned_sha(name)],
+    pin = pinned_sha(name)
+    excludes = [f":(exclude,literal){p}" for p in _absent_blobs(src, pin)]
+    archive = subprocess.run(["git", "-C", str(src), "archive", "--format=tar", pin, "--", ".", *excludes],
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
