@@ -24,6 +24,8 @@ def _image_size(text: str) -> tuple[int, int]:
 def cmd_weights(args) -> int:
     if not args.preset.startswith("paper:"):
         raise DebiasError(f"--preset {args.preset!r} is not a paper preset; names look like paper:himap/gqa")
+    if args.n < 1:
+        raise DebiasError(f"--n {args.n} must be ≥ 1 (number of visual positions; LLaVA-1.5: 576)")
     w = resolve_trend(args.preset).weights(args.n)
     np.save(args.out, w.astype(np.float64), allow_pickle=False)
     print(f"wrote {args.out}: {w.size} float64 weights, w[0]={w[0]:.6g}, w[-1]={w[-1]:.6g}")

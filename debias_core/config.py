@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import DebiasError
 from .geometry import check_threshold
-from .presets import pad_threshold as paper_pad_threshold, resolve_trend
+from .presets import method_name, pad_threshold as paper_pad_threshold, resolve_trend
 from .trend import Trend
 
 MODES = ("off", "pad", "pos", "full")
@@ -52,6 +52,8 @@ def _build(mode, trend, method, threshold, geometry, checks) -> Settings:
     mode = _check_mode(mode)
     if geometry not in ("exact", "official"):
         raise DebiasError(f"geometry {geometry!r} is unknown; use exact or official (env DEBIAS_GEOMETRY)")
+    if method is not None:
+        method_name(method)  # unknown method: clear error even when the threshold is given explicitly
     resolved = resolve_trend(trend) if trend not in (None, "") else None
     if mode in ("pos", "full") and resolved is None:
         raise DebiasError(f"mode {mode!r} needs a positional trend: set DEBIAS_TREND to a preset "

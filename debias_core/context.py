@@ -9,6 +9,7 @@ gone when the ``with`` block ends — no stale image size leaks into the next sa
 """
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -43,14 +44,16 @@ def make_context(image_size=None, *, preprocess="pad", grid=24, resolution=336, 
     size = check_image_size(image_size) if image_size is not None else None
     if span_length is None:
         span_length = grid * grid
-    if isinstance(span_length, bool) or not isinstance(span_length, int) or span_length <= 0:
+    if isinstance(span_length, bool) or not isinstance(span_length, numbers.Integral) or span_length <= 0:
         raise DebiasError(f"span_length {span_length!r} must be a positive integer (number of visual tokens)")
     if preprocess == "pad" and size is not None and span_length != grid * grid:
         raise DebiasError(f"span_length {span_length} does not match a {grid}×{grid} pad grid ({grid * grid} tokens); "
                           f"use preprocess='anyres' or 'none' for other layouts")
-    if span_start is not None and (isinstance(span_start, bool) or not isinstance(span_start, int) or span_start < 0):
+    if span_start is not None and (isinstance(span_start, bool) or not isinstance(span_start, numbers.Integral)
+                                   or span_start < 0):
         raise DebiasError(f"span_start {span_start!r} must be a non-negative integer (index of the first visual token)")
-    return SampleContext(size, preprocess, grid, resolution, span_start, span_length)
+    return SampleContext(size, preprocess, grid, resolution, None if span_start is None else int(span_start),
+                         int(span_length))
 
 
 def _is_batch(image_size) -> bool:

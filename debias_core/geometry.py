@@ -75,8 +75,8 @@ def pad_fractions(image_size, *, grid: int = 24, resolution: int = 336, preproce
     w, h = check_image_size(image_size)
     side, short = max(w, h), min(w, h)
     offset = (side - short) // 2 if exact else (side - short) / 2
-    scale = resolution / side
-    band = _axis_overlap(grid, resolution, offset * scale, (offset + short) * scale)
+    # multiply before dividing: a square image then spans exactly [0, R) (R/S·S can round below R)
+    band = _axis_overlap(grid, resolution, offset * resolution / side, (offset + short) * resolution / side)
     full = np.ones(grid)
     rows, cols = (band, full) if w >= h else (full, band)
     return np.clip(1.0 - np.outer(rows, cols), 0.0, 1.0)

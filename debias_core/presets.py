@@ -27,6 +27,8 @@ def _data() -> dict:
 
 
 def method_name(method: str) -> str:
+    if not isinstance(method, str):
+        raise DebiasError(f"method {method!r} is not a name; use one of {', '.join(METHODS)}")
     m = METHOD_ALIASES.get(method.lower(), method.lower())
     if m not in METHODS and m not in ("illava", "video"):
         raise DebiasError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
@@ -49,15 +51,16 @@ def preset_names() -> list[str]:
 def paper_trend(method: str, benchmark: str | None = None) -> Trend:
     m = method_name(method)
     if m not in METHODS:
-        raise DebiasError(f"the paper publishes no trend for {method!r}; calibrate one (python -m debias_core.calibrate)")
-    if m == "fastv":
-        return trend_from_json(_data()["fastv"], "fastv preset")
-    if benchmark is None:
-        raise DebiasError(f"paper preset for {m} needs a benchmark: paper:{m}/<benchmark>, benchmark ∈ {', '.join(BENCHMARKS)}")
-    b = BENCHMARK_ALIASES.get(benchmark.lower(), benchmark.lower())
-    table = _data()["exponential_b"][m]
-    if b not in table:
+        raise DebiasError(f"the paper publishes no trend for {method!r}; fit one from recorded scores "
+                          f"(python -m debias_core fit --scores S.npy --out T.json)")
+    b = None if benchmark is None else BENCHMARK_ALIASES.get(benchmark.lower(), benchmark.lower())
+    if b is not None and b not in BENCHMARKS:
         raise DebiasError(f"benchmark {benchmark!r} has no paper preset; use one of {', '.join(BENCHMARKS)}")
+    if m == "fastv":
+        return trend_from_json(_data()["fastv"], "fastv preset")  # one trend for every benchmark
+    if b is None:
+        raise DebiasError(f"paper preset for {m} needs a benchmark: paper:{m}/<benchmark>, benchmark ∈ {', '.join(BENCHMARKS)}")
+    table = _data()["exponential_b"][m]
     return ExponentialTrend(a=1.0, b=table[b], n=_data()["n"], provenance={"source": f"paper:{m}/{b}"})
 
 

@@ -10,10 +10,13 @@ Mode ``off`` returns ``scores`` itself and ``k`` unchanged (upstream behaviour).
 Computed in float32 (float64 stays float64). Positions −1 mark merged/cluster tokens: weight 1, never padding.
 
 Performance contract: the weight and padding tables are built once per (trend, stage, span length,
-device) and (geometry, image size, threshold, device), then cached on that device; a call is two
-gathers and a multiply. No file I/O, no host–device sync: ``keep_cap`` reads the padding count that
-was computed on the host from geometry. Value checks (finite scores, position range) run on CPU
-tensors, and on accelerator tensors only with DEBIAS_CHECK=1 because they would sync.
+dtype, device) and (geometry, image size, threshold, device), then cached on that device; a call is
+two gathers and a multiply. No file I/O, no host–device sync: tables reach a CUDA device by
+non-blocking copies from pinned memory, and ``keep_cap`` reads the padding count that was computed
+on the host from geometry. Pass positions on the scores' device (a host tensor is copied each call).
+Value checks (finite scores, position range) run on CPU tensors, and on accelerator tensors only with
+DEBIAS_CHECK=1 because they would sync; never on ``meta`` tensors, which have no values (tests use
+them to prove the call reads none).
 """
 from __future__ import annotations
 
@@ -68,6 +71,17 @@ def _contexts(needed_for: str) -> tuple:
     return ctxs
 
 
+def _upload(array: np.ndarray, device, dtype=None) -> torch.Tensor:
+    """Host array -> tensor on ``device``. On CUDA through pinned memory with a non-blocking copy: a
+    plain copy from pageable memory would wait for all queued GPU work (a host–device sync)."""
+    t = torch.from_numpy(array)
+    if dtype is not None:
+        t = t.to(dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _valid_host(ctx: SampleContext, threshold: float, exact: bool) -> np.ndarray | None:
     """Host bool [span_length] validity, or None when nothing is padding."""
     if ctx.image_size is None or ctx.preprocess != "pad":
@@ -88,19 +102,19 @@ def _valid_table(ctx, threshold, exact, device) -> torch.Tensor | None:
     if valid is None:
         return None
     key = ("valid", ctx.image_size, ctx.grid, ctx.resolution, threshold, exact, device)
-    return _cache.get(key, lambda: torch.from_numpy(np.append(valid, True)).to(device))
+    return _cache.get(key, lambda: _upload(np.append(valid, True), device))
 
 
-def _weight_table(trend, stage: int, length: int, device) -> torch.Tensor:
-    """float32 [length + 1] on device; the last slot (position −1) has weight 1."""
+def _weight_table(trend, stage: int, length: int, device, dtype=torch.float32) -> torch.Tensor:
+    """``dtype`` (float32 or float64) [length + 1] on device; the last slot (position −1) has weight 1."""
     t = trend.for_stage(stage)
-    key = ("weight", id(t), length, device)
+    key = ("weight", id(t), length, device, dtype)
 
     def build():
         if length > t.n:
             raise DebiasError(f"the visual span has {length} tokens but the trend covers {t.n} positions; "
-                              f"fit a trend for this span (python -m debias_core.calibrate)")
-        return torch.from_numpy(np.append(t.weights(length), 1.0)).to(device=device, dtype=torch.float32)
+                              f"fit a trend over this span (python -m debias_core fit --scores S.npy --out T.json)")
+        return _upload(np.append(t.weights(length), 1.0), device, dtype)
 
     table = _cache.get(key, build)
     _cache.tables.setdefault(("trend-ref", id(t)), t)  # keep t alive so its id is never reused
@@ -118,7 +132,7 @@ def _index(positions, scores: torch.Tensor, length: int, check: bool) -> torch.T
             raise DebiasError(f"{n} scores but the visual span has {length} tokens; pass the tokens' original positions")
         return _arange(n, scores.device)
     if not isinstance(positions, torch.Tensor):
-        positions = torch.as_tensor(np.asarray(positions), device=scores.device)
+        positions = _upload(np.asarray(positions), scores.device)
     if positions.dtype.is_floating_point or positions.dtype == torch.bool:
         raise DebiasError(f"positions must be an integer tensor, got {positions.dtype}")
     if positions.shape[-1] != n or positions.dim() > scores.dim() or (
@@ -137,7 +151,8 @@ def _gather(tables: list, index: torch.Tensor) -> torch.Tensor:
     """Look up per-position table values. tables: 1 or B tensors [L+1]; index [N], [1, N] or [B, N]."""
     if len(tables) == 1 or all(t is tables[0] for t in tables):
         return tables[0][index]
-    table = torch.stack(tables)
+    # cached tables live as long as the cache, so their ids name the stack
+    table = _cache.get(("stack",) + tuple(id(t) for t in tables), lambda: torch.stack(tables))
     return table.gather(1, index.expand(table.shape[0], -1) if index.dim() == 1 or index.shape[0] == 1 else index)
 
 
@@ -155,10 +170,14 @@ def _prepare(scores, positions, needed_for: str):
     length = ctxs[0].span_length
     if any(c.span_length != length for c in ctxs):
         raise DebiasError(f"samples in one batch have different visual span lengths {[c.span_length for c in ctxs]}")
-    check = st.checks or scores.device.type == "cpu"
-    if check and not torch.isfinite(scores).all():
-        raise DebiasError("scores contain NaN or inf; the attention that produced them is broken "
-                          "(check for fp16 overflow before the ranking site)")
+    check = scores.device.type == "cpu" or (st.checks and scores.device.type != "meta")
+    if check:
+        finite = torch.isfinite(scores)
+        if not finite.all():
+            bad = tuple(int(i) for i in (~finite).nonzero()[0])
+            raise DebiasError(f"scores contain {scores[bad].item()} at index {bad if len(bad) > 1 else bad[0]} "
+                              f"(shape {tuple(scores.shape)}); the attention that produced them is broken "
+                              f"(check for fp16 overflow before the ranking site)")
     index = _index(positions, scores, length, check)
     return st, ctxs, index, (scores if scores.dtype == torch.float64 else scores.float())
 
@@ -192,7 +211,7 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0) -> torch.Ten
         return scores
     st, ctxs, index, out = _prepare(scores, positions, "debias")
     if st.positional:
-        out = out * _weight_table(st.trend, stage, ctxs[0].span_length, out.device)[index]
+        out = out * _weight_table(st.trend, stage, ctxs[0].span_length, out.device, out.dtype)[index]
     return _mask(st, ctxs, index, out)
 
 
@@ -214,11 +233,13 @@ def keep_cap(k, *, sample: int | None = None) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise DebiasError(f"keep count {k!r} must be a host integer (not a tensor: reading one would sync the device)")
     if k <= 0:
-        raise DebiasError(f"keep count {k} must be ≥ 1")
+        raise DebiasError(f"keep count k={k} must be ≥ 1 (number of visual tokens to keep)")
     st = settings()
     if not st.suppress_padding:
         return int(k)
     ctxs = _contexts(f"keep_cap with DEBIAS={st.mode}")
     if sample is not None:
+        if isinstance(sample, bool) or not isinstance(sample, numbers.Integral) or not 0 <= sample < len(ctxs):
+            raise DebiasError(f"sample {sample!r} is not a row of this batch of {len(ctxs)} contexts")
         ctxs = (ctxs[sample],)
     return max(1, min(int(k), *(_n_valid(c, st.pad_threshold, st.exact_geometry) for c in ctxs)))

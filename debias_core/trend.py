@@ -210,8 +210,14 @@ def trend_from_json(d, where: str = "trend") -> Trend:
         raise DebiasError(f"{where}: expected a JSON object with a 'form' field, got {type(d).__name__}")
     form = d.get("form")
     if form == "exponential":
-        return ExponentialTrend(a=_number(d, "a", where), b=_number(d, "b", where), n=_length(d, where),
-                                r2=d.get("r2"), provenance=d.get("provenance") or {})
+        a = _number(d, "a", where)
+        if a <= 0:
+            raise DebiasError(f"{where}: field 'a' must be > 0 (f(i) = a·exp(b·i) is a positive trend), got {a!r}")
+        r2 = _number(d, "r2", where) if d.get("r2") is not None else None
+        provenance = d.get("provenance") or {}
+        if not isinstance(provenance, dict):
+            raise DebiasError(f"{where}: field 'provenance' must be a JSON object, got {provenance!r}")
+        return ExponentialTrend(a=a, b=_number(d, "b", where), n=_length(d, where), r2=r2, provenance=provenance)
     if form == "polynomial":
         coef = d.get("coef")
         if not isinstance(coef, list) or not coef or not all(isinstance(c, numbers.Real) for c in coef):

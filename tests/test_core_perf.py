@@ -1,0 +1,243 @@
+"""Performance contract of the ranking-site call (issue 2 §2): tables are cached per (geometry, image
+size, dtype, device); the call does no file I/O and reads no device value (no host–device sync).
+
+"No sync" is proven on torch's ``meta`` device: a meta tensor has no data, so any .item(), .cpu(),
+.tolist(), bool(), nonzero() on it raises. A TorchFunctionMode spy also lists every tensor operation
+the call makes, so a failure names the offending one."""
+import builtins
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import debias_core as dc
+
+pytestmark = pytest.mark.usefixtures("clean_debias")
+
+SYNCING = {"item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+           "argwhere", "masked_select", "unique", "any_", "equal", "allclose"}
+BUILDING = {"from_numpy", "tensor", "as_tensor", "arange", "ones", "zeros", "full", "empty", "stack", "cat"}
+
+
+class Spy(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.ops.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def run_site(scores, positions=None, k=400):
+    out = dc.debias(scores, positions)
+    return out, dc.keep_cap(k)
+
+
+# ------------------------------------------------------------------------------- cache
+
+def test_cache_is_hit_on_repeated_calls():
+    dc.configure(mode="full", trend="paper:himap/gqa")
+    s = torch.rand(576)
+    with dc.sample(image_size=(640, 427)):
+        run_site(s)
+        first = dc.cache_info()
+        assert first["misses"] > 0
+        for _ in range(5):
+            run_site(torch.rand(576))
+        again = dc.cache_info()
+    assert again["misses"] == first["misses"] and again["size"] == first["size"]
+    assert again["hits"] >= first["hits"] + 5 * 3        # weight, validity and keep-count lookups each call
+    # a new sample with the same image size reuses them too
+    with dc.sample(image_size=(640, 427), span_start=40):
+        run_site(s)
+    assert dc.cache_info()["misses"] == first["misses"]
+
+
+@pytest.mark.parametrize("change", ["image size", "dtype", "threshold", "grid"])
+def test_new_key_builds_new_tables_once(change):
+    dc.configure(mode="full", trend="paper:himap/gqa")
+    base = dict(size=(640, 427), dtype=torch.float32, grid=(24, 336))
+    with dc.sample(image_size=base["size"]):
+        run_site(torch.rand(576, dtype=base["dtype"]))
+    before = dc.cache_info()["misses"]
+    size, dtype, (grid, res) = base["size"], base["dtype"], base["grid"]
+    if change == "image size":
+        size = (500, 375)
+    elif change == "dtype":
+        dtype = torch.float64
+    elif change == "threshold":
+        dc.configure(method="pdrop")
+    else:
+        grid, res = 16, 224
+    n = grid * grid
+    trend = dc.ExponentialTrend(a=1.0, b=0.002, n=n) if grid != 24 else None
+    if trend:
+        dc.configure(trend=trend)
+    for _ in range(3):
+        with dc.sample(image_size=size, grid=grid, resolution=res):
+            run_site(torch.rand(n, dtype=dtype))
+        if _ == 0:
+            after_first = dc.cache_info()["misses"]
+    assert after_first > before                          # the new key was built ...
+    assert dc.cache_info()["misses"] == after_first      # ... once
+
+
+def test_clear_cache():
+    dc.configure(mode="pad")
+    with dc.sample(image_size=(640, 427)):
+        run_site(torch.rand(576))
+    assert dc.cache_info()["size"] > 0
+    dc.clear_cache()
+    assert dc.cache_info() == {"hits": 0, "misses": 0, "size": 0}
+
+
+# ------------------------------------------------------------------------------- no sync
+
+@pytest.mark.parametrize("mode", ["pad", "pos", "full"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_meta_tensors_single_sample(mode, dtype):
+    dc.configure(mode=mode, trend="paper:himap/gqa")
+    s = torch.empty(576, dtype=dtype, device="meta")
+    with dc.sample(image_size=(640, 427), span_start=35):
+        with Spy() as spy:
+            out, k = run_site(s)
+            out2 = dc.debias(s[:200], torch.empty(200, dtype=torch.long, device="meta"), stage=1)
+            masked = dc.mask_padding(s)
+    assert out.device.type == "meta" and out.shape == (576,) and out2.shape == (200,) and masked.shape == (576,)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert k == (384 if mode != "pos" else 400)
+    assert not SYNCING & set(spy.ops), f"syncing ops on the hot path: {SYNCING & set(spy.ops)}"
+
+
+def test_meta_tensors_batch_with_per_sample_contexts():
+    dc.configure(mode="full", trend="paper:pdrop/gqa", method="pdrop")
+    s = torch.empty(3, 576, dtype=torch.float16, device="meta")
+    pos = torch.empty(3, 576, dtype=torch.long, device="meta")
+    with dc.sample(image_size=[(640, 427), (500, 500), None]):
+        with Spy() as spy:
+            out = dc.debias(s, pos)
+            k = dc.keep_cap(500)
+            out_shared = dc.debias(s, pos[0])
+    assert out.shape == (3, 576) and out_shared.shape == (3, 576) and out.device.type == "meta"
+    assert k == 360
+    assert not SYNCING & set(spy.ops), SYNCING & set(spy.ops)
+
+
+def test_warm_call_builds_nothing_and_reads_nothing():
+    """After the first call, a call only gathers, multiplies and masks: no table is rebuilt from host data."""
+    dc.configure(mode="full", trend="paper:himap/gqa")
+    s = torch.empty(2, 576, dtype=torch.float16, device="meta")
+    pos = torch.empty(2, 576, dtype=torch.long, device="meta")
+    with dc.sample(image_size=[(640, 427), (400, 200)]):
+        run_site(s, pos)
+        with Spy() as spy:
+            run_site(s, pos)
+    assert not (SYNCING | BUILDING) & set(spy.ops), (SYNCING | BUILDING) & set(spy.ops)
+
+
+def test_debias_check_is_ignored_for_meta(monkeypatch):
+    """DEBIAS_CHECK=1 asks for value checks on accelerator tensors; a meta tensor has no values to check."""
+    monkeypatch.setenv("DEBIAS", "pad")
+    monkeypatch.setenv("DEBIAS_CHECK", "1")
+    dc.reset()
+    with dc.sample(image_size=(640, 427)):
+        assert dc.debias(torch.empty(576, device="meta")).shape == (576,)
+
+
+def test_the_spy_would_catch_a_sync():
+    """Guard against a vacuous spy: the CPU path does read values (its checks), and the spy sees that."""
+    dc.configure(mode="pad")
+    with dc.sample(image_size=(640, 427)):
+        with Spy() as spy:
+            dc.debias(torch.rand(576), torch.arange(576))
+    assert SYNCING & set(spy.ops)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.empty(3, device="meta").max().item()
+
+
+def test_keep_cap_never_touches_a_tensor():
+    dc.configure(mode="full", trend="paper:himap/gqa")
+    with dc.sample(image_size=(1000, 101)):
+        with Spy() as spy:
+            assert dc.keep_cap(100) == 48
+    assert spy.ops == []
+
+
+# ------------------------------------------------------------------------------- no file I/O
+
+def test_no_file_io_during_the_call(monkeypatch):
+    trend = dc.ExponentialTrend(a=1.0, b=0.002, n=576)
+    dc.configure(mode="full", trend=trend)         # settings resolved before the hot path
+
+    def refuse(*a, **k):
+        raise AssertionError(f"file I/O on the hot path: {a!r}")
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(io, "open", refuse)
+    monkeypatch.setattr(np, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    with dc.sample(image_size=(640, 427)):         # first call: tables built from geometry and parameters
+        out, k = run_site(torch.rand(576))
+        out, k = run_site(torch.rand(2, 576))
+    assert k == 384 and torch.isneginf(out).sum() == 2 * (576 - 384)
+
+
+# ------------------------------------------------------------------------------- CUDA (GPU machines only)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                          reason="no CUDA device: the sync-free contract was checked on meta tensors only")
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["pad", "pos", "full"])
+def test_cuda_calls_never_synchronise(mode):
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising CUDA call — cold calls
+    (tables built and uploaded) and warm calls alike."""
+    dc.configure(mode=mode, trend="paper:himap/gqa")
+    dev = torch.device("cuda")
+    s1 = torch.rand(576, device=dev, dtype=torch.float16)
+    sb = torch.rand(2, 576, device=dev, dtype=torch.bfloat16)
+    pos = torch.randperm(576, device=dev)[:300].repeat(2, 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            with dc.sample(image_size=(640, 427)):
+                a, k1 = run_site(s1)
+                dc.debias(s1[:300], list(range(300)))       # host positions: uploaded without a sync
+            with dc.sample(image_size=[(333, 500), (500, 500)]):
+                b, k2 = run_site(sb[:, :300], pos)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert a.device.type == "cuda" and b.shape == (2, 300)
+    assert (k1, k2) == ((384, 384) if mode != "pos" else (400, 400))
+
+
+@cuda
+def test_cuda_results_equal_cpu_results():
+    dc.configure(mode="full", trend="paper:fastv")
+    s = torch.rand(2, 576, dtype=torch.float32)
+    pos = torch.stack([torch.randperm(576)[:200], torch.randperm(576)[:200]])
+    pos[0, :5] = -1
+    with dc.sample(image_size=[(640, 427), (200, 400)]):
+        cpu = dc.debias(s[:, :200], pos)
+        gpu = dc.debias(s[:, :200].cuda(), pos.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=0)
+
+
+@cuda
+def test_cuda_checks_only_with_debias_check(monkeypatch):
+    s = torch.ones(576, device="cuda")
+    s[9] = float("nan")
+    monkeypatch.setenv("DEBIAS", "pad")
+    dc.reset()
+    with dc.sample(image_size=(640, 427)):
+        dc.debias(s)                                  # no check: no sync, the NaN passes through
+        monkeypatch.setenv("DEBIAS_CHECK", "1")
+        dc.reset()
+        with pytest.raises(dc.DebiasError, match="nan at index 9"):
+            dc.debias(s)
