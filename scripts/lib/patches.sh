@@ -1,0 +1,142 @@
+# shellcheck shell=bash disable=SC2034
+# Functions shared by scripts/apply_patches.sh and scripts/refresh_patches.sh (source this file).
+#
+# Everything here is prefixed pt_ (functions) or PT_ (variables) and changes no shell option.
+# State checks never write to a submodule: every object git creates while we compute trees (temporary
+# indexes, `git apply --cached`, `git add`) goes to a temporary object directory that borrows the
+# submodule's objects as an alternate, and every index involved is a temporary copy.
+
+# Exit codes (documented in both scripts' --help).
+PT_OK=0 PT_USAGE=2 PT_UNPOPULATED=3 PT_NOT_AT_PIN=4 PT_DIRTY=5 PT_NO_APPLY=6
+
+# Variables inherited from a git hook or a wrapper would point git at the wrong repository.
+pt_clean_git_env() {
+  unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_OBJECT_DIRECTORY GIT_ALTERNATE_OBJECT_DIRECTORIES \
+        GIT_COMMON_DIR GIT_PREFIX GIT_NAMESPACE GIT_CEILING_DIRECTORIES
+}
+
+pt_die() { local code=$1; shift; printf '%s: error: %s\n' "$PT_PROG" "$*" >&2; exit "$code"; }
+pt_err() { printf '%s: %s\n' "$PT_PROG" "$*" >&2; }
+pt_say() { printf '%s\n' "$*"; }
+
+# pt_repo_root DIR: top of the git work tree holding DIR (the project; scripts live in <root>/scripts).
+pt_repo_root() {
+  local top
+  top=$(git -C "$1" rev-parse --show-toplevel 2>/dev/null) \
+    || pt_die 1 "$1 is not inside a git work tree; run this script from a clone of the project"
+  printf '%s\n' "$top"
+}
+
+pt_valid_name() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; }
+
+# pt_pin ROOT NAME: the gitlink sha of third_party/NAME in the superproject's HEAD (empty if none).
+pt_pin() {
+  git -C "$1" ls-tree HEAD -- "third_party/$2" 2>/dev/null | awk '$1 == "160000" && $2 == "commit" { print $3 }'
+}
+
+# pt_gitlinks ROOT: names of every gitlink directly under third_party/ in HEAD, sorted.
+pt_gitlinks() {
+  git -C "$1" ls-tree HEAD -- third_party/ 2>/dev/null \
+    | awk -F '\t' '{ split($1, m, " "); if (m[1] == "160000") { sub("^third_party/", "", $2); print $2 } }' | LC_ALL=C sort
+}
+
+# pt_populated DIR: DIR is the top of its own git work tree (not an empty folder inside the superproject).
+pt_populated() {
+  [[ -e "$1/.git" ]] || return 1
+  local top phys
+  top=$(git -C "$1" rev-parse --show-toplevel 2>/dev/null) || return 1
+  phys=$(cd "$1" && pwd -P)
+  [[ "$top" == "$phys" ]] && git -C "$1" rev-parse -q --verify HEAD >/dev/null
+}
+
+# pt_series ROOT NAME: patches/NAME/000N-*.patch (any 4 digits), in file order, one absolute path a line.
+pt_series() {
+  local dir="$1/patches/$2"
+  [[ -d $dir ]] || return 0
+  find "$dir" -maxdepth 1 -type f -name '[0-9][0-9][0-9][0-9]-*.patch' | LC_ALL=C sort
+}
+
+# pt_stray ROOT NAME: *.patch files in patches/NAME/ that pt_series ignores (misnamed).
+pt_stray() {
+  local dir="$1/patches/$2"
+  [[ -d $dir ]] || return 0
+  find "$dir" -maxdepth 1 -name '*.patch' ! -name '[0-9][0-9][0-9][0-9]-*.patch' -exec basename {} \; | LC_ALL=C sort
+}
+
+pt_short() { printf '%s' "${1:0:12}"; }
+
+# --- per-submodule scratch state -------------------------------------------------------------------
+
+# pt_tmp_init: one scratch directory per script run, removed on exit.
+pt_tmp_init() {
+  PT_TMP=$(mktemp -d "${TMPDIR:-/tmp}/patches.XXXXXX")
+  trap 'rm -rf "$PT_TMP"' EXIT
+}
+
+# pt_enter SUBDIR: select a populated submodule for pt_g and the tree functions below.
+pt_enter() {
+  PT_SUB=$1
+  local objs
+  objs=$(cd "$PT_SUB" && git rev-parse --git-path objects)
+  [[ $objs == /* ]] || objs="$PT_SUB/$objs"
+  PT_SUB_OBJ=$objs
+  PT_IDX=$(cd "$PT_SUB" && git rev-parse --git-path index)
+  [[ $PT_IDX == /* ]] || PT_IDX="$PT_SUB/$PT_IDX"
+  PT_WORK=$(mktemp -d "$PT_TMP/sub.XXXXXX")
+  mkdir -p "$PT_WORK/objects/info" "$PT_WORK/objects/pack"
+}
+
+# pt_g ARGS...: git in the selected submodule, writing objects only to the scratch object directory.
+pt_g() {
+  GIT_OBJECT_DIRECTORY="$PT_WORK/objects" GIT_ALTERNATE_OBJECT_DIRECTORIES="$PT_SUB_OBJ" git -C "$PT_SUB" "$@"
+}
+
+# pt_series_tree PIN PATCH...: tree of PIN with the patches applied in order, on a temporary index.
+# Sets PT_TREE to the tree sha; on failure returns 1 with the reason in PT_WHY (call it directly, not
+# in $(...), or PT_WHY is lost).
+pt_series_tree() {
+  local pin=$1 idx="$PT_WORK/series.index" p err
+  shift
+  PT_WHY='' PT_TREE=''
+  rm -f "$idx"
+  if ! err=$(GIT_INDEX_FILE=$idx pt_g read-tree "$pin^{tree}" 2>&1); then
+    PT_WHY="cannot read the pinned tree $pin: $err"; return 1
+  fi
+  for p in "$@"; do
+    if ! err=$(GIT_INDEX_FILE=$idx pt_g apply --cached --whitespace=nowarn "$p" 2>&1); then
+      PT_WHY="$(basename "$p") does not apply on top of the pin$( [[ $p == "$1" ]] || printf ' plus the patches before it'):"$'\n'"$err"
+      return 1
+    fi
+  done
+  PT_TREE=$(GIT_INDEX_FILE=$idx pt_g write-tree --missing-ok 2>&1) || { PT_WHY="git write-tree failed: $PT_TREE"; return 1; }
+}
+
+# pt_changed_paths TREE_A TREE_B: paths that differ between two trees (NUL-terminated).
+pt_changed_paths() {
+  pt_g diff-tree -r -z --name-only --no-renames "$1" "$2"
+}
+
+# pt_worktree_tree PIN_TREE APPLIED_TREE: tree of the submodule's working tree as `git add` would record it.
+# Starts from a copy of the real index (keeps sparse-checkout skip-worktree entries, whose files are
+# absent on purpose), records every tracked change, and force-adds the paths the series touches so that
+# files created by patches count even when untracked or ignored. Other untracked files are not part of
+# the state: apply and reverse never touch them.
+pt_worktree_tree() {
+  local idx="$PT_WORK/worktree.index" path
+  local -a present=()
+  rm -f "$idx"
+  if [[ -f $PT_IDX ]]; then cp "$PT_IDX" "$idx"; else GIT_INDEX_FILE=$idx pt_g read-tree HEAD; fi
+  GIT_INDEX_FILE=$idx pt_g add -u >/dev/null
+  while IFS= read -r -d '' path; do
+    if [[ -e "$PT_SUB/$path" || -L "$PT_SUB/$path" ]]; then present+=("$path"); fi
+  done < <(pt_changed_paths "$1" "$2")
+  if ((${#present[@]})); then
+    GIT_INDEX_FILE=$idx pt_g add -f -- "${present[@]}" >/dev/null
+  fi
+  GIT_INDEX_FILE=$idx pt_g write-tree --missing-ok
+}
+
+# pt_write_diff FROM_TREE TO_TREE FILE: the net change between two trees as one binary-safe patch.
+pt_write_diff() {
+  pt_g diff-tree -p --binary --full-index --no-renames --no-color "$1" "$2" > "$3"
+}
