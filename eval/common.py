@@ -1,0 +1,56 @@
+"""Shared bits of the eval package: the error type, repository paths, git state, path-safe names."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+THIRD_PARTY = ROOT / "third_party"
+
+
+class EvalError(RuntimeError):
+    """A user-facing error: the message names the bad value or missing path and how to fix it."""
+
+
+def git(path: Path, *args: str) -> str | None:
+    """Output of ``git -C path args`` (stripped), or None when path is not a git checkout."""
+    try:
+        r = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def project_state() -> str:
+    """'<sha>' or '<sha>+dirty' of this repository ('unknown' outside a git checkout)."""
+    sha = git(ROOT, "rev-parse", "HEAD")
+    if sha is None:
+        return "unknown"
+    dirty = git(ROOT, "status", "--porcelain", "--ignore-submodules=all", "--untracked-files=no")
+    return sha + ("+dirty" if dirty else "")
+
+
+def populated(name: str) -> bool:
+    return (THIRD_PARTY / name / ".git").exists()
+
+
+def submodule_state(name: str) -> str:
+    """'<sha>' of third_party/<name>, '+modified' when its work tree differs (e.g. patches applied)."""
+    path = THIRD_PARTY / name
+    if not populated(name):
+        return "not populated"
+    sha = git(path, "rev-parse", "HEAD") or "unknown"
+    dirty = git(path, "status", "--porcelain", "--untracked-files=no")
+    return sha + ("+modified (patches applied?)" if dirty else "")
+
+
+def slug(text: str) -> str:
+    """A path-safe rendering: 'paper:himap/gqa' -> 'paper-himap-gqa'."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")
+    return s or "x"
+
+
+def populate_hint(name: str) -> str:
+    return (f"git submodule update --init third_party/{name} "
+            f"(offline: ../shared/tools/populate-third-party {name})")

@@ -1,0 +1,41 @@
+"""Merge chunk answer files: ``python -m eval.merge --run-dir DIR`` -> DIR/merge.jsonl (question order).
+
+Like LLaVA's scripts (cat <N>_0 .. <N>_{N-1} > merge.jsonl), but checked: every question of the run's question
+file (``--limit`` respected) is answered exactly once, or the error says which chunk to resume.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .answers import merge
+from .benchmarks import get_benchmark
+from .common import EvalError
+from .questions import load_samples
+from . import runinfo
+
+
+def merge_run(run_dir, data_dir=None) -> Path:
+    run_dir = Path(run_dir)
+    info = runinfo.read(run_dir / "run.json")
+    bench = get_benchmark(info["benchmark"])
+    samples = load_samples(bench, data_dir or info["data_dir"], info.get("limit"))
+    return merge(run_dir, [s.question_id for s in samples], info["num_chunks"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.merge", description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", required=True, type=Path)
+    p.add_argument("--data-dir", default=None, help="default: the one recorded in run.json")
+    args = p.parse_args(argv)
+    try:
+        print(merge_run(args.run_dir, args.data_dir))
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

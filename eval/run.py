@@ -1,0 +1,275 @@
+"""The eval driver: ``python -m eval.run --method M --benchmark B --model-path CKPT --data-dir DATA_DIR``.
+
+Runs inside the method's own environment. Per sample: the adapter prepares the image (pad or centre crop,
+as that baseline's LLaVA eval module does) and the vicuna_v1 prompt; the driver opens
+``debias_core.sample(image_size=(W, H), preprocess=..., span_start=<IMAGE_TOKEN_INDEX position>)`` around the
+adapter's greedy ``generate`` and appends the answer (LLaVA jsonl, metadata: method, mode, budget, trend).
+
+Debias settings: ``--mode`` (else env DEBIAS, else off), ``--trend`` (else env DEBIAS_TREND, else the paper's
+preset for this method and benchmark; ``calibrated:<file>`` for a fitted one); the pad threshold follows the
+method (DEBIAS_METHOD). Resume: rerun the same command. Chunks: ``--num-chunks N --chunk-idx k``, then
+``python -m eval.merge --run-dir DIR`` (a single-chunk run merges itself).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from .answers import AnswerLog, chunk_file, get_chunk, merge
+from .benchmarks import REGISTRY, get_benchmark
+from .common import ROOT, EvalError
+from .methods import get_adapter, method_names, parse_method_args
+from . import runinfo
+
+DEBIAS_MODES = ("off", "pad", "pos", "full")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, help=f"one of {', '.join(method_names())}")
+    p.add_argument("--benchmark", required=True, help=f"one or more (comma-separated) of {', '.join(REGISTRY)}")
+    p.add_argument("--model-path", required=True, help="checkpoint folder or hub id (liuhaotian/llava-v1.5-7b)")
+    p.add_argument("--model-base", default=None)
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR"),
+                   help="LLaVA's playground/data/eval (env DATA_DIR)")
+    p.add_argument("--answers-dir", default=str(ROOT / "outputs" / "answers"))
+    p.add_argument("--mode", default=None, help="debias mode(s), comma-separated: off,pad,pos,full (env DEBIAS; "
+                                                "default off)")
+    p.add_argument("--trend", default=None, help="paper:<method>/<bench>, calibrated:<file> (env DEBIAS_TREND)")
+    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a paper default of the method (repeatable)")
+    p.add_argument("--num-chunks", type=int, default=1)
+    p.add_argument("--chunk-idx", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions (smoke tests)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: as LLaVA's module (128 / 1024)")
+    p.add_argument("--conv-mode", default="vicuna_v1")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--workers", type=int, default=None, help="image-loading workers (default 2 on CUDA, 0 on CPU)")
+    p.add_argument("--fsync", action="store_true", help="fsync after every answer (survives power loss too)")
+    p.add_argument("--no-merge", action="store_true", help="do not write merge.jsonl after a single-chunk run")
+    p.add_argument("--check-only", action="store_true",
+                   help="check method, environment, data, trends and checkpoint; print the run folders; load nothing")
+    return p.parse_args(argv)
+
+
+def resolve_debias(mode_arg: str | None, trend_arg: str | None, adapter, bench) -> tuple[str, str | None]:
+    """Mode and trend from flags, then environment, then the paper default for (method, benchmark)."""
+    from debias_core.presets import method_name
+
+    mode = (mode_arg or os.environ.get("DEBIAS") or "off").strip().lower()
+    if mode not in DEBIAS_MODES:
+        raise EvalError(f"debias mode {mode!r} is unknown; use one of {', '.join(DEBIAS_MODES)}")
+    trend = trend_arg or os.environ.get("DEBIAS_TREND") or None
+    if mode in ("pos", "full") and trend is None:
+        m = adapter.trend_method
+        if m is None:
+            raise EvalError(f"method {adapter.name} has no paper trend; mode {mode} needs --trend "
+                            f"(e.g. paper:fastv or calibrated:<file>)")
+        if m == "fastv":
+            trend = "paper:fastv"
+        elif bench.preset is None:
+            raise EvalError(f"the paper has no {m} trend for {bench.title}; pass --trend calibrated:<file> "
+                            f"(python -m debias_core.calibrate) or another preset")
+        else:
+            trend = f"paper:{m}/{bench.preset}"
+    env_method = os.environ.get("DEBIAS_METHOD")
+    if env_method and adapter.trend_method and method_name(env_method) != adapter.trend_method:
+        raise EvalError(f"DEBIAS_METHOD={env_method} disagrees with --method {adapter.name} "
+                        f"({adapter.trend_method}); unset it")
+    return mode, (trend if mode in ("pos", "full") else None)
+
+
+def check_model_path(path: str) -> None:
+    if Path(path).expanduser().exists():
+        return
+    if not HUB_ID.match(path):
+        raise EvalError(f"checkpoint {path} does not exist; set CKPT/--model-path to a LLaVA-1.5 folder or a hub "
+                        f"id such as liuhaotian/llava-v1.5-7b")
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        try:
+            from huggingface_hub import snapshot_download
+            snapshot_download(path, local_files_only=True)
+        except Exception:
+            raise EvalError(f"checkpoint {path} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                            f"download it first (huggingface-cli download {path}) or point CKPT at a local "
+                            f"folder") from None
+
+
+def _first(batch):
+    return batch[0]
+
+
+class _Prepared:
+    """Dataset for DataLoader workers: image loading, preprocessing and tokenisation off the main thread."""
+
+    def __init__(self, samples, adapter, loaded, module_mode, conv_mode):
+        self.samples, self.adapter, self.loaded = samples, adapter, loaded
+        self.mode, self.conv_mode = module_mode, conv_mode
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        image = s.load_image()
+        pixels = self.adapter.image_tensor(self.loaded, image, self.mode) if image is not None else None
+        ids = self.adapter.input_ids(self.loaded, s.question, has_image=image is not None, conv_mode=self.conv_mode)
+        return i, (image.size if image is not None else None), pixels, ids
+
+
+def answer_record(sample, text: str, model_name: str, metadata: dict) -> dict:
+    """LLaVA's answer line (model_vqa_mmbench's field order when the sample has options)."""
+    rec = {"question_id": sample.question_id}
+    if "round_id" in sample.extra:
+        rec["round_id"] = sample.extra["round_id"]
+    rec["prompt"] = sample.prompt
+    rec["text"] = text
+    for k in ("options", "option_char"):
+        if k in sample.extra:
+            rec[k] = sample.extra[k]
+    rec.update(answer_id=uuid.uuid4().hex, model_id=model_name, metadata=metadata)
+    return rec
+
+
+def _split(value: str | None) -> list:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Run every (benchmark, mode) asked for, loading the model once; returns the run folders."""
+    import debias_core
+
+    adapter = get_adapter(args.method, parse_method_args(args.method_arg))
+    benches = [get_benchmark(b) for b in _split(args.benchmark)]
+    if not benches:
+        raise EvalError("--benchmark is empty; name one or more of " + ", ".join(REGISTRY))
+    modes = _split(args.mode) or [None]
+    adapter.check_environment()
+    check_model_path(args.model_path)
+    model_name = Path(args.model_path.rstrip("/")).name
+    if model_name.startswith("checkpoint-"):
+        model_name = Path(args.model_path.rstrip("/")).parent.name + "_" + model_name
+
+    plans = []  # everything is checked before the model is loaded
+    for bench in benches:
+        samples = load_samples_checked(bench, args)
+        get_chunk(samples, args.num_chunks, args.chunk_idx)  # validates the chunk arguments
+        for m in modes:
+            mode, trend = resolve_debias(m, args.trend, adapter, bench)
+            debias_core.configure(mode=mode, trend=trend, method=adapter.trend_method)
+            rdir = runinfo.run_dir(args.answers_dir, model_name, bench.key, adapter.name, adapter.budget(), mode,
+                                   trend)
+            plans.append((bench, samples, mode, trend, debias_core.settings().pad_threshold, rdir))
+    if args.check_only:
+        return [p[-1] for p in plans]
+
+    device = args.device or _default_device()
+    adapter.activate()
+    loaded, dirs = None, []
+    for bench, samples, mode, trend, threshold, rdir in plans:
+        debias_core.configure(mode=mode, trend=trend, method=adapter.trend_method)
+        chunk = get_chunk(samples, args.num_chunks, args.chunk_idx)
+        max_new = args.max_new_tokens or bench.max_new_tokens
+        info = {
+            "benchmark": bench.key, "method": adapter.name, "method_args": adapter.args,
+            "budget": adapter.budget(), "mode": mode, "trend": trend, "pad_threshold": threshold,
+            "model_path": args.model_path, "model_base": args.model_base, "model_name": model_name,
+            "conv_mode": args.conv_mode, "max_new_tokens": max_new, "limit": args.limit,
+            "question_file": str(bench.questions_path(args.data_dir)), "data_dir": str(args.data_dir),
+            "num_chunks": args.num_chunks,
+            "note": ("plain LLaVA has no ranking site: the debias mode cannot change its answers"
+                     if adapter.trend_method is None and mode != "off" else None),
+        }
+        runinfo.write_or_check(rdir / "run.json", info)
+        path = chunk_file(rdir, args.num_chunks, args.chunk_idx)
+        log = AnswerLog(path, fsync=args.fsync)
+        try:
+            todo = [s for s in chunk if _key(s) not in log.done]
+            head = runinfo.header(info, upstream=adapter.upstream_state(), device=device,
+                                  chunk=f"chunk {args.chunk_idx + 1}/{args.num_chunks} of {len(chunk)} questions",
+                                  todo=len(todo), done=len(chunk) - len(todo))
+            sys.stderr.write(head)
+            with open(path.with_suffix(".log"), "a") as f:
+                f.write(head)
+            if todo:
+                if loaded is None:
+                    loaded = adapter.load(args.model_path, model_base=args.model_base, device=device)
+                    adapter.configure(loaded)
+                _generate_all(args, adapter, bench, todo, log, loaded, max_new, info, total=len(chunk))
+        finally:
+            log.close()
+        if args.num_chunks == 1 and not args.no_merge:
+            merge(rdir, [s.question_id for s in samples], 1)
+        dirs.append(rdir)
+    return dirs
+
+
+def load_samples_checked(bench, args):
+    from .questions import load_samples
+
+    if args.limit is not None and args.limit < 1:
+        raise EvalError(f"--limit {args.limit} must be ≥ 1")
+    return load_samples(bench, args.data_dir, args.limit)
+
+
+def _key(sample) -> str:
+    from .answers import qid_key
+    return qid_key(sample.question_id)
+
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _generate_all(args, adapter, bench, todo, log, loaded, max_new, info, total):
+    import debias_core
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    device = loaded.device
+    grid, resolution = adapter.geometry(loaded)
+    module_mode = adapter.preprocess_mode(bench.module)
+    debias_pre = adapter.debias_preprocess(loaded, module_mode)
+    workers = args.workers if args.workers is not None else (2 if device.startswith("cuda") else 0)
+    loader = DataLoader(_Prepared(todo, adapter, loaded, module_mode, args.conv_mode), batch_size=1,
+                        collate_fn=_first, num_workers=workers, shuffle=False)
+    meta = {"method": adapter.name, "mode": info["mode"], "budget": info["budget"], "trend": info["trend"],
+            "preprocess": module_mode}
+    bar = tqdm(total=total, initial=total - len(todo), unit="sample", dynamic_ncols=True, file=sys.stderr,
+               desc=f"{adapter.name}/{bench.key}/{info['mode']}")
+    t0 = time.time()
+    for i, size, pixels, ids in loader:
+        sample = todo[i]
+        s0 = adapter.span_start(ids) if pixels is not None else None
+        with debias_core.sample(image_size=size, preprocess=debias_pre if size else "none", grid=grid,
+                                resolution=resolution, span_start=s0):
+            text = adapter.generate(loaded, ids, pixels, size, max_new_tokens=max_new)
+        log.append(answer_record(sample, text, loaded.model_name, meta))
+        bar.update(1)
+    bar.close()
+    rate = len(todo) / max(time.time() - t0, 1e-9)
+    sys.stderr.write(f"answered {len(todo)} questions ({rate:.2f} samples/s)\n")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        dirs = run(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for d in dirs:
+        print(d)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
