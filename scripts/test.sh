@@ -12,18 +12,19 @@ if [[ ! -x $py ]]; then
   exit 2
 fi
 
-# Baseline name -> its test file (tests/baselines/test_<key>.py).
+# Baseline name -> key; its tests are tests/baselines/test_<key>.py and test_<key>_*.py.
 declare -A key=([FastV]=fastv [PyramidDrop]=pdrop [SparseVLMs]=sparsevlm [HiMAP]=himap [TokenCarve]=tokencarve
                 [iLLaVA]=illava [Video-LLaVA]=video)
 
 ignore=()
-runs=()
+declare -A files=()
 for name in "${!key[@]}"; do
-  file=tests/baselines/test_${key[$name]}.py
-  if [[ -x .venv-$name/bin/python && -f $file ]]; then
-    ignore+=(--ignore="$file")      # runs below, in its own environment
-    runs+=("$name")
-  fi
+  [[ -x .venv-$name/bin/python ]] || continue
+  found=()
+  for file in tests/baselines/test_"${key[$name]}".py tests/baselines/test_"${key[$name]}"_*.py; do
+    [[ -f $file ]] && found+=("$file") && ignore+=(--ignore="$file")  # run below, in its own environment
+  done
+  [[ ${#found[@]} -gt 0 ]] && files[$name]="${found[*]}"
 done
 
 status=0
@@ -36,8 +37,9 @@ run_pytest() {  # pytest exit 5 = nothing collected: not a failure here
 
 echo "== main suite ($("$py" -c 'import sys; print(sys.prefix)'))"
 run_pytest "$py" -m pytest -q -rs "${ignore[@]}" "$@"
-for name in "${runs[@]}"; do
+for name in "${!files[@]}"; do
   echo "== $name tests in .venv-$name"
-  run_pytest ".venv-$name/bin/python" -m pytest -q -rs "tests/baselines/test_${key[$name]}.py"
+  # shellcheck disable=SC2086  # the list holds plain paths
+  run_pytest ".venv-$name/bin/python" -m pytest -q -rs ${files[$name]}
 done
 exit $status

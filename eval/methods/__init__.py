@@ -8,9 +8,15 @@ from __future__ import annotations
 from ..common import EvalError
 from .base import Adapter, Loaded, all_specs, import_adapter, method_spec, parse_method_args
 
-# method key -> "module:Class". Baseline adapters are added here as their patch series land.
+# method key -> "module:Class" (imported only when used, so that each baseline's code loads in its own env).
 ADAPTERS = {
     "llava": "eval.methods.llava:LlavaAdapter",
+    "fastv": "eval.methods.fastv:FastVAdapter",
+    "pdrop": "eval.methods.pdrop:PDropAdapter",
+    "sparsevlm": "eval.methods.sparsevlm:SparseVLMAdapter",
+    "himap": "eval.methods.himap:HiMAPAdapter",
+    "tokencarve": "eval.methods.tokencarve:TokenCarveAdapter",
+    "illava": "eval.methods.illava:ILLaVAPortAdapter",  # iLLaVA's LLM stage on LLaVA-1.5 (patches/LLaVA)
 }
 
 
