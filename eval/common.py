@@ -1,12 +1,15 @@
 """Shared bits of the eval package: the error type, repository paths, git state, path-safe names."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-THIRD_PARTY = ROOT / "third_party"
+# EVAL_THIRD_PARTY: a folder of exported, patched upstream trees (<dir>/<Name>/...) used instead of the
+# submodules, by tests (tests/support.py patched_tree) and by the GPU benchmark, which carries such trees.
+THIRD_PARTY = Path(os.environ["EVAL_THIRD_PARTY"]) if os.environ.get("EVAL_THIRD_PARTY") else ROOT / "third_party"
 
 
 class EvalError(RuntimeError):
@@ -32,7 +35,11 @@ def project_state() -> str:
 
 
 def populated(name: str) -> bool:
-    return (THIRD_PARTY / name / ".git").exists()
+    """A checked-out submodule, or (under EVAL_THIRD_PARTY) a non-empty exported tree."""
+    path = THIRD_PARTY / name
+    if os.environ.get("EVAL_THIRD_PARTY"):
+        return path.is_dir() and any(path.iterdir())
+    return (path / ".git").exists()
 
 
 def submodule_state(name: str) -> str:
@@ -40,6 +47,8 @@ def submodule_state(name: str) -> str:
     path = THIRD_PARTY / name
     if not populated(name):
         return "not populated"
+    if not (path / ".git").exists():
+        return f"exported tree at {path} (EVAL_THIRD_PARTY)"
     sha = git(path, "rev-parse", "HEAD") or "unknown"
     dirty = git(path, "status", "--porcelain", "--untracked-files=no")
     return sha + ("+modified (patches applied?)" if dirty else "")
