@@ -45,7 +45,6 @@ def test_check_only_lists_run_folders(data):
     (["--mode", "full"], r"method llava has no paper trend; mode full needs --trend"),
     (["--mode", "sideways"], r"debias mode 'sideways' is unknown"),
     (["--method-arg", "fast_v_attention_rank=64"], r"llava has no argument 'fast_v_attention_rank'"),
-    (["--method", "fastv"], r"method 'fastv' \(FastV\) has no eval adapter yet"),
     (["--method", "nope"], r"method 'nope' is unknown"),
     (["--num-chunks", "2", "--chunk-idx", "2"], r"--chunk-idx 2 is outside 0..1"),
     (["--limit", "0"], r"--limit 0 must be ≥ 1"),
@@ -144,3 +143,11 @@ def test_adapter_argument_types_and_budget_label():
         PDrop({"layer_list": 3})
     assert get_adapter("llava").budget() == "all"
     assert json.loads((ROOT / "eval" / "methods" / "defaults.json").read_text())["himap"]["preprocess"]["science"] == "crop"
+
+
+def test_every_method_with_defaults_has_a_registered_adapter():
+    from eval.methods import ADAPTERS, method_names
+    assert sorted(ADAPTERS) == sorted(method_names())
+    for name, target in ADAPTERS.items():
+        module, _, cls = target.partition(":")
+        assert module == f"eval.methods.{name}" and cls.endswith("Adapter"), (name, target)
