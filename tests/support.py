@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from eval import upstream
+
 ROOT = Path(__file__).resolve().parents[1]
 THIRD_PARTY = ROOT / "third_party"
 PATCHES = ROOT / "patches"
@@ -21,9 +23,7 @@ SHARED = ROOT.parent / "shared"
 
 
 def pinned_sha(name: str) -> str:
-    out = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "HEAD", f"third_party/{name}"],
-                         capture_output=True, text=True, check=True).stdout.split()
-    return out[2] if len(out) >= 3 else ""
+    return upstream.pinned_sha(name)
 
 
 def require_populated(name: str) -> Path:
@@ -56,44 +56,25 @@ def require_transformers(prefix: str, name: str):
                     f"build it with `bash setup.sh --test-env {name}` and run scripts/test.sh")
 
 
-def _absent_blobs(repo: Path, commit: str) -> list[str]:
-    """Files of ``commit`` whose blobs the local object store lacks (sparse snapshots leave out large
-    binaries such as FastV's .arrow data); exports leave them out too. None of them is code."""
-    listing = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", commit], capture_output=True, text=True,
-                             check=True).stdout.splitlines()
-    blobs = [(line.split()[2], line.split("\t", 1)[1]) for line in listing if line.split()[1] == "blob"]
-    check = subprocess.run(["git", "-C", str(repo), "cat-file", "--batch-check"], capture_output=True, text=True,
-                           input="".join(f"{sha}\n" for sha, _ in blobs), check=True).stdout.splitlines()
-    return [path for (_, path), answer in zip(blobs, check) if answer.endswith("missing")]
-
-
 def pristine_tree(name: str, dest: Path) -> Path:
     """Export third_party/<name> at its pin into ``dest`` (a plain folder, not a repository)."""
-    src = require_populated(name)
-    dest.mkdir(parents=True, exist_ok=True)
-    pin = pinned_sha(name)
-    excludes = [f":(exclude,literal){p}" for p in _absent_blobs(src, pin)]
-    archive = subprocess.run(["git", "-C", str(src), "archive", "--format=tar", pin, "--", ".", *excludes],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
+    require_populated(name)
+    return upstream.export_tree(name, dest, patched=False)
 
 
 def patch_files(name: str) -> list[Path]:
-    return sorted((PATCHES / name).glob("[0-9][0-9][0-9][0-9]-*.patch"))
+    return upstream.patch_files(name)
 
 
 def patched_tree(name: str, dest: Path) -> Path:
     """Pristine export of third_party/<name> with patches/<name>/*.patch applied in order."""
-    tree = pristine_tree(name, dest)
-    patches = patch_files(name)
-    if not patches:
+    require_populated(name)
+    if not patch_files(name):
         pytest.fail(f"patches/{name}/ has no patch files")
-    for p in patches:
-        r = subprocess.run(["git", "apply", "--whitespace=nowarn", str(p)], cwd=tree, capture_output=True, text=True)
-        if r.returncode:
-            pytest.fail(f"{p.name} does not apply to {name} at its pin:\n{r.stderr}")
-    return tree
+    try:
+        return upstream.export_tree(name, dest, patched=True)
+    except upstream.EvalError as e:
+        pytest.fail(str(e))
 
 
 def run_probe(script: Path, pythonpath: list[Path], args: list[str], *, env: dict | None = None,

@@ -1,0 +1,60 @@
+"""Exporting an upstream tree at its pin, with our patch series applied, to a plain folder.
+
+Nothing here touches third_party/<Name>: tests, the demo and the GPU benchmark run patched code from such
+exports (point the eval driver at a folder of them with EVAL_THIRD_PARTY).
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from .common import ROOT, EvalError
+
+PATCHES = ROOT / "patches"
+SUBMODULES = ROOT / "third_party"
+
+
+def pinned_sha(name: str) -> str:
+    """The gitlink of third_party/<name> in this repository's HEAD."""
+    out = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "HEAD", f"third_party/{name}"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    if len(out) < 3:
+        raise EvalError(f"third_party/{name} is not a submodule of this repository")
+    return out[2]
+
+
+def absent_blobs(repo: Path, commit: str) -> list[str]:
+    """Files of ``commit`` whose blobs the local object store lacks (sparse snapshots leave out large
+    binaries such as FastV's .arrow data); exports leave them out too. None of them is code."""
+    listing = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", commit], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    blobs = [(line.split()[2], line.split("\t", 1)[1]) for line in listing if line.split()[1] == "blob"]
+    check = subprocess.run(["git", "-C", str(repo), "cat-file", "--batch-check"], capture_output=True, text=True,
+                           input="".join(f"{sha}\n" for sha, _ in blobs), check=True).stdout.splitlines()
+    return [path for (_, path), answer in zip(blobs, check) if answer.endswith("missing")]
+
+
+def patch_files(name: str) -> list[Path]:
+    return sorted((PATCHES / name).glob("[0-9][0-9][0-9][0-9]-*.patch"))
+
+
+def export_tree(name: str, dest: Path, *, patched: bool = True, paths: list[str] | None = None) -> Path:
+    """Write third_party/<name> at its pin into ``dest`` (only ``paths`` if given), then apply
+    patches/<name>/*.patch in order when ``patched``. Raises EvalError naming what failed."""
+    src = SUBMODULES / name
+    if not (src / ".git").exists():
+        raise EvalError(f"third_party/{name} is not populated; run git submodule update --init third_party/{name}")
+    pin = pinned_sha(name)
+    excludes = [f":(exclude,literal){p}" for p in absent_blobs(src, pin)]
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(src), "archive", "--format=tar", pin, "--", *(paths or ["."]),
+                              *excludes], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    if patched:
+        for p in patch_files(name):
+            r = subprocess.run(["git", "apply", "--whitespace=nowarn", *(f"--include={q}/*" for q in paths or []),
+                                str(p)], cwd=dest, capture_output=True, text=True)
+            if r.returncode:
+                raise EvalError(f"{p.name} does not apply to the {name} export at its pin:\n{r.stderr}")
+    return dest
