@@ -5,6 +5,7 @@ exports (point the eval driver at a folder of them with EVAL_THIRD_PARTY).
 """
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -53,8 +54,14 @@ def export_tree(name: str, dest: Path, *, patched: bool = True, paths: list[str]
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     if patched:
         for p in patch_files(name):
-            r = subprocess.run(["git", "apply", "--whitespace=nowarn", *(f"--include={q}/*" for q in paths or []),
-                                str(p)], cwd=dest, capture_output=True, text=True)
+            only = [f"--include={pattern}" for q in paths or [] for pattern in (q, f"{q}/*")]
+            # no repository discovery above dest: inside another work tree, git apply would resolve the
+            # patch's paths against that repository and silently skip them
+            env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(dest.resolve().parent))
+            r = subprocess.run(["git", "apply", "--verbose", "--whitespace=nowarn", *only, str(p)], cwd=dest,
+                               capture_output=True, text=True, env=env)
+            if r.returncode == 0 and "Applied patch" not in r.stderr and not only:
+                raise EvalError(f"{p.name} changed nothing in the {name} export at {dest}:\n{r.stderr}")
             if r.returncode:
                 raise EvalError(f"{p.name} does not apply to the {name} export at its pin:\n{r.stderr}")
     return dest
