@@ -1,0 +1,383 @@
+"""GPU latency of each patched method with DEBIAS=off vs full, beside unpruned LLaVA-1.5.
+
+    python -m bench.latency --out outputs/bench                 # every method whose environment exists
+    python -m bench.latency --methods pdrop,himap --reps 30
+    bash scripts/bench.sh                                        # the same, with the usual env lookup
+
+What it measures, per method (each in its own interpreter, its own environment):
+- a random-weight LLaVA-1.5-7B (bench/checkpoint.py) loaded through the method's eval adapter, i.e. the
+  baseline's own load_pretrained_model, configured with the paper's settings; a 640×480 image (pad
+  preprocessing, 432 real tokens) and a 35 + 576 + 40 token prompt;
+- prefill latency (generate with one new token) and prefill + 32 decode tokens, for off and full
+  interleaved, median of --reps after --warmup, wall clock around a synchronised generate call;
+- peak GPU memory; the number of debias calls per generate; host syncs inside debias_core: every debias /
+  keep_cap / mask_padding call of one cold-cache and one warm generate runs under
+  torch.cuda.set_sync_debug_mode("error"), so any synchronisation in them raises;
+- the debias call alone (debias + keep_cap + topk vs plain topk) at N = 576 and 2,056, fp16 and bf16.
+Writes bench.json and bench.md under --out. Not a test: nothing here asserts a timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("llava", "fastv", "pdrop", "sparsevlm", "himap", "tokencarve", "illava")
+IMAGE_SIZE = (640, 480)
+PREFIX, SUFFIX = 35, 40          # vicuna_v1 puts the image after 35 tokens; ~40 question tokens after it
+BENCH_TREND_BENCHMARK = "gqa"    # which paper preset the exponential methods use (latency does not depend on it)
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+
+def _synthetic_ids(image_token_index: int, vocab: int = 32000):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(3, vocab, (PREFIX - 1 + SUFFIX,), generator=g)
+    ids = torch.cat([torch.tensor([1]), text[:PREFIX - 1], torch.tensor([image_token_index]), text[PREFIX - 1:]])
+    return ids.unsqueeze(0)
+
+
+def _strict_sync(calls: dict):
+    """Wrap debias_core's site functions: count calls and raise on any host-device sync inside them."""
+    import torch
+    import debias_core
+
+    originals = {name: getattr(debias_core, name) for name in ("debias", "keep_cap", "mask_padding")}
+
+    def wrap(name, fn):
+        def strict(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        return strict
+
+    for name, fn in originals.items():
+        setattr(debias_core, name, wrap(name, fn))
+    return lambda: [setattr(debias_core, n, f) for n, f in originals.items()]
+
+
+def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import debias_core
+    from eval.methods import get_adapter
+
+    adapter = get_adapter(name)
+    adapter.activate()
+    loaded = adapter.load(str(ckpt), device="cuda")
+    adapter.configure(loaded)
+    for cfg in (loaded.model.config, loaded.model.generation_config):
+        cfg.eos_token_id = None  # random weights: always generate the full length
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3), dtype=np.uint8))
+    pixels = adapter.image_tensor(loaded, image, "pad")
+    ids = _synthetic_ids(adapter.llava.IMAGE_TOKEN_INDEX)
+    grid, resolution = adapter.geometry(loaded)
+    trend = None
+    if adapter.trend_method:
+        trend = "paper:fastv" if adapter.trend_method == "fastv" else f"paper:{adapter.trend_method}/{BENCH_TREND_BENCHMARK}"
+    modes = ("off", "full") if trend else ("off",)
+    debias_core.configure(mode="off", trend=trend, method=adapter.trend_method)
+
+    def generate(mode: str, new_tokens: int) -> float:
+        debias_core.configure(mode=mode)
+        with debias_core.sample(image_size=image.size, span_start=PREFIX, grid=grid, resolution=resolution):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=new_tokens)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+    out = {"method": name, "upstream": adapter.upstream_state(), "trend": trend, "modes": {}}
+    # host syncs: cold cache first (table uploads), then warm
+    syncs = {}
+    for mode in modes[1:]:
+        debias_core.clear_cache()
+        for label in ("cold", "warm"):
+            calls = {}
+            restore = _strict_sync(calls)
+            try:
+                generate(mode, 1)  # one prefill: the calls counted are the ranking calls per prefill
+                syncs[label] = {"ok": True, "calls": calls}
+            except RuntimeError as e:
+                syncs[label] = {"ok": False, "error": str(e)[:300], "calls": calls}
+            finally:
+                restore()
+    out["host_syncs_in_debias_core"] = syncs or "n/a (no ranking site)"
+
+    for new_tokens, key in ((1, "prefill_ms"), (decode + 1, f"prefill_decode{decode}_ms")):
+        for _ in range(warmup):
+            for mode in modes:
+                generate(mode, new_tokens)
+        times = {m: [] for m in modes}
+        for _ in range(reps):
+            for mode in modes:  # interleaved, so drift hits both modes alike
+                times[mode].append(generate(mode, new_tokens) * 1e3)
+        for mode in modes:
+            t = sorted(times[mode])
+            out["modes"].setdefault(mode, {})[key] = {
+                "median": statistics.median(t), "p10": t[max(0, len(t) // 10)], "p90": t[min(len(t) - 1, len(t) * 9 // 10)],
+                "n": len(t)}
+    for mode in modes:
+        torch.cuda.reset_peak_memory_stats()
+        generate(mode, decode + 1)
+        out["modes"][mode]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
+
+
+def bench_call(reps: int = 2000) -> list[dict]:
+    """debias + keep_cap + topk vs plain topk on one score vector, wall µs per call (launch-bound)."""
+    import torch
+
+    import debias_core
+    from debias_core import ExponentialTrend
+
+    rows = []
+    cases = [(576, dict(image_size=IMAGE_SIZE), "paper:pdrop/gqa"),
+             (2056, dict(image_size=None, preprocess="none", span_length=2056),
+              ExponentialTrend(a=1.0, b=0.002, n=2056))]  # no published video trend: a synthetic one
+    for n, ctx, trend in cases:
+        for dtype in (torch.float16, torch.bfloat16):
+            scores = torch.rand(n, device="cuda", dtype=dtype)
+            debias_core.configure(mode="full", trend=trend, method="pdrop" if n == 576 else None)
+            with debias_core.sample(**ctx):
+                def plain():
+                    return scores.topk(128).indices
+
+                def debiased():
+                    return debias_core.debias(scores).topk(debias_core.keep_cap(128)).indices
+
+                result = {"n": n, "dtype": str(dtype).replace("torch.", "")}
+                for label, fn in (("topk_us", plain), ("debias_topk_us", debiased)):
+                    for _ in range(50):
+                        fn()
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        fn()
+                    torch.cuda.synchronize()
+                    result[label] = (time.perf_counter() - t0) / reps * 1e6
+                previous = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    debiased()
+                    result["host_syncs"] = "none"
+                except RuntimeError as e:
+                    result["host_syncs"] = str(e)[:200]
+                finally:
+                    torch.cuda.set_sync_debug_mode(previous)
+                result["overhead_us"] = result["debias_topk_us"] - result["topk_us"]
+                rows.append(result)
+    return rows
+
+
+def worker(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.latency --worker")
+    p.add_argument("job", choices=["checkpoint", "call", "method"])
+    p.add_argument("--method")
+    p.add_argument("--ckpt", type=Path)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--decode", type=int, default=32)
+    a = p.parse_args(argv)
+    if os.environ.get("BENCH_HIDE_TOKENIZERS"):
+        # transformers 4.31 checks tokenizers<0.14 at import, and no such wheel exists for Python 3.12; the slow
+        # sentencepiece tokenizer is used and token ids are fed directly, so the package is hidden instead.
+        sys.modules["tokenizers"] = None
+    import torch
+    if a.job == "checkpoint":
+        from bench.checkpoint import build
+        result = {"checkpoint": str(build(a.ckpt))}
+    elif a.job == "call":
+        result = {"call": bench_call()}
+    else:
+        result = bench_method(a.method, a.ckpt, a.reps, a.warmup, a.decode)
+    result["torch"] = torch.__version__
+    result["gpu"] = torch.cuda.get_device_name()
+    print("BENCH_RESULT " + json.dumps(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- orchestrator
+
+def _run_worker(env_for: dict, args: list[str], timeout: int) -> dict:
+    env = dict(os.environ, **env_for.get("env", {}))
+    cmd = [env_for["python"], "-m", "bench.latency", "--worker", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    for line in reversed(r.stdout.splitlines()):
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    tail = (r.stdout[-1500:] + "\n" + r.stderr[-3000:]).strip()
+    return {"error": f"exit {r.returncode}", "log_tail": tail}
+
+
+def environments(methods, carry: Path | None) -> dict:
+    """method -> {"python", "env"}: carried site folders (device runs) or each baseline's environment."""
+    from bench import carry as carrying
+    from eval.methods import method_spec
+    if carry is not None:
+        return {m: carrying.environment(carry, m) for m in (*methods, "_call")}
+    out = {}
+    for m in (*methods, "_call"):
+        env_name = method_spec(m)["env"] if m != "_call" else "LLaVA"
+        for cand in (ROOT / "envs" / f"venv-{env_name}" / "bin/python", ROOT / "envs" / f"conda-{env_name}" / "bin/python",
+                     ROOT / f".venv-{env_name}" / "bin/python"):
+            if cand.exists():
+                out[m] = {"python": str(cand), "env": {}}
+                break
+        else:
+            out[m] = {"python": sys.executable, "env": {}, "note": f"no environment for {env_name}; using {sys.executable}"}
+    return out
+
+
+def summarise(results: dict) -> dict:
+    """Overhead ratio (full − off)/off and speedup retention per method, against unpruned LLaVA."""
+    ref = results.get("llava", {}).get("modes", {}).get("off", {})
+    call = {(r["n"], r["dtype"]): r for r in results.get("_call", {}).get("call", [])}
+    per_call_us = call.get((576, "float16"), {}).get("overhead_us")
+    summary = {}
+    for m, r in results.items():
+        if m in ("llava", "_call") or "modes" not in r or "full" not in r["modes"]:
+            continue
+        row = {}
+        for key in r["modes"]["off"]:
+            if not key.endswith("_ms"):
+                continue
+            off, full = r["modes"]["off"][key]["median"], r["modes"]["full"][key]["median"]
+            row[key] = {"off": off, "full": full, "overhead_pct": 100 * (full - off) / off,
+                        "spread_pct": 100 * (r["modes"]["off"][key]["p90"] - r["modes"]["off"][key]["p10"]) / off}
+            if key in ref:
+                base = ref[key]["median"]
+                row[key]["speedup_off"], row[key]["speedup_full"] = base / off, base / full
+                row[key]["speedup_kept_pct"] = 100 * (base / full) / (base / off)
+        calls = r.get("host_syncs_in_debias_core", {}).get("warm", {}).get("calls", {}) if isinstance(
+            r.get("host_syncs_in_debias_core"), dict) else {}
+        if per_call_us is not None and "prefill_ms" in row:
+            n_calls = calls.get("debias", 0) + calls.get("mask_padding", 0)  # per prefill (keep_cap is host-only)
+            row["debias_calls_per_prefill"] = n_calls
+            row["isolated_overhead_pct"] = 100 * n_calls * per_call_us / 1e3 / row["prefill_ms"]["off"]
+        summary[m] = row
+    return summary
+
+
+def markdown(results: dict, summary: dict, meta: dict) -> str:
+    lines = [f"# Debias overhead — {meta['gpu']}, {meta['date']}", "",
+             f"torch {meta['torch']}; random-weight LLaVA-1.5-7B (fp16), {IMAGE_SIZE[0]}×{IMAGE_SIZE[1]} image "
+             f"(pad), prompt {PREFIX} + 576 + {SUFFIX} tokens; median of {meta['reps']} after {meta['warmup']} "
+             f"warm-up runs, off/full interleaved. Overhead = (full − off)/off; spread = (p90 − p10)/median of off "
+             f"(the run-to-run noise the overhead has to be read against).", "",
+             "| method | prefill off (ms) | prefill full (ms) | overhead | spread | speedup off → full | "
+             "prefill+decode off (ms) | full (ms) | overhead | peak GiB off/full | debias syncs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        r = results.get(m)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {m} | not run: {r['error']} — {r.get('log_tail', '').splitlines()[-1] if r.get('log_tail') else ''} |"
+                         + " |" * 9)
+            continue
+        modes = r["modes"]
+        dk = next(k for k in modes["off"] if k.startswith("prefill_decode"))
+        if m == "llava":
+            lines.append(f"| llava (unpruned reference) | {modes['off']['prefill_ms']['median']:.2f} | — | — | — | — | "
+                         f"{modes['off'][dk]['median']:.1f} | — | — | {modes['off']['peak_memory_gib']:.1f} | — |")
+            continue
+        s = summary.get(m, {})
+        p, d = s.get("prefill_ms", {}), s.get(dk, {})
+        sync = r.get("host_syncs_in_debias_core", {})
+        sync_text = "none" if all(v.get("ok") for v in sync.values()) else "SYNC: " + "; ".join(
+            v.get("error", "") for v in sync.values() if not v.get("ok"))
+        speed = (f"{p['speedup_off']:.2f}× → {p['speedup_full']:.2f}× ({p['speedup_kept_pct']:.1f} %)"
+                 if "speedup_off" in p else "—")
+        lines.append(f"| {m} | {p['off']:.2f} | {p['full']:.2f} | {p['overhead_pct']:+.2f} % | {p['spread_pct']:.1f} % | "
+                     f"{speed} | {d['off']:.1f} | {d['full']:.1f} | {d['overhead_pct']:+.2f} % | "
+                     f"{modes['off']['peak_memory_gib']:.1f} / {modes['full']['peak_memory_gib']:.1f} | {sync_text} |")
+    iso = {m: s["isolated_overhead_pct"] for m, s in summary.items() if "isolated_overhead_pct" in s}
+    if iso:
+        lines += ["", "Isolated estimate (debias calls per prefill × the call's measured cost ÷ prefill): " +
+                  ", ".join(f"{m} {v:.3f} %" for m, v in iso.items())]
+    call = results.get("_call", {}).get("call")
+    if call:
+        lines += ["", "## The call alone (wall µs per call, launch-bound; debias + keep_cap + topk vs plain topk)", "",
+                  "| N | dtype | topk | debias + topk | overhead | host syncs |", "|---|---|---|---|---|---|"]
+        for c in call:
+            lines.append(f"| {c['n']} | {c['dtype']} | {c['topk_us']:.1f} | {c['debias_topk_us']:.1f} | "
+                         f"{c['overhead_us']:+.1f} | {c['host_syncs']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        return worker(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
+    p.add_argument("--ckpt", type=Path, default=Path("/tmp/bench-ckpt/llava-v1.5-7b-random"))
+    p.add_argument("--carry", type=Path, default=None, help="carried wheels + patched trees (bench/carry.py)")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--timeout", type=int, default=1200, help="seconds per method")
+    a = p.parse_args(argv)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        print(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    if "llava" not in methods:
+        methods.insert(0, "llava")  # the reference every speedup is measured against
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.carry is not None:
+        from bench.carry import install
+        install(a.carry)
+    envs = environments(methods, a.carry)
+    results_path = a.out / "bench.json"
+    results = json.loads(results_path.read_text())["results"] if results_path.exists() else {}
+    t0 = time.time()
+    print(f"checkpoint {a.ckpt} ...", flush=True)
+    made = _run_worker(envs["llava"], ["checkpoint", "--ckpt", str(a.ckpt)], a.timeout)
+    if "error" in made:
+        print(f"error: could not build the random checkpoint:\n{made['log_tail']}", file=sys.stderr)
+        return 1
+    for m in ["_call", *methods]:
+        if m in results and "error" not in results[m]:
+            print(f"{m}: already measured (in {results_path}); delete it to re-run", flush=True)
+            continue
+        print(f"{m} ...", flush=True)
+        job = ["call"] if m == "_call" else ["method", "--method", m, "--ckpt", str(a.ckpt), "--reps", str(a.reps),
+                                             "--warmup", str(a.warmup), "--decode", str(a.decode)]
+        try:
+            results[m] = _run_worker(envs[m], job, a.timeout)
+        except subprocess.TimeoutExpired:
+            results[m] = {"error": f"timed out after {a.timeout} s"}
+        meta = {"gpu": results[m].get("gpu", made.get("gpu")), "torch": made.get("torch"),
+                "date": time.strftime("%Y-%m-%d"), "reps": a.reps, "warmup": a.warmup, "host": platform.node()}
+        results_path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))  # nothing lost on a kill
+        print(f"{m}: {'error: ' + results[m]['error'] if 'error' in results[m] else 'done'} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    summary = summarise(results)
+    meta = json.loads(results_path.read_text())["meta"]
+    results_path.write_text(json.dumps({"meta": meta, "results": results, "summary": summary}, indent=1))
+    (a.out / "bench.md").write_text(markdown(results, summary, meta))
+    print((a.out / "bench.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
