@@ -13,6 +13,7 @@ method (DEBIAS_METHOD). Resume: rerun the same command. Chunks: ``--num-chunks N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -54,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="image-loading workers (default 2 on CUDA, 0 on CPU)")
     p.add_argument("--fsync", action="store_true", help="fsync after every answer (survives power loss too)")
     p.add_argument("--no-merge", action="store_true", help="do not write merge.jsonl after a single-chunk run")
+    p.add_argument("--record", type=Path, default=None, metavar="FILE.npz",
+                   help="record the raw ranking scores at the patch sites (for python -m debias_core.calibrate); "
+                        "one benchmark and one mode, a fresh run; with chunks, one file per chunk (FILE.<k>.npz)")
     p.add_argument("--check-only", action="store_true",
                    help="check method, environment, data, trends and checkpoint; print the run folders; load nothing")
     return p.parse_args(argv)
@@ -167,6 +171,12 @@ def run(args: argparse.Namespace) -> list[Path]:
             rdir = runinfo.run_dir(args.answers_dir, model_name, bench.key, adapter.name, adapter.budget(), mode,
                                    trend)
             plans.append((bench, samples, mode, trend, debias_core.settings().pad_threshold, rdir))
+    if args.record is not None:
+        if len(plans) != 1:
+            raise EvalError(f"--record takes one benchmark and one mode (got {len(benches)} benchmark(s) x "
+                            f"{len(modes)} mode(s)); record the calibration set alone, usually with --mode off")
+        if args.record.suffix != ".npz":
+            raise EvalError(f"--record {args.record} must end in .npz")
     if args.check_only:
         return [p[-1] for p in plans]
 
@@ -199,10 +209,12 @@ def run(args: argparse.Namespace) -> list[Path]:
             with open(path.with_suffix(".log"), "a") as f:
                 f.write(head)
             if todo:
+                session = _recording_session(args, info, done=len(chunk) - len(todo), rdir=rdir)
                 if loaded is None:
                     loaded = adapter.load(args.model_path, model_base=args.model_base, device=device)
                     adapter.configure(loaded)
-                _generate_all(args, adapter, bench, todo, log, loaded, max_new, info, total=len(chunk))
+                _generate_all(args, adapter, bench, todo, log, loaded, max_new, info, total=len(chunk),
+                              session=session)
         finally:
             log.close()
         if args.num_chunks == 1 and not args.no_merge:
@@ -229,7 +241,26 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _generate_all(args, adapter, bench, todo, log, loaded, max_new, info, total):
+def _record_path(args) -> Path:
+    return args.record if args.num_chunks == 1 else args.record.with_suffix(f".{args.chunk_idx}.npz")
+
+
+def _recording_session(args, info, *, done: int, rdir: Path):
+    """A RecordingSession for --record, or None. Refuses a resumed run: the skipped answers' scores would be
+    missing from the recording."""
+    if args.record is None:
+        return None
+    from debias_core.calibrate import RecordingSession
+
+    if done:
+        raise EvalError(f"--record needs a fresh run, but {done} questions are already answered in {rdir}; "
+                        f"their scores would be missing: use another --answers-dir")
+    return RecordingSession(meta={"question_file": info["question_file"], "benchmark": info["benchmark"],
+                                  "model": info["model_name"], "method": info["method"], "mode": info["mode"],
+                                  "budget": info["budget"], "chunk": f"{args.chunk_idx}/{args.num_chunks}"})
+
+
+def _generate_all(args, adapter, bench, todo, log, loaded, max_new, info, total, session=None):
     import debias_core
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -246,14 +277,23 @@ def _generate_all(args, adapter, bench, todo, log, loaded, max_new, info, total)
     bar = tqdm(total=total, initial=total - len(todo), unit="sample", dynamic_ncols=True, file=sys.stderr,
                desc=f"{adapter.name}/{bench.key}/{info['mode']}")
     t0 = time.time()
-    for i, size, pixels, ids in loader:
-        sample = todo[i]
-        s0 = adapter.span_start(ids) if pixels is not None else None
-        with debias_core.sample(image_size=size, preprocess=debias_pre if size else "none", grid=grid,
-                                resolution=resolution, span_start=s0):
-            text = adapter.generate(loaded, ids, pixels, size, max_new_tokens=max_new)
-        log.append(answer_record(sample, text, loaded.model_name, meta))
-        bar.update(1)
+    with contextlib.ExitStack() as stack:
+        if session is not None:
+            stack.enter_context(session)
+        for n, (i, size, pixels, ids) in enumerate(loader, 1):
+            sample = todo[i]
+            s0 = adapter.span_start(ids) if pixels is not None else None
+            context = dict(image_size=size, preprocess=debias_pre if size else "none", grid=grid,
+                           resolution=resolution, span_start=s0)
+            scope = (session.sample(**context, info={"question_id": sample.question_id,
+                                                          "image": str(sample.image_path or "")})
+                     if session is not None else debias_core.sample(**context))
+            with scope:
+                text = adapter.generate(loaded, ids, pixels, size, max_new_tokens=max_new)
+            log.append(answer_record(sample, text, loaded.model_name, meta))
+            bar.update(1)
+            if session is not None and (n % 50 == 0 or n == len(todo)):
+                session.save(_record_path(args))  # rewritten as it grows: a killed run keeps what it recorded
     bar.close()
     rate = len(todo) / max(time.time() - t0, 1e-9)
     sys.stderr.write(f"answered {len(todo)} questions ({rate:.2f} samples/s)\n")
