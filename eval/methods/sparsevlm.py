@@ -1,0 +1,79 @@
+"""SparseVLMs (key ``sparsevlm``): text-guided visual-token sparsification, from third_party/SparseVLMs (v1.5).
+
+What SparseVLMs' own eval modules do (llava/eval/model_vqa_loader.py L84–115; model_vqa_science.py and
+model_vqa_mmbench.py alike), reproduced here:
+  - ``load_pretrained_model(path, base, name)`` with its default ``dynamic_sparse=True`` →
+    ``LlavaLlamaDynamicForCausalLM``, plus one fp16 ``LlamaDynamicvitFlashAttention2`` per layer (builder.py
+    L112–121; the loop is hard-coded to 32 layers, i.e. LLaVA-1.5-7B);
+  - ``generate(..., retained_tokens=128)``: a GENERATE KWARG picking score.py's schedule (64, 128 or 192 →
+    keep 303 / 110 / 36 at layers 2 / 6 / 15 for 128); greedy only: with ``do_sample=True`` upstream's copied
+    ``generate`` routes to HF ``sample()``, which never prunes, so this adapter never samples;
+  - pad preprocessing (``process_images``) in every module; text-only questions (ScienceQA) pass
+    ``images=None`` and are never pruned.
+SparseVLMs finds the image start in ``input_ids`` itself (``pre_prompt_length_list``): no sys-length argument.
+flash-attn 2.3.3 is mandatory: the pruning layers run flash-attn's kernel; without it this adapter stops with an
+EvalError before loading. The decoder layers assert sdpa attention (transformers 4.37's default for LLaVA-1.5).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+
+from ..common import EvalError
+from .base import Adapter, Loaded
+
+FLASH_ATTN = "flash-attn 2.3.3"
+FLASH_HINT = (f"install {FLASH_ATTN} on a CUDA machine (pip install flash-attn==2.3.3 --no-build-isolation; "
+              f"envs/SparseVLMs.txt, bash setup.sh --only SparseVLMs)")
+BUILDER_LAYERS = 32  # llava/model/builder.py L114: for i in range(32)
+
+
+def checkpoint_config(model_path: str) -> dict | None:
+    """config.json of a local checkpoint folder (None for a hub id: nothing to check before loading)."""
+    path = Path(model_path).expanduser() / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class SparseVLMAdapter(Adapter):
+    name = "sparsevlm"
+
+    def check_environment(self) -> None:
+        super().check_environment()
+        if importlib.util.find_spec("flash_attn") is None:
+            raise EvalError(f"SparseVLMs needs {FLASH_ATTN} (its pruning layers run LlamaDynamicvitFlashAttention2) "
+                            f"and this environment has no flash_attn package; {FLASH_HINT}")
+
+    def load(self, model_path: str, *, model_base: str | None = None, device: str = "cuda", dtype=None) -> Loaded:
+        cfg = checkpoint_config(model_path)
+        if cfg is not None:
+            where = Path(model_path) / "config.json"
+            if cfg.get("num_hidden_layers") != BUILDER_LAYERS:
+                raise EvalError(f"{where} has num_hidden_layers={cfg.get('num_hidden_layers')}, but SparseVLMs' "
+                                f"builder attaches its attention modules to exactly {BUILDER_LAYERS} layers "
+                                f"(llava/model/builder.py L114): only LLaVA-1.5-7B-shaped checkpoints run")
+            if cfg.get("_attn_implementation", "sdpa") != "sdpa":
+                raise EvalError(f"{where} asks for _attn_implementation={cfg['_attn_implementation']!r}; SparseVLMs' "
+                                f"decoder layers only support sdpa: remove that key (LLaVA-1.5 checkpoints do not "
+                                f"set it, so transformers picks sdpa)")
+        loaded = super().load(model_path, model_base=model_base, device=device, dtype=dtype)
+        if type(loaded.model).__name__ != "LlavaLlamaDynamicForCausalLM":
+            raise EvalError(f"SparseVLMs' loader returned {type(loaded.model).__name__}, not "
+                            f"LlavaLlamaDynamicForCausalLM; the checkpoint name {loaded.model_name!r} must contain "
+                            f"'llava' (and neither 'mpt', 'mistral' nor 'lora')")
+        llama = importlib.import_module("transformers.models.llama.modeling_llama")
+        if getattr(llama, "flash_attn_func", None) is None:
+            raise EvalError(f"flash_attn is importable but transformers did not enable it (it needs CUDA and "
+                            f"flash-attn >= 2.1); SparseVLMs needs {FLASH_ATTN} working: {FLASH_HINT}")
+        return loaded
+
+    def configure(self, loaded: Loaded) -> None:
+        score = importlib.import_module("llava.model.language_model.score")
+        retained = self.args["retained_tokens"]
+        if retained not in score.sparse_token_dict:
+            raise EvalError(f"sparsevlm retained_tokens={retained!r} has no schedule in SparseVLMs' score.py; use one "
+                            f"of {', '.join(map(str, sorted(score.sparse_token_dict)))} (the paper: 128)")
+
+    def generate_kwargs(self) -> dict:
+        return {"retained_tokens": self.args["retained_tokens"]}
