@@ -7,9 +7,16 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# EVAL_THIRD_PARTY: a folder of exported, patched upstream trees (<dir>/<Name>/...) used instead of the
-# submodules, by tests (tests/support.py patched_tree) and by the GPU benchmark, which carries such trees.
-THIRD_PARTY = Path(os.environ["EVAL_THIRD_PARTY"]) if os.environ.get("EVAL_THIRD_PARTY") else ROOT / "third_party"
+THIRD_PARTY = ROOT / "third_party"   # the submodules
+TREE_ENV = "EVAL_THIRD_PARTY"
+
+
+def third_party_dir(name: str) -> Path:
+    """Where upstream <name>'s code is taken from: third_party/<name>, or <$EVAL_THIRD_PARTY>/<name> — a folder of
+    exported, patched trees (eval/upstream.py) that tests, the demo and the GPU benchmark run instead of the
+    submodules, which they never modify. Read at each call, so setting the variable takes effect at once."""
+    root = os.environ.get(TREE_ENV)
+    return (Path(root).resolve() if root else THIRD_PARTY) / name
 
 
 class EvalError(RuntimeError):
@@ -36,19 +43,19 @@ def project_state() -> str:
 
 def populated(name: str) -> bool:
     """A checked-out submodule, or (under EVAL_THIRD_PARTY) a non-empty exported tree."""
-    path = THIRD_PARTY / name
-    if os.environ.get("EVAL_THIRD_PARTY"):
+    path = third_party_dir(name)
+    if os.environ.get(TREE_ENV):
         return path.is_dir() and any(path.iterdir())
     return (path / ".git").exists()
 
 
 def submodule_state(name: str) -> str:
     """'<sha>' of third_party/<name>, '+modified' when its work tree differs (e.g. patches applied)."""
-    path = THIRD_PARTY / name
+    path = third_party_dir(name)
     if not populated(name):
         return "not populated"
     if not (path / ".git").exists():
-        return f"exported tree at {path} (EVAL_THIRD_PARTY)"
+        return f"exported tree at {path} ({TREE_ENV})"
     sha = git(path, "rev-parse", "HEAD") or "unknown"
     dirty = git(path, "status", "--porcelain", "--untracked-files=no")
     return sha + ("+modified (patches applied?)" if dirty else "")

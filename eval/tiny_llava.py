@@ -13,7 +13,14 @@ What is saved (nothing is downloaded):
                               so 24×24 = 576 visual tokens) and a CLIPImageProcessor with OpenAI's mean/std
 
 ``mm_vision_tower`` in config.json is the vision tower's absolute path, so the folder is not relocatable:
-build it where it will be used (it takes about a second).
+build it where it will be used (it takes about a second). config.json's ``tiny_llava`` entry records the seed
+and ``image_start``: the index of the image placeholder in a vicuna_v1 prompt with this tokenizer (35 for the
+real LLaVA-1.5 tokenizer; FastV/HiMAP/TokenCarve take it as their sys length).
+
+The checkpoint format is that of the ``llava`` package that builds it. Built inside a baseline's environment
+with its LLaVA 1.1.3 on sys.path (``python -m eval.tiny_llava DIR --method fastv``), it is saved as the released
+llava-v1.5 checkpoints were (LLaVA 1.1.3, transformers 4.31: ``model_type`` "llava", rotary buffers saved),
+which every baseline's loader and LLaVA ≥ 1.2 read.
 """
 from __future__ import annotations
 
@@ -55,7 +62,30 @@ def _train_tokenizer(out_dir: Path, vocab_size: int) -> None:
         shutil.copy(Path(tmp) / "tok.model", out_dir / "tokenizer.model")
 
 
+def _image_start(tokenizer) -> int:
+    """Index of IMAGE_TOKEN_INDEX in the input ids of a vicuna_v1 prompt (as LLaVA's eval modules build it)."""
+    from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+    from llava.conversation import conv_templates
+    from llava.mm_utils import tokenizer_image_token
+
+    conv = conv_templates["vicuna_v1"].copy()
+    conv.append_message(conv.roles[0], DEFAULT_IMAGE_TOKEN + "\nIs there a red circle in the image?")
+    conv.append_message(conv.roles[1], None)
+    return tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX).index(IMAGE_TOKEN_INDEX)
+
+
+def image_start(model_dir) -> int:
+    """The recorded ``image_start`` of a model built here (see the module docstring)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        return int(json.loads(path.read_text())["tiny_llava"]["image_start"])
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} has no tiny_llava.image_start ({e!r}); rebuild the model with "
+                         f"python -m eval.tiny_llava {model_dir}") from None
+
+
 def build_tiny_llava(out_dir, *, layers: int = 2, hidden: int = 64, heads: int = 4, vision_layers: int = 2,
+                     attn_implementation: str | None = "eager",
                      vision_hidden: int = 32, vocab_size: int = 1000, seed: int = 0) -> Path:
     """Save a tiny random LLaVA-1.5 (LLM, projector, CLIP tower, processor, tokenizer) into ``out_dir``.
 
@@ -86,6 +116,7 @@ def build_tiny_llava(out_dir, *, layers: int = 2, hidden: int = 64, heads: int =
     tok = LlamaTokenizer(str(out / "tokenizer.model"), legacy=True, add_bos_token=True, add_eos_token=False)
     tok.save_pretrained(out)
     n_vocab = len(tok)
+    image_start = _image_start(tok)
 
     cfg = LlavaConfig(
         vocab_size=n_vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -95,14 +126,18 @@ def build_tiny_llava(out_dir, *, layers: int = 2, hidden: int = 64, heads: int =
         mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
         image_aspect_ratio="pad", mm_use_im_start_end=False, mm_use_im_patch_token=False,
         tokenizer_model_max_length=2048, tokenizer_padding_side="right", use_cache=True,
-        attn_implementation="eager")
+        attn_implementation=attn_implementation or "eager")
     model = LlavaLlamaForCausalLM(cfg)
     model.save_pretrained(out, safe_serialization=True)
-    # from_pretrained picks sdpa unless the saved config asks for eager; record the choice explicitly.
+    # from_pretrained picks sdpa unless the saved config asks for eager; record the choice explicitly
+    # (attn_implementation=None: no key, as in the released LLaVA-1.5 checkpoints; each method picks its own).
     cfg_path = out / "config.json"
     data = json.loads(cfg_path.read_text())
-    data["_attn_implementation"] = "eager"
-    data["tiny_llava"] = {"seed": seed, "note": "random weights built by eval.tiny_llava for tests and the demo"}
+    data.pop("_attn_implementation", None)
+    if attn_implementation:
+        data["_attn_implementation"] = attn_implementation
+    data["tiny_llava"] = {"seed": seed, "image_start": image_start,
+                          "note": "random weights built by eval.tiny_llava for tests and the demo"}
     cfg_path.write_text(json.dumps(data, indent=2))
     return out
 
@@ -113,4 +148,22 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
-    print(build_tiny_llava(p.parse_args().out_dir, seed=p.parse_args().seed))
+    p.add_argument("--layers", type=int, default=2, help="decoder layers (a method pruning before layer K needs > K)")
+    p.add_argument("--hidden", type=int, default=64, help="LLM hidden size (TokenCarve's SVD needs >= 576)")
+    p.add_argument("--attn", default="eager", help="saved attention implementation; 'default' saves none (as the "
+                                                    "released checkpoints: transformers then picks sdpa)")
+    p.add_argument("--method", default=None,
+                   help="build with this method's llava package (its adapter's activate(): third_party/<Name>, or "
+                        "EVAL_THIRD_PARTY), i.e. in the checkpoint format that baseline's loader reads")
+    a = p.parse_args()
+    if a.method:
+        import sys
+
+        from eval.common import EvalError
+        from eval.methods import get_adapter
+        try:
+            get_adapter(a.method).activate()
+        except EvalError as e:
+            sys.exit(f"error: {e}")
+    print(build_tiny_llava(a.out_dir, seed=a.seed, layers=a.layers, hidden=a.hidden,
+                           attn_implementation=None if a.attn == "default" else a.attn))

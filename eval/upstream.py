@@ -40,12 +40,20 @@ def patch_files(name: str) -> list[Path]:
 
 
 def export_tree(name: str, dest: Path, *, patched: bool = True, paths: list[str] | None = None) -> Path:
-    """Write third_party/<name> at its pin into ``dest`` (only ``paths`` if given), then apply
-    patches/<name>/*.patch in order when ``patched``. Raises EvalError naming what failed."""
+    """Write third_party/<name> at its pin into ``dest``, then apply patches/<name>/*.patch in order when
+    ``patched``. ``paths`` limits the export to those folders/files plus every file the series touches.
+    Raises EvalError naming what failed."""
     src = SUBMODULES / name
     if not (src / ".git").exists():
         raise EvalError(f"third_party/{name} is not populated; run git submodule update --init third_party/{name}")
     pin = pinned_sha(name)
+    if paths and patched:
+        touched = {line.split(" b/", 1)[1] for p in patch_files(name) for line in p.read_text().splitlines()
+                   if line.startswith("diff --git a/")}
+        # files the series creates do not exist at the pin; the rest must be exported for the patch to apply
+        at_pin = set(subprocess.run(["git", "-C", str(src), "ls-tree", "-r", "--name-only", pin, "--", *touched],
+                                    capture_output=True, text=True, check=True).stdout.split())
+        paths = sorted(set(paths) | at_pin)
     excludes = [f":(exclude,literal){p}" for p in absent_blobs(src, pin)]
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -55,6 +63,9 @@ def export_tree(name: str, dest: Path, *, patched: bool = True, paths: list[str]
     if patched:
         for p in patch_files(name):
             only = [f"--include={pattern}" for q in paths or [] for pattern in (q, f"{q}/*")]
+            if only:  # new files the series adds also belong to the export
+                only += [f"--include={line.split(' b/', 1)[1]}" for line in p.read_text().splitlines()
+                         if line.startswith("diff --git a/")]
             # no repository discovery above dest: inside another work tree, git apply would resolve the
             # patch's paths against that repository and silently skip them
             env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(dest.resolve().parent))

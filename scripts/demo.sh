@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The embedded demo: the whole eval path on CPU, offline, in under 3 minutes (python -m eval.demo --help).
 # A tiny random LLaVA-1.5 and three synthetic benchmarks are generated under OUT (default outputs/demo);
-# the driver runs modes off and full, LLaVA's eval_pope.py scores, eval.report draws the table and radar, and
-# a figure shows which visual tokens a FastV-style selection keeps under off vs full.
+# the driver runs modes off and full for plain LLaVA and for every baseline whose third_party/<Name> is
+# populated and whose environment (.venv-<Name> or envs/venv-<Name>) exists, each in its own interpreter on a
+# temporary patched copy of its tree (third_party/ is never modified); LLaVA's eval_pope.py scores,
+# eval.report draws the table and radar, and report/kept_tokens.png shows the visual tokens the baselines
+# really kept under off vs full (with no baseline: a FastV-style stand-in on plain LLaVA). Baselines that
+# cannot run are named with the reason.
 #   bash scripts/demo.sh            PYTHON=... to pick the interpreter (default .venv-test/bin/python)
+#                                   DEMO_PYTHON_<METHOD>=... a baseline's interpreter (e.g. DEMO_PYTHON_FASTV)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-$root/.venv-test/bin/python}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,7 +42,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-from ..common import THIRD_PARTY, EvalError, populate_hint, populated, submodule_state
+from ..common import TREE_ENV, EvalError, populate_hint, populated, submodule_state, third_party_dir
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.json")
 PREPROCESS = ("pad", "crop")
@@ -129,7 +130,8 @@ class Adapter:
 
     # ---------------------------------------------------------------- environment
     def upstream_dir(self) -> Path:
-        return THIRD_PARTY / self.upstream
+        """third_party/<Upstream>, or an exported, patched copy under $EVAL_THIRD_PARTY."""
+        return third_party_dir(self.upstream)
 
     def sys_path_entries(self) -> list[Path]:
         """Folders inside third_party/<Upstream> put first on sys.path by ``activate``."""
@@ -140,6 +142,10 @@ class Adapter:
         if self.needs_upstream and not populated(self.upstream):
             raise EvalError(f"{self.upstream_dir()} is not populated, so {self.name} cannot run; "
                             f"run {populate_hint(self.upstream)} then bash scripts/apply_patches.sh {self.upstream}")
+        missing = [p for p in self.sys_path_entries() if not p.is_dir()]
+        if self.needs_upstream and missing and os.environ.get(TREE_ENV):
+            raise EvalError(f"{TREE_ENV}={os.environ[TREE_ENV]} has no {missing[0]}: export third_party/{self.upstream} "
+                            f"there (python -c 'from eval.upstream import export_tree; ...') or unset {TREE_ENV}")
 
     def _use_upstream_tree(self) -> bool:
         return self.needs_upstream

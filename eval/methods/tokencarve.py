@@ -30,7 +30,7 @@ import sys
 import types
 from pathlib import Path
 
-from ..common import EvalError
+from ..common import EvalError, populated, third_party_dir
 from .base import Adapter, Loaded
 
 LLAMA = "transformers.models.llama"
@@ -66,6 +66,10 @@ class TokenCarveAdapter(Adapter):
         if not (version or "").startswith("4.37."):
             raise EvalError(f"TokenCarve's Llama is a copy of transformers 4.37.2's but this environment has "
                             f"transformers {version}; use the TokenCarve environment (bash setup.sh --only TokenCarve)")
+        if importlib.util.find_spec("llava") is None and populated("LLaVA"):
+            # as the GPU environment's `pip install -e third_party/LLaVA` (or the exported tree under EVAL_THIRD_PARTY)
+            sys.path.insert(0, str(third_party_dir("LLaVA")))
+            importlib.invalidate_caches()
         if importlib.util.find_spec("llava") is None:
             raise EvalError("TokenCarve runs on upstream LLaVA (package llava), which is not importable here; in the "
                             "TokenCarve environment: pip install --no-deps -e third_party/LLaVA (envs/TokenCarve.txt)")
