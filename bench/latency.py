@@ -45,16 +45,26 @@ def _synthetic_ids(image_token_index: int, vocab: int = 32000):
     return ids.unsqueeze(0)
 
 
-def _strict_sync(calls: dict):
-    """Wrap debias_core's site functions: count calls and raise on any host-device sync inside them."""
+def _sync(device: str) -> None:
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _strict_sync(calls: dict, device: str):
+    """Wrap debias_core's site functions: count calls and (on CUDA) raise on any host-device sync inside them."""
     import torch
     import debias_core
+
+    cuda = device.startswith("cuda")
 
     originals = {name: getattr(debias_core, name) for name in ("debias", "keep_cap", "mask_padding")}
 
     def wrap(name, fn):
         def strict(*args, **kwargs):
             calls[name] = calls.get(name, 0) + 1
+            if not cuda:
+                return fn(*args, **kwargs)
             previous = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("error")
             try:
@@ -68,7 +78,7 @@ def _strict_sync(calls: dict):
     return lambda: [setattr(debias_core, n, f) for n, f in originals.items()]
 
 
-def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int) -> dict:
+def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int, device: str = "cuda") -> dict:
     import numpy as np
     import torch
     from PIL import Image
@@ -78,14 +88,14 @@ def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int) -> 
 
     adapter = get_adapter(name)
     adapter.activate()
-    loaded = adapter.load(str(ckpt), device="cuda")
+    loaded = adapter.load(str(ckpt), device=device)
     adapter.configure(loaded)
     for cfg in (loaded.model.config, loaded.model.generation_config):
         cfg.eos_token_id = None  # random weights: always generate the full length
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3), dtype=np.uint8))
     pixels = adapter.image_tensor(loaded, image, "pad")
-    ids = _synthetic_ids(adapter.llava.IMAGE_TOKEN_INDEX)
+    ids = _synthetic_ids(adapter.llava.IMAGE_TOKEN_INDEX, loaded.model.config.vocab_size)
     grid, resolution = adapter.geometry(loaded)
     trend = None
     if adapter.trend_method:
@@ -96,10 +106,10 @@ def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int) -> 
     def generate(mode: str, new_tokens: int) -> float:
         debias_core.configure(mode=mode)
         with debias_core.sample(image_size=image.size, span_start=PREFIX, grid=grid, resolution=resolution):
-            torch.cuda.synchronize()
+            _sync(device)
             t0 = time.perf_counter()
             adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=new_tokens)
-            torch.cuda.synchronize()
+            _sync(device)
             return time.perf_counter() - t0
 
     out = {"method": name, "upstream": adapter.upstream_state(), "trend": trend, "modes": {}}
@@ -109,10 +119,10 @@ def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int) -> 
         debias_core.clear_cache()
         for label in ("cold", "warm"):
             calls = {}
-            restore = _strict_sync(calls)
+            restore = _strict_sync(calls, device)
             try:
                 generate(mode, 1)  # one prefill: the calls counted are the ranking calls per prefill
-                syncs[label] = {"ok": True, "calls": calls}
+                syncs[label] = {"ok": True, "calls": calls, "checked": device.startswith("cuda")}
             except RuntimeError as e:
                 syncs[label] = {"ok": False, "error": str(e)[:300], "calls": calls}
             finally:
@@ -133,13 +143,15 @@ def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int) -> 
                 "median": statistics.median(t), "p10": t[max(0, len(t) // 10)], "p90": t[min(len(t) - 1, len(t) * 9 // 10)],
                 "n": len(t)}
     for mode in modes:
-        torch.cuda.reset_peak_memory_stats()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         generate(mode, decode + 1)
-        out["modes"][mode]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        out["modes"][mode]["peak_memory_gib"] = (torch.cuda.max_memory_allocated() / 2 ** 30
+                                                 if device.startswith("cuda") else float("nan"))
     return out
 
 
-def bench_call(reps: int = 2000) -> list[dict]:
+def bench_call(reps: int = 2000, device: str = "cuda") -> list[dict]:
     """debias + keep_cap + topk vs plain topk on one score vector, wall µs per call (launch-bound)."""
     import torch
 
@@ -152,7 +164,7 @@ def bench_call(reps: int = 2000) -> list[dict]:
               ExponentialTrend(a=1.0, b=0.002, n=2056))]  # no published video trend: a synthetic one
     for n, ctx, trend in cases:
         for dtype in (torch.float16, torch.bfloat16):
-            scores = torch.rand(n, device="cuda", dtype=dtype)
+            scores = torch.rand(n, device=device, dtype=dtype)
             debias_core.configure(mode="full", trend=trend, method="pdrop" if n == 576 else None)
             with debias_core.sample(**ctx):
                 def plain():
@@ -165,21 +177,24 @@ def bench_call(reps: int = 2000) -> list[dict]:
                 for label, fn in (("topk_us", plain), ("debias_topk_us", debiased)):
                     for _ in range(50):
                         fn()
-                    torch.cuda.synchronize()
+                    _sync(device)
                     t0 = time.perf_counter()
                     for _ in range(reps):
                         fn()
-                    torch.cuda.synchronize()
+                    _sync(device)
                     result[label] = (time.perf_counter() - t0) / reps * 1e6
-                previous = torch.cuda.get_sync_debug_mode()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    debiased()
-                    result["host_syncs"] = "none"
-                except RuntimeError as e:
-                    result["host_syncs"] = str(e)[:200]
-                finally:
-                    torch.cuda.set_sync_debug_mode(previous)
+                if device.startswith("cuda"):
+                    previous = torch.cuda.get_sync_debug_mode()
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        debiased()
+                        result["host_syncs"] = "none"
+                    except RuntimeError as e:
+                        result["host_syncs"] = str(e)[:200]
+                    finally:
+                        torch.cuda.set_sync_debug_mode(previous)
+                else:
+                    result["host_syncs"] = "not checked (CPU)"
                 result["overhead_us"] = result["debias_topk_us"] - result["topk_us"]
                 rows.append(result)
     return rows
@@ -193,6 +208,8 @@ def worker(argv) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="a tiny checkpoint (CPU smoke runs of this script)")
     a = p.parse_args(argv)
     if os.environ.get("BENCH_HIDE_TOKENIZERS"):
         # transformers 4.31 checks tokenizers<0.14 at import, and no such wheel exists for Python 3.12; the slow
@@ -200,14 +217,15 @@ def worker(argv) -> int:
         sys.modules["tokenizers"] = None
     import torch
     if a.job == "checkpoint":
-        from bench.checkpoint import build
-        result = {"checkpoint": str(build(a.ckpt))}
+        from bench.checkpoint import TINY, TINY_CLIP, build
+        result = {"checkpoint": str(build(a.ckpt, device=a.device, **(dict(overrides=TINY, clip_overrides=TINY_CLIP)
+                                                                       if a.tiny else {})))}
     elif a.job == "call":
-        result = {"call": bench_call()}
+        result = {"call": bench_call(reps=50 if a.tiny else 2000, device=a.device)}
     else:
-        result = bench_method(a.method, a.ckpt, a.reps, a.warmup, a.decode)
+        result = bench_method(a.method, a.ckpt, a.reps, a.warmup, a.decode, a.device)
     result["torch"] = torch.__version__
-    result["gpu"] = torch.cuda.get_device_name()
+    result["gpu"] = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({platform.machine()})"
     print("BENCH_RESULT " + json.dumps(result))
     return 0
 
@@ -225,8 +243,9 @@ def _run_worker(env_for: dict, args: list[str], timeout: int) -> dict:
     return {"error": f"exit {r.returncode}", "log_tail": tail}
 
 
-def environments(methods, carry: Path | None) -> dict:
-    """method -> {"python", "env"}: carried site folders (device runs) or each baseline's environment."""
+def environments(methods, carry: Path | None, trees: Path | None = None) -> dict:
+    """method -> {"python", "env"}: carried site folders (device runs) or each baseline's environment (with
+    ``trees``: exported, patched upstream trees instead of third_party/, as EVAL_THIRD_PARTY)."""
     from bench import carry as carrying
     from eval.methods import method_spec
     if carry is not None:
@@ -241,6 +260,8 @@ def environments(methods, carry: Path | None) -> dict:
                 break
         else:
             out[m] = {"python": sys.executable, "env": {}, "note": f"no environment for {env_name}; using {sys.executable}"}
+        if trees is not None:
+            out[m]["env"]["EVAL_THIRD_PARTY"] = str(Path(trees).resolve())
     return out
 
 
@@ -330,10 +351,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     p.add_argument("--ckpt", type=Path, default=Path("/tmp/bench-ckpt/llava-v1.5-7b-random"))
     p.add_argument("--carry", type=Path, default=None, help="carried wheels + patched trees (bench/carry.py)")
+    p.add_argument("--trees", type=Path, default=None,
+                   help="exported, patched upstream trees to run instead of third_party/ (EVAL_THIRD_PARTY)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--timeout", type=int, default=1200, help="seconds per method")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run with --tiny")
+    p.add_argument("--tiny", action="store_true", help="tiny random checkpoint: checks the script, not latency")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -346,12 +371,13 @@ def main(argv=None) -> int:
     if a.carry is not None:
         from bench.carry import install
         install(a.carry)
-    envs = environments(methods, a.carry)
+    envs = environments(methods, a.carry, a.trees)
     results_path = a.out / "bench.json"
     results = json.loads(results_path.read_text())["results"] if results_path.exists() else {}
     t0 = time.time()
     print(f"checkpoint {a.ckpt} ...", flush=True)
-    made = _run_worker(envs["llava"], ["checkpoint", "--ckpt", str(a.ckpt)], a.timeout)
+    common = ["--device", a.device] + (["--tiny"] if a.tiny else [])
+    made = _run_worker(envs["llava"], ["checkpoint", "--ckpt", str(a.ckpt), *common], a.timeout)
     if "error" in made:
         print(f"error: could not build the random checkpoint:\n{made['log_tail']}", file=sys.stderr)
         return 1
@@ -360,8 +386,9 @@ def main(argv=None) -> int:
             print(f"{m}: already measured (in {results_path}); delete it to re-run", flush=True)
             continue
         print(f"{m} ...", flush=True)
-        job = ["call"] if m == "_call" else ["method", "--method", m, "--ckpt", str(a.ckpt), "--reps", str(a.reps),
-                                             "--warmup", str(a.warmup), "--decode", str(a.decode)]
+        job = ["call", *common] if m == "_call" else [
+            "method", "--method", m, "--ckpt", str(a.ckpt), "--reps", str(a.reps), "--warmup", str(a.warmup),
+            "--decode", str(a.decode), *common]
         try:
             results[m] = _run_worker(envs[m], job, a.timeout)
         except subprocess.TimeoutExpired:

@@ -10,8 +10,9 @@ Mode ``off`` returns ``scores`` itself and ``k`` unchanged (upstream behaviour).
 Computed in float32 (float64 stays float64). Positions −1 mark merged/cluster tokens: weight 1, never padding.
 
 Performance contract: the weight and padding tables are built once per (trend, stage, span length,
-dtype, device) and (geometry, image size, threshold, device), then cached on that device; a call is
-two gathers and a multiply. No file I/O, no host–device sync: tables reach a CUDA device by
+dtype, device) and (geometry, image size, threshold, device), then cached on that device, and combined
+once per sample into a plan; a call is one fused multiply-add (``addcmul``), plus one gather when
+positions are given. No file I/O, no host–device sync: tables reach a CUDA device by
 non-blocking copies from pinned memory, and ``keep_cap`` reads the padding count that was computed
 on the host from geometry. Pass positions on the scores' device (a host tensor is copied each call).
 Value checks (finite scores, position range) run on CPU tensors, and on accelerator tensors only with
@@ -59,6 +60,7 @@ def cache_info() -> dict:
 
 def clear_cache() -> None:
     _cache.tables.clear()
+    _plans.clear()
     _cache.hits = _cache.misses = 0
 
 
@@ -96,13 +98,14 @@ def _n_valid(ctx: SampleContext, threshold: float, exact: bool) -> int:
     return ctx.span_length if valid is None else int(valid.sum())
 
 
-def _valid_table(ctx, threshold, exact, device) -> torch.Tensor | None:
-    """bool [span_length + 1] on device; the last slot is for position −1 (neutral)."""
-    valid = _valid_host(ctx, threshold, exact)
+def _bias_table(ctx, st, device, dtype) -> torch.Tensor | None:
+    """``dtype`` [span_length + 1] on device: −inf on padding, 0 elsewhere (last slot: position −1, neutral);
+    None when the sample has no padding."""
+    valid = _valid_host(ctx, st.pad_threshold, st.exact_geometry)
     if valid is None:
         return None
-    key = ("valid", ctx.image_size, ctx.grid, ctx.resolution, threshold, exact, device)
-    return _cache.get(key, lambda: _upload(np.append(valid, True), device))
+    key = ("bias", ctx.image_size, ctx.grid, ctx.resolution, st.pad_threshold, st.exact_geometry, device, dtype)
+    return _cache.get(key, lambda: _upload(np.where(np.append(valid, True), 0.0, -np.inf), device, dtype))
 
 
 def _weight_table(trend, stage: int, length: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -121,16 +124,100 @@ def _weight_table(trend, stage: int, length: int, device, dtype=torch.float32) -
     return table
 
 
-def _arange(n: int, device) -> torch.Tensor:
-    return _cache.get(("arange", n, device), lambda: torch.arange(n, device=device))
+def _check_scores(scores) -> None:
+    if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point or scores.dim() not in (1, 2):
+        raise DebiasError(f"scores must be a float tensor [N] or [B, N], got "
+                          f"{type(scores).__name__} {getattr(scores, 'dtype', '')} {tuple(getattr(scores, 'shape', ()))}")
 
 
-def _index(positions, scores: torch.Tensor, length: int, check: bool) -> torch.Tensor:
+def _check_values(scores) -> None:
+    finite = torch.isfinite(scores)
+    if not finite.all():
+        bad = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise DebiasError(f"scores contain {scores[bad].item()} at index {bad if len(bad) > 1 else bad[0]} "
+                          f"(shape {tuple(scores.shape)}); the attention that produced them is broken "
+                          f"(check for fp16 overflow before the ranking site)")
+
+
+class _Plan:
+    """Everything one (settings, sample contexts, stage, device, dtype) needs, built once per sample:
+    ``table`` [2, L+1] = (weight, bias) rows when one padding table serves every row, else ``weight`` [L+1] and
+    ``bias`` [B, L+1]. Slot L (reached by position −1) is neutral. debiased = bias + scores · weight, with
+    bias −inf on padding and 0 elsewhere (an addition, so a zero score on padding is −inf, not NaN)."""
+
+    __slots__ = ("st", "ctxs", "length", "table", "weight", "bias", "prefix")
+
+    def __init__(self, st, ctxs, stage: int, positional: bool, device, dtype):
+        self.st, self.ctxs, self.length = st, ctxs, ctxs[0].span_length
+        length = self.length
+        if positional:
+            weight = _weight_table(st.trend, stage, length, device, dtype)
+        else:
+            weight = _cache.get(("ones", length, device, dtype),
+                                lambda: torch.ones(length + 1, dtype=dtype, device=device))
+        biases = [_bias_table(c, st, device, dtype) for c in ctxs] if st.suppress_padding else [None]
+        zeros = _cache.get(("zeros", length, device, dtype), lambda: torch.zeros(length + 1, dtype=dtype, device=device))
+        biases = [zeros if b is None else b for b in biases]
+        if all(b is biases[0] for b in biases):
+            self.table = _cache.get(("plan", id(weight), id(biases[0])), lambda: torch.stack([weight, biases[0]]))
+            self.weight = self.bias = None
+        else:
+            self.table = None
+            self.weight = weight
+            self.bias = _cache.get(("stack",) + tuple(id(b) for b in biases), lambda: torch.stack(biases))
+        self.prefix = {}
+
+    def apply(self, scores, index):
+        """index: None (positions 0..N−1) or long positions on the device ([N], [1, N] or [B, N])."""
+        if index is None:
+            n = scores.shape[-1]
+            parts = self.prefix.get(n)
+            if parts is None:  # views of the tables, kept so that a call builds nothing
+                parts = self.prefix[n] = ((self.table[1, :n], self.table[0, :n]) if self.table is not None
+                                          else (self.bias[:, :n], self.weight[:n]))
+            return torch.addcmul(parts[0], scores, parts[1])
+        if self.table is not None:
+            wb = self.table[:, index]                       # one gather: [2, N] or [2, B, N]
+            return torch.addcmul(wb[1], scores, wb[0])
+        rows = index.expand(self.bias.shape[0], -1) if index.dim() == 1 or index.shape[0] == 1 else index
+        bias = self.bias.gather(1, rows.remainder(self.length + 1))  # gather does not wrap −1 as indexing does
+        return torch.addcmul(bias, scores, self.weight[index])
+
+
+_plans: dict = {}
+_MAX_PLANS = 32  # a plan per live sample context; older ones are dropped (their tables stay in the cache)
+
+
+def _plan(scores, needed_for: str, stage: int, positional: bool) -> _Plan:
+    st = settings()
+    ctxs = current_samples()
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    key = (id(st), id(ctxs), stage, positional, scores.device, dtype, scores.dim(), scores.shape[0])
+    plan = _plans.get(key)
+    if plan is not None and plan.st is st and plan.ctxs is ctxs:
+        _cache.hits += 1
+        return plan
+    ctxs = _contexts(f"{needed_for} with DEBIAS={st.mode}")
+    rows = 1 if scores.dim() == 1 else scores.shape[0]
+    if len(ctxs) not in (1, rows) or (scores.dim() == 1 and len(ctxs) != 1):
+        raise DebiasError(f"{len(ctxs)} sample contexts for scores of shape {tuple(scores.shape)}; "
+                          f"a batch needs [B, N] scores and one context per row")
+    if any(c.span_length != ctxs[0].span_length for c in ctxs):
+        raise DebiasError(f"samples in one batch have different visual span lengths {[c.span_length for c in ctxs]}")
+    plan = _Plan(st, ctxs, stage, positional, scores.device, dtype)
+    if len(_plans) >= _MAX_PLANS:
+        _plans.pop(next(iter(_plans)))
+    _plans[key] = plan
+    return plan
+
+
+def _positions(positions, scores, length: int, check: bool):
+    """Positions as a long tensor on the scores' device (None stays None: raster 0..N−1)."""
     n = scores.shape[-1]
     if positions is None:
         if n > length:
             raise DebiasError(f"{n} scores but the visual span has {length} tokens; pass the tokens' original positions")
-        return _arange(n, scores.device)
+        return None
     if not isinstance(positions, torch.Tensor):
         positions = _upload(np.asarray(positions), scores.device)
     if positions.dtype.is_floating_point or positions.dtype == torch.bool:
@@ -143,57 +230,18 @@ def _index(positions, scores: torch.Tensor, length: int, check: bool) -> torch.T
         if lo < -1 or hi >= length:
             raise DebiasError(f"position {lo if lo < -1 else hi} is outside the visual span 0..{length - 1} "
                               f"(−1 marks a merged token)")
-    positions = positions.to(device=scores.device, dtype=torch.long)
-    return torch.where(positions < 0, length, positions)
+    if positions.dtype != torch.long or positions.device != scores.device:
+        positions = positions.to(device=scores.device, dtype=torch.long)
+    return positions  # −1 indexes the tables' last, neutral slot
 
 
-def _gather(tables: list, index: torch.Tensor) -> torch.Tensor:
-    """Look up per-position table values. tables: 1 or B tensors [L+1]; index [N], [1, N] or [B, N]."""
-    if len(tables) == 1 or all(t is tables[0] for t in tables):
-        return tables[0][index]
-    # cached tables live as long as the cache, so their ids name the stack
-    table = _cache.get(("stack",) + tuple(id(t) for t in tables), lambda: torch.stack(tables))
-    return table.gather(1, index.expand(table.shape[0], -1) if index.dim() == 1 or index.shape[0] == 1 else index)
-
-
-def _prepare(scores, positions, needed_for: str):
-    """Validate the call; return (settings, contexts, index into the tables, float32/64 scores)."""
-    st = settings()
-    if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point or scores.dim() not in (1, 2):
-        raise DebiasError(f"scores must be a float tensor [N] or [B, N], got "
-                          f"{type(scores).__name__} {getattr(scores, 'dtype', '')} {tuple(getattr(scores, 'shape', ()))}")
-    ctxs = _contexts(f"{needed_for} with DEBIAS={st.mode}")
-    rows = 1 if scores.dim() == 1 else scores.shape[0]
-    if len(ctxs) not in (1, rows) or (scores.dim() == 1 and len(ctxs) != 1):
-        raise DebiasError(f"{len(ctxs)} sample contexts for scores of shape {tuple(scores.shape)}; "
-                          f"a batch needs [B, N] scores and one context per row")
-    length = ctxs[0].span_length
-    if any(c.span_length != length for c in ctxs):
-        raise DebiasError(f"samples in one batch have different visual span lengths {[c.span_length for c in ctxs]}")
-    check = scores.device.type == "cpu" or (st.checks and scores.device.type != "meta")
+def _apply(scores, positions, stage: int, positional: bool, needed_for: str):
+    _check_scores(scores)
+    plan = _plan(scores, needed_for, stage, positional)
+    check = scores.device.type == "cpu" or (plan.st.checks and scores.device.type != "meta")
     if check:
-        finite = torch.isfinite(scores)
-        if not finite.all():
-            bad = tuple(int(i) for i in (~finite).nonzero()[0])
-            raise DebiasError(f"scores contain {scores[bad].item()} at index {bad if len(bad) > 1 else bad[0]} "
-                              f"(shape {tuple(scores.shape)}); the attention that produced them is broken "
-                              f"(check for fp16 overflow before the ranking site)")
-    index = _index(positions, scores, length, check)
-    return st, ctxs, index, (scores if scores.dtype == torch.float64 else scores.float())
-
-
-def _mask(st, ctxs, index, out):
-    if not st.suppress_padding:
-        return out
-    tables = [_valid_table(c, st.pad_threshold, st.exact_geometry, out.device) for c in ctxs]
-    if all(t is None for t in tables):
-        return out
-    length = ctxs[0].span_length
-    if any(t is None for t in tables):
-        ones = _cache.get(("all-valid", length, out.device),
-                          lambda: torch.ones(length + 1, dtype=torch.bool, device=out.device))
-        tables = [ones if t is None else t for t in tables]
-    return out.masked_fill(~_gather(tables, index), float("-inf"))
+        _check_values(scores)
+    return plan.apply(scores, _positions(positions, scores, plan.length, check))
 
 
 def debias(scores: torch.Tensor, positions=None, *, stage: int = 0) -> torch.Tensor:
@@ -207,12 +255,10 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0) -> torch.Ten
     rec = active_recorder()
     if rec is not None:
         rec.append(stage, scores, positions)
-    if settings().mode == "off":
+    st = settings()
+    if st.mode == "off":
         return scores
-    st, ctxs, index, out = _prepare(scores, positions, "debias")
-    if st.positional:
-        out = out * _weight_table(st.trend, stage, ctxs[0].span_length, out.device, out.dtype)[index]
-    return _mask(st, ctxs, index, out)
+    return _apply(scores, positions, stage, st.positional, "debias")
 
 
 def mask_padding(scores: torch.Tensor, positions=None) -> torch.Tensor:
@@ -220,8 +266,7 @@ def mask_padding(scores: torch.Tensor, positions=None) -> torch.Tensor:
     not attention, e.g. TokenCarve's SVD information score. Same shapes and modes as ``debias``."""
     if not settings().suppress_padding:
         return scores
-    st, ctxs, index, out = _prepare(scores, positions, "mask_padding")
-    return _mask(st, ctxs, index, out)
+    return _apply(scores, positions, 0, False, "mask_padding")
 
 
 def keep_cap(k, *, sample: int | None = None) -> int:
