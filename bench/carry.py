@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WHEELS = {"437": ["transformers==4.37.2", "tokenizers==0.15.2", "huggingface-hub==0.23.5"],
-          "431": ["transformers==4.31.0", "huggingface-hub==0.23.5"]}
+WHEELS = {"437": ["transformers==4.37.2", "tokenizers==0.15.2", "huggingface-hub==0.23.5", "accelerate==0.21.0"],
+          "431": ["transformers==4.31.0", "huggingface-hub==0.23.5", "accelerate==0.21.0"]}
 FORK = "src/transformers/src/transformers"
 FORK_FILES = ["generation/utils.py", "models/llama/modeling_llama.py", "models/llama/configuration_llama.py"]
 TREES = {"LLaVA": ["llava"], "PyramidDrop": ["llava"], "SparseVLMs": ["llava"], "HiMAP": ["src/LLaVA/llava"],

@@ -130,18 +130,23 @@ def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int, dev
     out["host_syncs_in_debias_core"] = syncs or "n/a (no ranking site)"
 
     for new_tokens, key in ((1, "prefill_ms"), (decode + 1, f"prefill_decode{decode}_ms")):
+        # prefill also gets an A/A control ("off" twice, the second labelled "off_control"): its paired
+        # difference measures the harness's own bias, against which the off → full difference is read
+        arms = (*modes, "off_control") if key == "prefill_ms" and len(modes) > 1 else modes
+        n_reps = reps * 2 if key == "prefill_ms" else reps
         for _ in range(warmup):
-            for mode in modes:
-                generate(mode, new_tokens)
-        times = {m: [] for m in modes}
-        for _ in range(reps):
-            for mode in modes:  # interleaved, so drift hits both modes alike
-                times[mode].append(generate(mode, new_tokens) * 1e3)
-        for mode in modes:
-            t = sorted(times[mode])
-            out["modes"].setdefault(mode, {})[key] = {
+            for arm in arms:
+                generate(arm.replace("_control", ""), new_tokens)
+        times = {arm: [] for arm in arms}
+        for i in range(n_reps):
+            order = arms if i % 2 == 0 else arms[::-1]  # alternate the order: no arm always runs first
+            for arm in order:
+                times[arm].append(generate(arm.replace("_control", ""), new_tokens) * 1e3)
+        for arm in arms:
+            t = sorted(times[arm])
+            out["modes"].setdefault(arm, {})[key] = {
                 "median": statistics.median(t), "p10": t[max(0, len(t) // 10)], "p90": t[min(len(t) - 1, len(t) * 9 // 10)],
-                "n": len(t)}
+                "n": len(t), "runs": times[arm]}  # in rep order: full run i is paired with off run i
     for mode in modes:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -218,6 +223,8 @@ def worker(argv) -> int:
     import torch
     if a.job == "checkpoint":
         from bench.checkpoint import TINY, TINY_CLIP, build
+        from eval.methods import get_adapter
+        get_adapter("llava").activate()  # LLaVA's package (the tokenizer builder imports it)
         result = {"checkpoint": str(build(a.ckpt, device=a.device, **(dict(overrides=TINY, clip_overrides=TINY_CLIP)
                                                                        if a.tiny else {})))}
     elif a.job == "call":
@@ -265,6 +272,19 @@ def environments(methods, carry: Path | None, trees: Path | None = None) -> dict
     return out
 
 
+def paired_overhead(off: list, full: list, seed: int = 0) -> dict:
+    """Median of the paired differences full_i − off_i (adjacent runs, so slow drift cancels), as % of the
+    median off time, with a bootstrap 95 % interval over the pairs."""
+    import numpy as np
+
+    d = np.asarray(full) - np.asarray(off)
+    base = float(np.median(off))
+    rng = np.random.default_rng(seed)
+    boot = np.median(d[rng.integers(0, len(d), (4000, len(d)))], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"median_pct": 100 * float(np.median(d)) / base, "ci95_pct": [100 * lo / base, 100 * hi / base]}
+
+
 def summarise(results: dict) -> dict:
     """Overhead ratio (full − off)/off and speedup retention per method, against unpruned LLaVA."""
     ref = results.get("llava", {}).get("modes", {}).get("off", {})
@@ -281,6 +301,11 @@ def summarise(results: dict) -> dict:
             off, full = r["modes"]["off"][key]["median"], r["modes"]["full"][key]["median"]
             row[key] = {"off": off, "full": full, "overhead_pct": 100 * (full - off) / off,
                         "spread_pct": 100 * (r["modes"]["off"][key]["p90"] - r["modes"]["off"][key]["p10"]) / off}
+            if "runs" in r["modes"]["off"][key]:
+                row[key]["paired"] = paired_overhead(r["modes"]["off"][key]["runs"], r["modes"]["full"][key]["runs"])
+                control = r["modes"].get("off_control", {}).get(key)
+                if control:
+                    row[key]["control"] = paired_overhead(r["modes"]["off"][key]["runs"], control["runs"])
             if key in ref:
                 base = ref[key]["median"]
                 row[key]["speedup_off"], row[key]["speedup_full"] = base / off, base / full
@@ -301,32 +326,46 @@ def markdown(results: dict, summary: dict, meta: dict) -> str:
              f"(pad), prompt {PREFIX} + 576 + {SUFFIX} tokens; median of {meta['reps']} after {meta['warmup']} "
              f"warm-up runs, off/full interleaved. Overhead = (full − off)/off; spread = (p90 − p10)/median of off "
              f"(the run-to-run noise the overhead has to be read against).", "",
-             "| method | prefill off (ms) | prefill full (ms) | overhead | spread | speedup off → full | "
-             "prefill+decode off (ms) | full (ms) | overhead | peak GiB off/full | debias syncs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Paired = median of (full_i − off_i) over adjacent runs (order alternated every rep) ÷ median off, with a "
+             "bootstrap 95 % interval; A/A = the same for off vs off, i.e. what the harness reads when nothing "
+             "differs. Prefill: twice the reps.", "",
+             "| method | prefill off (ms) | prefill full (ms) | overhead (medians) | paired [95 % CI] | A/A [95 % CI] | spread | "
+             "speedup off → full | prefill+decode off (ms) | full (ms) | paired [95 % CI] | peak GiB off/full | "
+             "debias syncs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         r = results.get(m)
         if r is None:
             continue
         if "error" in r:
             lines.append(f"| {m} | not run: {r['error']} — {r.get('log_tail', '').splitlines()[-1] if r.get('log_tail') else ''} |"
-                         + " |" * 9)
+                         + " |" * 11)
             continue
         modes = r["modes"]
         dk = next(k for k in modes["off"] if k.startswith("prefill_decode"))
         if m == "llava":
             lines.append(f"| llava (unpruned reference) | {modes['off']['prefill_ms']['median']:.2f} | — | — | — | — | "
+                         f"{100 * (modes['off']['prefill_ms']['p90'] - modes['off']['prefill_ms']['p10']) / modes['off']['prefill_ms']['median']:.1f} % | — | "
                          f"{modes['off'][dk]['median']:.1f} | — | — | {modes['off']['peak_memory_gib']:.1f} | — |")
             continue
         s = summary.get(m, {})
         p, d = s.get("prefill_ms", {}), s.get(dk, {})
         sync = r.get("host_syncs_in_debias_core", {})
-        sync_text = "none" if all(v.get("ok") for v in sync.values()) else "SYNC: " + "; ".join(
-            v.get("error", "") for v in sync.values() if not v.get("ok"))
+        if not all(v.get("checked", True) for v in sync.values()):
+            sync_text = "not checked (CPU)"
+        elif all(v.get("ok") for v in sync.values()):
+            sync_text = "none"
+        else:
+            sync_text = "SYNC: " + "; ".join(v.get("error", "") for v in sync.values() if not v.get("ok"))
+
+        def paired(cell, which="paired"):
+            q = cell.get(which)
+            return f"{q['median_pct']:+.2f} % [{q['ci95_pct'][0]:+.2f}, {q['ci95_pct'][1]:+.2f}]" if q else "—"
         speed = (f"{p['speedup_off']:.2f}× → {p['speedup_full']:.2f}× ({p['speedup_kept_pct']:.1f} %)"
                  if "speedup_off" in p else "—")
-        lines.append(f"| {m} | {p['off']:.2f} | {p['full']:.2f} | {p['overhead_pct']:+.2f} % | {p['spread_pct']:.1f} % | "
-                     f"{speed} | {d['off']:.1f} | {d['full']:.1f} | {d['overhead_pct']:+.2f} % | "
+        lines.append(f"| {m} | {p['off']:.2f} | {p['full']:.2f} | {p['overhead_pct']:+.2f} % | {paired(p)} | "
+                     f"{paired(p, 'control')} | "
+                     f"{p['spread_pct']:.1f} % | {speed} | {d['off']:.1f} | {d['full']:.1f} | {paired(d)} | "
                      f"{modes['off']['peak_memory_gib']:.1f} / {modes['full']['peak_memory_gib']:.1f} | {sync_text} |")
     iso = {m: s["isolated_overhead_pct"] for m, s in summary.items() if "isolated_overhead_pct" in s}
     if iso:
