@@ -1,6 +1,10 @@
 """Shared fixtures. ``clean_debias`` is opt-in (``pytestmark = pytest.mark.usefixtures("clean_debias")``)."""
 import pytest
 
+# Shared checks in helper modules report failures as a test's own asserts do (pytest rewrites only test modules
+# and conftest files unless told); registered before any test module imports them.
+pytest.register_assert_rewrite("tests.support", "tests.baselines.eval_support")
+
 
 @pytest.fixture
 def clean_debias(monkeypatch):

@@ -13,9 +13,7 @@ debias_core. Prints one JSON line last.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -24,26 +22,11 @@ import torch
 from PIL import Image
 
 import debias_core
+from probe_support import train_tokenizer  # this folder: first on sys.path
 
 SPM_WORDS = ("a chat between curious human and an artificial intelligence assistant the gives helpful detailed "
              "polite answers to human's questions USER: ASSISTANT: what is color of image in on picture left right "
              "describe cat dog red blue yes no ? . , \n").split(" ")
-
-
-def _tokenizer(model_dir: Path):
-    """A real LlamaTokenizer on a tiny sentencepiece model trained here (no hub access)."""
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
-    rnd = random.Random(0)
-    corpus = [" ".join(rnd.choice(SPM_WORDS) for _ in range(16)) for _ in range(3000)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=160,
-                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   character_coverage=1.0, minloglevel=2)
-    (model_dir / "spm.model").write_bytes(buf.getvalue())
-    tok = LlamaTokenizer(vocab_file=str(model_dir / "spm.model"), legacy=True)
-    tok.save_pretrained(str(model_dir))
-    return tok
 
 
 def _prompt(question: str) -> str:
@@ -87,7 +70,7 @@ def init_one(model_dir: Path, spec: dict, tok_files: Path | None) -> dict:
                        image_mean=[0.48145466, 0.4578275, 0.40821073],
                        image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(str(clip_dir))
     if tok_files is None:
-        tok = _tokenizer(model_dir)
+        tok = train_tokenizer(model_dir, SPM_WORDS)
     else:
         from transformers import LlamaTokenizer
         tok = LlamaTokenizer(vocab_file=str(tok_files), legacy=True)

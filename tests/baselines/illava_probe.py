@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
+
+from probe_support import configure_debias, require_tree_module  # this folder: first on sys.path
 
 PREFIX, N_IMAGE, SUFFIX = 14, 729, 6  # qwen_1_5 system prefix; SigLIP-so400m/384 27×27 tokens; question
 GRID, RESOLUTION = 27, 378            # 27 patches of 14 px (SigLIP's conv covers 378 of the 384 px)
@@ -35,22 +35,12 @@ NEW_TOKENS = 4
 VOCAB = 128
 
 
-def configure_debias(mode: str, trend: str | None) -> None:
-    for key in [k for k in os.environ if k.startswith("DEBIAS")]:
-        del os.environ[key]  # an inherited DEBIAS_* must not change what this probe tests
-    os.environ["DEBIAS"] = mode
-    if trend:
-        os.environ["DEBIAS_TREND"] = trend
-
-
 def build_model():
     import torch
     import transformers
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tree = Path(os.environ["PYTHONPATH"].split(os.pathsep)[0]).resolve()
-    if tree not in Path(transformers.__file__).resolve().parents:
-        raise SystemExit(f"`transformers` was imported from {transformers.__file__}, not from the fork under test {tree}")
+    require_tree_module(transformers, "the fork under test")
 
     class Entry(Qwen2ForCausalLM):
         """LlavaQwenForCausalLM_training_free.forward's LLM call (llava_qwen_training_free.py L154-170)."""

@@ -22,28 +22,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
+
+from probe_support import configure_debias, require_tree_module  # this folder: first on sys.path
 
 LAYERS, K, R = 3, 2, 576 - 128  # the port's defaults: layer 2 (FastV's K), 128 visual tokens kept
 NEW_TOKENS = 4
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def configure_debias(mode: str, trend: str | None) -> None:
-    for key in [k for k in os.environ if k.startswith("DEBIAS")]:
-        del os.environ[key]  # an inherited DEBIAS_* must not change what this probe tests
-    os.environ["DEBIAS"] = mode
-    if trend:
-        os.environ["DEBIAS_TREND"] = trend
-
-
 def check_tree():
     import llava
-    tree = Path(os.environ["PYTHONPATH"].split(os.pathsep)[0]).resolve()
-    if tree not in Path(llava.__file__).resolve().parents:
-        raise SystemExit(f"`llava` was imported from {llava.__file__}, not from the tree under test {tree}")
+    require_tree_module(llava)
 
 
 def init(out: Path) -> dict:

@@ -20,21 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
+
+from probe_support import configure_debias, require_tree_module  # this folder: first on sys.path
 
 LAYER_LIST = [1, 2, 3]
 RATIOS = [0.32, 0.16, 0.08]           # the paper's schedule; eval scripts prepend 1.0
 PROMPT_PREFIX, PROMPT_SUFFIX = 35, 4  # vicuna_v1: 35 tokens before the image; 4 after
 NEW_TOKENS = 4
-
-
-def configure_debias(mode: str, trend: str | None) -> None:
-    for key in [k for k in os.environ if k.startswith("DEBIAS")]:
-        del os.environ[key]  # an inherited DEBIAS_* must not change what this probe tests
-    os.environ.update(DEBIAS=mode, DEBIAS_METHOD="pdrop")  # pdrop: the paper's pad threshold 0.01
-    if trend:
-        os.environ["DEBIAS_TREND"] = trend
 
 
 def build_model():
@@ -44,9 +36,7 @@ def build_model():
     from llava.model.language_model.llava_llama_pdrop import LlavaConfig, LlavaLlamaForCausalLM_PDrop
     from llava.model.multimodal_projector.builder import build_vision_projector
 
-    tree = Path(os.environ["PYTHONPATH"].split(os.pathsep)[0]).resolve()
-    if tree not in Path(llava.__file__).resolve().parents:
-        raise SystemExit(f"`llava` was imported from {llava.__file__}, not from the tree under test {tree}")
+    require_tree_module(llava)
 
     class StubTower(nn.Module):
         """images [B, 3, 336, 336] -> features [B, 576, 64] (a learned table, identical for every image)."""
@@ -98,7 +88,7 @@ def _int(position_ids) -> int:
 
 
 def run(args) -> dict:
-    configure_debias(args.debias, args.trend)
+    configure_debias(args.debias, args.trend, DEBIAS_METHOD="pdrop")  # pdrop: the paper's pad threshold 0.01
     import torch
     import debias_core
     from safetensors.torch import load_file

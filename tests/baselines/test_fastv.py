@@ -8,9 +8,6 @@ rank 128, K = 2, prefill + 3 decode steps. Elsewhere (CI's .venv-test, empty thi
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,36 +32,11 @@ def _require_env():
     support.require_module("debias_core", "the FastV patch imports debias_core")
 
 
-def _git(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=check)
-
-
 def _export(dest: Path, patched: bool) -> Path:
-    """TREE_PATHS of third_party/FastV at its pin (optionally with the series applied) in ``dest``.
-
-    Not support.pristine_tree: third_party/FastV is a sparse checkout whose two large blobs (an A-OKVQA
-    .arrow file and a demo GIF) are absent from the object store, so a whole-tree `git archive` fails.
-    Blobs missing from the store are excluded here (none of them is code).
-    """
-    sub, pin = support.THIRD_PARTY / NAME, support.pinned_sha(NAME)
-    listing = _git("-C", str(sub), "ls-tree", "-r", pin, "--", *TREE_PATHS).stdout.splitlines()
-    entries = [(line.split()[2], line.split("\t", 1)[1]) for line in listing]
-    check = subprocess.run(["git", "-C", str(sub), "cat-file", "--batch-check"], capture_output=True, text=True,
-                           input="".join(f"{sha}\n" for sha, _ in entries), check=True).stdout.splitlines()
-    missing = [path for (_, path), line in zip(entries, check) if line.endswith(" missing")]
-    dest.mkdir(parents=True)
-    tar = subprocess.run(["git", "-C", str(sub), "archive", "--format=tar", pin, "--", *TREE_PATHS,
-                          *(f":(exclude){p}" for p in missing)], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
-    if patched:
-        patches = support.patch_files(NAME)
-        if not patches:
-            pytest.fail(f"patches/{NAME}/ has no patch files")
-        for p in patches:
-            r = _git("apply", "--whitespace=nowarn", str(p), cwd=dest, check=False)
-            if r.returncode:
-                pytest.fail(f"{p.name} does not apply to {NAME} at its pin:\n{r.stderr}")
-    return dest
+    """TREE_PATHS of third_party/FastV at its pin (optionally with the series applied) in ``dest``; blobs absent
+    from the sparse submodule's store (an A-OKVQA .arrow file, a demo GIF: none of them code) are left out."""
+    export = support.patched_tree if patched else support.pristine_tree
+    return export(NAME, dest, paths=list(TREE_PATHS))
 
 
 def _pythonpath(tree: Path) -> list[Path]:
@@ -113,14 +85,6 @@ def runs(tmp_path_factory):
     return out
 
 
-def _padding(size) -> set:
-    import numpy as np
-
-    import debias_core
-    valid = debias_core.valid_mask(debias_core.pad_fractions(size), 0.5).reshape(-1)
-    return set(np.flatnonzero(~valid).tolist())
-
-
 def _ok(result: dict) -> dict:
     assert "error" not in result, result["error"]
     assert len(result["kept"]) == 1 + BASE["steps"], "expected a ranking at prefill and at every decode step"
@@ -131,13 +95,8 @@ def _ok(result: dict) -> dict:
 
 def test_series_applies_at_the_pin(tmp_path):
     _require_env()
-    patches = support.patch_files(NAME)
-    assert patches, f"patches/{NAME}/ has no 000N-*.patch files"
     tree = _export(tmp_path / "tree", patched=False)
-    for p in patches:
-        r = _git("apply", "--check", str(p), cwd=tree, check=False)
-        assert r.returncode == 0, f"{p.name} does not apply at the pin:\n{r.stderr}"
-        _git("apply", "--whitespace=nowarn", str(p), cwd=tree)
+    support.apply_series(NAME, tree)
     text = (tree / MODELING).read_text()
     assert text.count("debias_core.debias(last_layer_attention_avg_last_tok_image)") == 2   # both sites
     assert text.count(".topk(debias_core.keep_cap(ATTENTION_RANK))") == 2
@@ -147,47 +106,8 @@ def test_series_applies_at_the_pin(tmp_path):
 def test_apply_patches_script_applies_reapplies_and_reverses(tmp_path):
     """scripts/apply_patches.sh on a temp superproject whose third_party/FastV is a shared clone at the pin."""
     _require_env()
-    script = support.ROOT / "scripts" / "apply_patches.sh"
-    assert script.exists(), "scripts/apply_patches.sh is missing (it belongs to the foundation issue)"
-    sub, pin = support.THIRD_PARTY / NAME, support.pinned_sha(NAME)
-    root = tmp_path / "super"
-    shutil.copytree(support.ROOT / "scripts", root / "scripts")
-    shutil.copytree(support.PATCHES / NAME, root / "patches" / NAME)
-    ident = ["-c", "user.name=t", "-c", "user.email=t@localhost"]
-    _git("init", "-q", str(root))
-    _git("update-index", "--add", "--cacheinfo", f"160000,{pin},third_party/{NAME}", cwd=root)
-    _git(*ident, "commit", "-q", "-m", "pin", cwd=root)
-    clone = root / "third_party" / NAME
-    _git("clone", "-q", "--shared", "--no-checkout", str(sub), str(clone))
-    # Same sparse checkout as the submodule (its absent blobs cannot be checked out).
-    sparse = Path(_git("rev-parse", "--git-path", "info/sparse-checkout", cwd=sub).stdout.strip())
-    sparse = sparse if sparse.is_absolute() else sub / sparse
-    if sparse.exists():
-        (clone / ".git" / "info").mkdir(exist_ok=True)
-        shutil.copy(sparse, clone / ".git" / "info" / "sparse-checkout")
-        _git("config", "core.sparseCheckout", "true", cwd=clone)
-    _git("checkout", "-q", "--detach", pin, cwd=clone)
-
-    def script_run(*args):
-        r = subprocess.run(["bash", str(root / "scripts" / "apply_patches.sh"), *args, NAME], cwd=root,
-                           capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
-        return r.returncode, r.stdout + r.stderr
-
-    def status():
-        return _git("status", "--porcelain", cwd=clone, check=False).stdout.strip()
-
-    rc, out = script_run("--check")
-    assert rc == 0, out
-    rc, out = script_run()
-    assert rc == 0, out
-    assert "debias_core.keep_cap" in (clone / MODELING).read_text()
-    assert status() == f"M {MODELING}"
-    rc, out = script_run()
-    assert rc == 0 and "already applied" in out, out
-    rc, out = script_run("--reverse")
-    assert rc == 0, out
-    assert status() == "" and "debias_core" not in (clone / MODELING).read_text()
-    assert _git("rev-parse", "HEAD", cwd=clone).stdout.strip() == pin
+    support.check_apply_patches_roundtrip(NAME, tmp_path, contains={MODELING: "debias_core.keep_cap"},
+                                          files=[MODELING])
 
 
 # --- DEBIAS=off is upstream, bit for bit ---------------------------------------------------------------
@@ -213,7 +133,7 @@ def test_off_is_upstream_exactly_through_llava(runs):
 @pytest.mark.parametrize("debias", ["pad", "full"])
 @pytest.mark.parametrize("tag,size", [("narrow", NARROW), ("wide", WIDE)], ids=["narrow", "wide"])
 def test_no_padding_survives_and_cap(runs, mode, debias, tag, size):
-    padding = _padding(size)
+    padding = support.padding_positions(size)
     cap = min(RANK, SPAN - len(padding))
     off = _ok(runs["patched", "llama"][f"off-{mode}-{tag}"])
     assert any(set(k) & padding for k in off["kept"]), "the check is vacuous: upstream kept no padding here"
@@ -248,7 +168,7 @@ def test_llava_generate_with_cache_debiases_every_step(runs):
     inside debias_core.sample(image_size, span_start=<image token position>)."""
     res = _ok(runs["patched", "llava"]["env"])
     off = runs["patched", "llava"]["off"]
-    padding = _padding(NARROW)
+    padding = support.padding_positions(NARROW)
     assert res["span_start"] == 35
     pixels = set(res["pixel_padding"])
     assert pixels and pixels <= padding, "the geometry's padding does not cover the fill-colour patches"

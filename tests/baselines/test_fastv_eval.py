@@ -15,22 +15,22 @@ Runs in .venv-FastV when it can run LLaVA's loader (sentencepiece, accelerate); 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests import support
+from tests.baselines import eval_support as es
 
 pytestmark = pytest.mark.baseline
 
 NAME, METHOD = "FastV", "fastv"
 LAYERS, K, R, SPAN = 3, 2, 128, 576
 BENCHES = ("synthetic_wide", "synthetic_tall", "synthetic_square")
-NARROW = (1000, 101)                      # 2 rows of 24 patches are content: 48 valid tokens at τ = 0.5
-TEXT_ONLY_QID, NARROW_QID = 900, 901      # text-only first, so the image question after it checks the restore
+NARROW = es.NARROW                        # 48 valid tokens at τ = 0.5
+# added to synthetic_wide: text-only first, so the image question after it checks that the method comes back
+TEXT_ONLY_QID = es.TEXT_ONLY[0]["question_id"]
+EXTRA = [es.TEXT_ONLY[0], es.NARROW_QUESTION]
 MODES = {"off": "off", "full": "full-paper-fastv"}   # mode -> run folder
 
 
@@ -45,49 +45,14 @@ def _require_env():
                                        f"FastV eval path was not run", env=NAME)
 
 
-def _env(trees: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEBIAS")}
-    env.update(PYTHONPATH=str(support.ROOT), EVAL_THIRD_PARTY=str(trees), OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    return env
-
-
-def _run(args: list[str], trees: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=support.ROOT, env=_env(trees), capture_output=True,
-                          text=True, timeout=600)
-
-
-def _add_extra_questions(data: Path) -> None:
-    """A text-only question and one on a 1000×101 image, appended to synthetic_wide (loader format)."""
-    from PIL import Image, ImageDraw
-
-    root = data / "synthetic" / "wide"
-    img = Image.new("RGB", NARROW, (235, 232, 225))
-    ImageDraw.Draw(img).ellipse([450, 5, 540, 95], fill=(220, 40, 40))
-    img.save(root / "images" / "narrow.png")
-    suffix = "Answer the question using a single word or phrase."
-    with open(root / "llava_synthetic.jsonl", "a") as f:
-        f.write(json.dumps({"question_id": TEXT_ONLY_QID, "text": f"Is the sky blue?\n{suffix}",
-                            "category": "shape"}) + "\n")
-        f.write(json.dumps({"question_id": NARROW_QID, "image": "narrow.png",
-                            "text": f"Is there a red circle in the image?\n{suffix}", "category": "shape"}) + "\n")
+def _run(args: list[str], trees: Path):
+    return es.run_python(args, es.clean_env(trees=trees), timeout=600)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     _require_env()
-    from eval.synthetic import build_synthetic
-
-    tmp = tmp_path_factory.mktemp("fastv-eval")
-    trees = tmp / "trees"
-    support.patched_tree(NAME, trees / NAME)
-    r = _run(["-m", "eval.tiny_llava", str(tmp / "tiny-llava"), "--layers", str(LAYERS), "--method", METHOD], trees)
-    assert r.returncode == 0, r.stderr[-3000:]
-    model = Path(r.stdout.strip().splitlines()[-1])
-    build_synthetic(tmp / "data", images=2)
-    _add_extra_questions(tmp / "data")
-    from eval.tiny_llava import image_start
-    return {"tmp": tmp, "trees": trees, "model": model, "data": tmp / "data", "s0": image_start(model)}
+    return es.self_probe_setup(tmp_path_factory.mktemp("fastv-eval"), NAME, METHOD, LAYERS, EXTRA)
 
 
 def _driver_args(setup, answers: Path, *extra) -> list[str]:
@@ -99,42 +64,24 @@ def _driver_args(setup, answers: Path, *extra) -> list[str]:
 @pytest.fixture(scope="module")
 def run(setup):
     """The driver in modes off and full under the probe; returns the answers folder and the observations."""
-    answers, obs = setup["tmp"] / "answers", setup["tmp"] / "observed.json"
-    args = _driver_args(setup, answers, "--method-arg", f"fast_v_sys_length={setup['s0']}")
-    r = _run([__file__, "probe", str(obs), *args], setup["trees"])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return {"answers": answers / "tiny-llava", **json.loads(obs.read_text())}
-
-
-def _padding(size) -> set:
-    import numpy as np
-
-    import debias_core
-    valid = debias_core.valid_mask(debias_core.pad_fractions(tuple(size)), 0.5).reshape(-1)
-    return set(np.flatnonzero(~valid).tolist())
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    args = _driver_args(setup, setup["tmp"] / "answers", "--method-arg", f"fast_v_sys_length={setup['s0']}")
+    return es.run_self_probe(__file__, setup, args)
 
 
 # --- answers --------------------------------------------------------------------------------------------
 
 def test_answers_for_every_question_in_off_and_full(setup, run):
+    wide = []
     for bench in BENCHES:
         aspect = bench.split("_")[1]
-        qids = [q["question_id"] for q in _rows(setup["data"] / "synthetic" / aspect / "llava_synthetic.jsonl")]
+        qids = [q["question_id"] for q in es.rows(setup["data"] / "synthetic" / aspect / "llava_synthetic.jsonl")]
         for mode, folder in MODES.items():
-            rows = _rows(run["answers"] / bench / f"{METHOD}-{R}" / folder / "merge.jsonl")
-            assert [r["question_id"] for r in rows] == qids
-            for r in rows:
-                assert isinstance(r["text"], str) and r["model_id"] == "tiny-llava"
-                assert r["metadata"] == {"method": METHOD, "mode": mode, "budget": str(R),
-                                         "trend": None if mode == "off" else "paper:fastv", "preprocess": "pad"}
-            run_json = json.loads((run["answers"] / bench / f"{METHOD}-{R}" / folder / "run.json").read_text())
+            run_dir = run["answers"] / bench / f"{METHOD}-{R}" / folder
+            rows = es.assert_answers(run_dir, qids, "tiny-llava", METHOD, mode, str(R), "paper:fastv")
+            wide += [rows] if bench == "synthetic_wide" else []
+            run_json = json.loads((run_dir / "run.json").read_text())
             assert run_json["method_args"]["fast_v_agg_layer"] == K and run_json["budget"] == str(R)
-    wide = {m: _rows(run["answers"] / "synthetic_wide" / f"{METHOD}-{R}" / f / "merge.jsonl") for m, f in MODES.items()}
-    assert all(any(r["question_id"] == TEXT_ONLY_QID for r in rows) for rows in wide.values())
+    assert len(wide) == len(MODES) and all(any(r["question_id"] == TEXT_ONLY_QID for r in rows) for rows in wide)
 
 
 # --- the method really ran, with debias in full mode ----------------------------------------------------
@@ -157,7 +104,7 @@ def test_off_keeps_R_tokens_including_padding(run):
     events = _image_events(run, "off")
     assert events and all(len(e["kept"]) == R for e in events)
     narrow = [e for e in events if tuple(e["image_size"]) == NARROW]
-    assert narrow and all(set(e["kept"]) & _padding(NARROW) for e in narrow), \
+    assert narrow and all(set(e["kept"]) & support.padding_positions(NARROW) for e in narrow), \
         "off kept no padding on the 1000×101 image, so the full-mode check below would be vacuous"
 
 
@@ -165,30 +112,21 @@ def test_full_keeps_no_padding_and_caps_the_count(run):
     events = _image_events(run, "full")
     assert events and all(e["fastv_on"] for e in events)
     for e in events:
-        pad = _padding(e["image_size"])
+        pad = support.padding_positions(e["image_size"])
         assert not set(e["kept"]) & pad, f"full kept padding on {e['image_size']}"
         assert len(e["kept"]) == min(R, SPAN - len(pad))
     assert any(tuple(e["image_size"]) == NARROW and len(e["kept"]) == 48 for e in events)
 
 
 def test_text_only_questions_run_with_fastv_off_and_it_comes_back(run):
-    text = [e for e in run["events"] if e["image_size"] is None]
-    assert text and not any(e["fastv_on"] for e in text)
-    assert all(e["length"] < SPAN for e in text)
-    # every image forward (the narrow question comes right after the text-only one) ran FastV again
-    assert all(e["fastv_on"] for e in run["events"] if e["image_size"] is not None)
+    # every image forward (the narrow question comes right after the text-only one) ran the method again
+    es.assert_off_for_text_only(run["events"], "fastv_on", SPAN)
 
 
 # --- per eval module preprocessing ----------------------------------------------------------------------
 
 def test_preprocessing_follows_llava_1_1_3s_eval_modules():
-    """model_vqa_loader / model_vqa_mmbench pad (process_images); model_vqa / model_vqa_science centre-crop."""
-    from eval.methods import get_adapter
-
-    adapter = get_adapter(METHOD)
-    assert {m: adapter.preprocess_mode(m) for m in ("loader", "vqa", "science", "mmbench")} == \
-        {"loader": "pad", "vqa": "crop", "science": "crop", "mmbench": "pad"}
-    assert adapter.passes_image_sizes is False
+    es.assert_llava113_preprocessing(METHOD)
 
 
 # --- clear errors ---------------------------------------------------------------------------------------
@@ -255,6 +193,4 @@ def _probe(out_json: str, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] != "probe":
-        sys.exit(f"usage: {sys.argv[0]} probe OUT_JSON DRIVER_ARGS...")
-    sys.exit(_probe(sys.argv[2], sys.argv[3:]))
+    es.probe_main(_probe)

@@ -9,9 +9,6 @@ at layer 2 (K_i=2) of 3, with the official debias budgets R_t=115, R_i=90.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,13 +32,6 @@ def env():
     support.require_populated(NAME)
     support.require_transformers("4.31", NAME)
     pytest.importorskip("safetensors", reason="HiMAP probe saves weights with safetensors (a transformers dependency)")
-
-
-def _git(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    if check and r.returncode:
-        raise AssertionError(f"git {' '.join(args)} failed ({r.returncode}): {r.stderr}")
-    return r
 
 
 def _export(dest: Path, patched: bool) -> Path:
@@ -107,74 +97,16 @@ def _logits(result: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ the series
 
 def test_series_applies_at_pin_and_stays_small(env, tmp_path):
-    tree = _export(tmp_path / "tree", patched=False)
-    patches = support.patch_files(NAME)
-    assert [p.name[:4] for p in patches] == ["0001", "0002"]
-    for p in patches:
-        r = _git("apply", "--check", "--whitespace=nowarn", str(p), cwd=tree, check=False)
-        assert r.returncode == 0, f"{p.name}: {r.stderr}"
-        _git("apply", "--whitespace=nowarn", str(p), cwd=tree)
-    text = "".join(p.read_text() for p in patches)
-    assert text.count("\n") <= 120, "HiMAP series exceeds its 120-line budget"
-    added = [l[1:] for l in text.splitlines() if l.startswith("+") and not l.startswith("+++")]
+    patches = support.apply_series(NAME, _export(tmp_path / "tree", patched=False), ["0001", "0002"])
+    support.check_line_budget(NAME, 120)
+    added = [l[1:] for p in patches for l in p.read_text().splitlines()
+             if l.startswith("+") and not l.startswith("+++")]
     assert [l for l in added if "import" in l] == ["import debias_core"]
     assert not [l for l in added if "np.load" in l or "open(" in l or ".item()" in l or ".cpu()" in l]
 
 
-def _clone_like_submodule(src: Path, dest: Path, sha: str) -> None:
-    """`git clone --shared` of the submodule, checked out at the pin with the submodule's own sparse patterns
-    (a snapshot-populated submodule may lack unrelated blobs, which then must stay out of the work tree)."""
-    _git("clone", "-q", "--shared", "--no-checkout", str(src), str(dest))
-    sparse = Path(_git("rev-parse", "--git-path", "info/sparse-checkout", cwd=src).stdout.strip())
-    sparse = sparse if sparse.is_absolute() else src / sparse
-    if sparse.is_file():
-        _git("config", "core.sparseCheckout", "true", cwd=dest)
-        target = Path(_git("rev-parse", "--git-path", "info/sparse-checkout", cwd=dest).stdout.strip())
-        target = target if target.is_absolute() else dest / target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(sparse, target)
-    _git("checkout", "-q", sha, cwd=dest)
-
-
 def test_apply_patches_script_applies_reapplies_reverses(env, tmp_path):
-    script = support.ROOT / "scripts" / "apply_patches.sh"
-    assert script.exists(), "scripts/apply_patches.sh is missing (it belongs to the foundation issue)"
-    sha = support.pinned_sha(NAME)
-    root = tmp_path / "super"
-    shutil.copytree(support.ROOT / "scripts", root / "scripts")
-    shutil.copytree(support.PATCHES / NAME, root / "patches" / NAME)
-    _git("init", "-q", str(root))
-    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "root", cwd=root)
-    _git("update-index", "--add", "--cacheinfo", f"160000,{sha},third_party/{NAME}", cwd=root)
-    (root / ".gitmodules").write_text(f'[submodule "third_party/{NAME}"]\n\tpath = third_party/{NAME}\n'
-                                      f'\turl = https://github.com/ustc-hyin/HiMAP\n')
-    _git("add", ".gitmodules", cwd=root)
-    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "pin", cwd=root)
-    sub = root / "third_party" / NAME
-    _clone_like_submodule(support.THIRD_PARTY / NAME, sub, sha)
-    target = sub / LLAVA / "llava/model/language_model/himap.py"
-    pristine = target.read_text()
-    patched = (_export(tmp_path / "expected", patched=True) / LLAVA / "llava/model/language_model/himap.py").read_text()
-
-    def run(*args):
-        return subprocess.run(["bash", str(root / "scripts" / "apply_patches.sh"), *args, NAME],
-                              capture_output=True, text=True, cwd=root, env={**os.environ, "LC_ALL": "C"})
-
-    check = run("--check")
-    assert check.returncode == 0, check.stdout + check.stderr
-    assert target.read_text() == pristine
-    first = run()
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert target.read_text() == patched
-    again = run()
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "already applied" in (again.stdout + again.stderr).lower()
-    assert target.read_text() == patched
-    back = run("--reverse")
-    assert back.returncode == 0, back.stdout + back.stderr
-    assert target.read_text() == pristine
-    assert _git("rev-parse", "HEAD", cwd=sub).stdout.strip() == sha
-    assert _git("status", "--porcelain", cwd=sub).stdout.strip() == ""
+    support.check_apply_patches_roundtrip(NAME, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ DEBIAS=off

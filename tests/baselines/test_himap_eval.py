@@ -16,14 +16,12 @@ Runs in .venv-HiMAP (envs/cpu/HiMAP.txt); skips elsewhere, saying why.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests import support
+from tests.baselines import eval_support as es
 
 pytestmark = pytest.mark.baseline
 
@@ -32,8 +30,10 @@ LAYERS, K_T, R_T, K_I, R_I, SPAN = 9, 2, 115, 8, 90, 576
 BUDGET = f"{R_T}_{R_I}"
 TREND = "paper:himap/pope"                # the synthetic benchmarks are POPE-format yes/no questions
 BENCHES = ("synthetic_wide", "synthetic_tall", "synthetic_square")
-NARROW = (1000, 101)                      # 48 valid tokens at τ = 0.5
-TEXT_ONLY_QID, NARROW_QID = 900, 901      # text-only first, so the image question after it checks the restore
+NARROW = es.NARROW                        # 48 valid tokens at τ = 0.5
+# added to synthetic_wide: text-only first, so the image question after it checks that the method comes back
+TEXT_ONLY_QID = es.TEXT_ONLY[0]["question_id"]
+EXTRA = [es.TEXT_ONLY[0], es.NARROW_QUESTION]
 MODES = {"off": "off", "full": "full-paper-himap-pope"}
 
 
@@ -47,49 +47,14 @@ def _require_env():
                                        f"path was not run", env=NAME)
 
 
-def _env(trees: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEBIAS")}
-    env.update(PYTHONPATH=str(support.ROOT), EVAL_THIRD_PARTY=str(trees), OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    return env
-
-
-def _run(args: list[str], trees: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=support.ROOT, env=_env(trees), capture_output=True,
-                          text=True, timeout=600)
-
-
-def _add_extra_questions(data: Path) -> None:
-    """A text-only question and one on a 1000×101 image, appended to synthetic_wide (loader format)."""
-    from PIL import Image, ImageDraw
-
-    root = data / "synthetic" / "wide"
-    img = Image.new("RGB", NARROW, (235, 232, 225))
-    ImageDraw.Draw(img).ellipse([450, 5, 540, 95], fill=(220, 40, 40))
-    img.save(root / "images" / "narrow.png")
-    suffix = "Answer the question using a single word or phrase."
-    with open(root / "llava_synthetic.jsonl", "a") as f:
-        f.write(json.dumps({"question_id": TEXT_ONLY_QID, "text": f"Is the sky blue?\n{suffix}",
-                            "category": "shape"}) + "\n")
-        f.write(json.dumps({"question_id": NARROW_QID, "image": "narrow.png",
-                            "text": f"Is there a red circle in the image?\n{suffix}", "category": "shape"}) + "\n")
+def _run(args: list[str], trees: Path):
+    return es.run_python(args, es.clean_env(trees=trees), timeout=600)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     _require_env()
-    from eval.synthetic import build_synthetic
-
-    tmp = tmp_path_factory.mktemp("himap-eval")
-    trees = tmp / "trees"
-    support.patched_tree(NAME, trees / NAME)
-    r = _run(["-m", "eval.tiny_llava", str(tmp / "tiny-llava"), "--layers", str(LAYERS), "--method", METHOD], trees)
-    assert r.returncode == 0, r.stderr[-3000:]
-    model = Path(r.stdout.strip().splitlines()[-1])
-    build_synthetic(tmp / "data", images=2)
-    _add_extra_questions(tmp / "data")
-    from eval.tiny_llava import image_start
-    return {"tmp": tmp, "trees": trees, "model": model, "data": tmp / "data", "s0": image_start(model)}
+    return es.self_probe_setup(tmp_path_factory.mktemp("himap-eval"), NAME, METHOD, LAYERS, EXTRA)
 
 
 def _driver_args(setup, answers: Path, *extra) -> list[str]:
@@ -101,23 +66,8 @@ def _driver_args(setup, answers: Path, *extra) -> list[str]:
 @pytest.fixture(scope="module")
 def run(setup):
     """The driver in modes off and full under the probe; returns the answers folder and the observations."""
-    answers, obs = setup["tmp"] / "answers", setup["tmp"] / "observed.json"
-    args = _driver_args(setup, answers, "--method-arg", f"sys_length={setup['s0']}")
-    r = _run([__file__, "probe", str(obs), *args], setup["trees"])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return {"answers": answers / "tiny-llava", **json.loads(obs.read_text())}
-
-
-def _padding(size) -> set:
-    import numpy as np
-
-    import debias_core
-    valid = debias_core.valid_mask(debias_core.pad_fractions(tuple(size)), 0.5).reshape(-1)
-    return set(np.flatnonzero(~valid).tolist())
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    args = _driver_args(setup, setup["tmp"] / "answers", "--method-arg", f"sys_length={setup['s0']}")
+    return es.run_self_probe(__file__, setup, args)
 
 
 def _image_forwards(run, mode):
@@ -127,21 +77,18 @@ def _image_forwards(run, mode):
 # --- answers --------------------------------------------------------------------------------------------
 
 def test_answers_for_every_question_in_off_and_full(setup, run):
+    wide = []
     for bench in BENCHES:
         aspect = bench.split("_")[1]
-        qids = [q["question_id"] for q in _rows(setup["data"] / "synthetic" / aspect / "llava_synthetic.jsonl")]
+        qids = [q["question_id"] for q in es.rows(setup["data"] / "synthetic" / aspect / "llava_synthetic.jsonl")]
         for mode, folder in MODES.items():
-            rows = _rows(run["answers"] / bench / f"{METHOD}-{BUDGET}" / folder / "merge.jsonl")
-            assert [r["question_id"] for r in rows] == qids
-            for r in rows:
-                assert isinstance(r["text"], str) and r["model_id"] == "tiny-llava"
-                assert r["metadata"] == {"method": METHOD, "mode": mode, "budget": BUDGET,
-                                         "trend": None if mode == "off" else TREND, "preprocess": "pad"}
-            run_json = json.loads((run["answers"] / bench / f"{METHOD}-{BUDGET}" / folder / "run.json").read_text())
+            run_dir = run["answers"] / bench / f"{METHOD}-{BUDGET}" / folder
+            rows = es.assert_answers(run_dir, qids, "tiny-llava", METHOD, mode, BUDGET, TREND)
+            wide += [rows] if bench == "synthetic_wide" else []
+            run_json = json.loads((run_dir / "run.json").read_text())
             assert (run_json["method_args"]["hmap_v_attn_txt_layer"], run_json["method_args"]["hmap_v_attn_img_layer"]) \
                 == (K_T, K_I)
-    wide = [_rows(run["answers"] / "synthetic_wide" / f"{METHOD}-{BUDGET}" / f / "merge.jsonl") for f in MODES.values()]
-    assert all(any(r["question_id"] == TEXT_ONLY_QID for r in rows) for rows in wide)
+    assert len(wide) == len(MODES) and all(any(r["question_id"] == TEXT_ONLY_QID for r in rows) for rows in wide)
 
 
 # --- the method really ran, with debias in full mode ----------------------------------------------------
@@ -160,7 +107,7 @@ def test_off_keeps_the_paper_budgets_including_padding(run):
     forwards = _image_forwards(run, "off")
     assert forwards and all((len(f["stage1"]), len(f["stage2"])) == (R_T, R_I) for f in forwards)
     narrow = [f for f in forwards if tuple(f["image_size"]) == NARROW]
-    assert narrow and all(set(f["stage1"]) & _padding(NARROW) for f in narrow), \
+    assert narrow and all(set(f["stage1"]) & support.padding_positions(NARROW) for f in narrow), \
         "off kept no padding on the 1000×101 image, so the full-mode check below would be vacuous"
 
 
@@ -168,7 +115,7 @@ def test_full_keeps_no_padding_and_caps_both_stages(run):
     forwards = _image_forwards(run, "full")
     assert forwards and all(f["himap_on"] for f in forwards)
     for f in forwards:
-        pad = _padding(f["image_size"])
+        pad = support.padding_positions(f["image_size"])
         valid = SPAN - len(pad)
         assert not (set(f["stage1"]) | set(f["stage2"])) & pad, f"full kept padding on {f['image_size']}"
         assert (len(f["stage1"]), len(f["stage2"])) == (min(R_T, valid), min(R_I, valid))
@@ -176,22 +123,14 @@ def test_full_keeps_no_padding_and_caps_both_stages(run):
 
 
 def test_text_only_questions_run_with_himap_off_and_it_comes_back(run):
-    text = [f for f in run["forwards"] if f["image_size"] is None]
-    assert text and not any(f["himap_on"] for f in text)
-    assert all(f["length"] < SPAN for f in text)
-    assert all(f["himap_on"] for f in run["forwards"] if f["image_size"] is not None)
+    # every image forward (the narrow question comes right after the text-only one) ran the method again
+    es.assert_off_for_text_only(run["forwards"], "himap_on", SPAN)
 
 
 # --- per eval module preprocessing ----------------------------------------------------------------------
 
 def test_preprocessing_follows_llava_1_1_3s_eval_modules():
-    """model_vqa_loader / model_vqa_mmbench pad (process_images); model_vqa / model_vqa_science centre-crop."""
-    from eval.methods import get_adapter
-
-    adapter = get_adapter(METHOD)
-    assert {m: adapter.preprocess_mode(m) for m in ("loader", "vqa", "science", "mmbench")} == \
-        {"loader": "pad", "vqa": "crop", "science": "crop", "mmbench": "pad"}
-    assert adapter.passes_image_sizes is False
+    es.assert_llava113_preprocessing(METHOD)
 
 
 # --- clear errors ---------------------------------------------------------------------------------------
@@ -268,6 +207,4 @@ def _probe(out_json: str, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] != "probe":
-        sys.exit(f"usage: {sys.argv[0]} probe OUT_JSON DRIVER_ARGS...")
-    sys.exit(_probe(sys.argv[2], sys.argv[3:]))
+    es.probe_main(_probe)

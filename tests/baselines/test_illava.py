@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import py_compile
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,20 +32,7 @@ LMMS = Path("src/lmms_eval-0.2.4/lmms_eval/models/llava_onevision_training_free.
 PREFIX, N, KEEP, LAYERS = 14, 729, 0.7, 3
 R = round(N * (1 - KEEP))  # iLLaVA's merge count for keep ratio 0.7
 MAX_PATCH_LINES = 80
-
-
-def valid_positions(size, threshold=0.5, grid=27, resolution=378) -> set:
-    """Raster indices whose pad fraction is ≤ threshold (expand2square geometry, UPSTREAM.md §4.5),
-    written out here independently of debias_core."""
-    w, h = size
-    s, m = max(w, h), min(w, h)
-    lo = (s - m) // 2 * resolution / s
-    hi = lo + m * resolution / s
-    side = resolution / grid
-    cover = [max(0.0, min(side * (k + 1), hi) - max(side * k, lo)) / side for k in range(grid)]
-    rows = cover if w >= h else [1.0] * grid
-    cols = cover if h > w else [1.0] * grid
-    return {grid * r + c for r in range(grid) for c in range(grid) if 1 - rows[r] * cols[c] <= threshold + 1e-12}
+GRID, RESOLUTION = 27, 378  # pad geometry: 27 SigLIP patches of 14 px
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +83,7 @@ def assert_decode_on_original_positions(out):
 
 def test_series_applies_at_pin_with_git_apply_check(env, tmp_path):
     tree = support.pristine_tree(NAME, tmp_path / "tree")
-    patches = support.patch_files(NAME)
-    assert [p.name[:4] for p in patches] == ["0001", "0002"]
-    for p in patches:
-        check = subprocess.run(["git", "apply", "--check", str(p)], cwd=tree, capture_output=True, text=True)
-        assert check.returncode == 0, f"{p.name} does not apply at the pin: {check.stderr}"
-        subprocess.run(["git", "apply", str(p)], cwd=tree, check=True)
+    support.apply_series(NAME, tree, ["0001", "0002"])
     text = (tree / QWEN2).read_text()
     assert text.count("debias_core.debias(") == 2 and text.count("debias_core.keep_cap(") == 2  # both sites
     # the lmms-eval plumbing is not run here (it needs lmms-eval, accelerate, decord and LLaVA-OneVision's
@@ -113,49 +93,11 @@ def test_series_applies_at_pin_with_git_apply_check(env, tmp_path):
 
 
 def test_series_within_line_budget(env):
-    lines = sum(len(p.read_text().splitlines()) for p in support.patch_files(NAME))
-    assert lines <= MAX_PATCH_LINES, f"patches/{NAME} has {lines} lines; the budget is {MAX_PATCH_LINES}"
-
-
-def _git(*args, cwd):
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "advice.addEmbeddedRepo=false",
-                           *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+    support.check_line_budget(NAME, MAX_PATCH_LINES)
 
 
 def test_apply_patches_script_applies_reapplies_and_reverses(env, tmp_path):
-    script = support.ROOT / "scripts" / "apply_patches.sh"
-    if not script.exists():
-        pytest.skip("scripts/apply_patches.sh does not exist yet, so apply / re-apply / --reverse were not tested")
-    pin = support.pinned_sha(NAME)
-    root = tmp_path / "super"
-    shutil.copytree(support.ROOT / "scripts", root / "scripts")
-    shutil.copytree(support.PATCHES / NAME, root / "patches" / NAME)
-    sub = root / "third_party" / NAME
-    subprocess.run(["git", "clone", "-q", "--shared", "--no-checkout", str(support.THIRD_PARTY / NAME), str(sub)],
-                   check=True)
-    _git("checkout", "-q", pin, cwd=sub)
-    (root / ".gitmodules").write_text(f'[submodule "third_party/{NAME}"]\n\tpath = third_party/{NAME}\n'
-                                      f"\turl = {support.THIRD_PARTY / NAME}\n")
-    _git("init", "-q", cwd=root)
-    _git("add", ".gitmodules", "scripts", "patches", f"third_party/{NAME}", cwd=root)
-    _git("commit", "-q", "-m", "layout", cwd=root)
-    expected_tree = support.patched_tree(NAME, tmp_path / "expected")
-    targets = [QWEN2, LMMS]
-
-    def script_run(*args):
-        r = subprocess.run(["bash", "scripts/apply_patches.sh", *args, NAME], cwd=root, capture_output=True, text=True)
-        assert r.returncode == 0, f"apply_patches.sh {' '.join(args)} {NAME} failed ({r.returncode}): {r.stdout}{r.stderr}"
-        return r.stdout + r.stderr
-
-    script_run("--check")
-    script_run()
-    assert all((sub / t).read_bytes() == (expected_tree / t).read_bytes() for t in targets)
-    again = script_run()
-    assert "already applied" in again.lower(), f"re-apply did not report 'already applied': {again}"
-    assert all((sub / t).read_bytes() == (expected_tree / t).read_bytes() for t in targets)
-    script_run("--reverse")
-    assert _git("status", "--short", cwd=sub) == ""
-    assert _git("rev-parse", "HEAD", cwd=sub) == pin
+    support.check_apply_patches_roundtrip(NAME, tmp_path)
 
 
 # -- the model ----------------------------------------------------------------------------------------------
@@ -184,7 +126,7 @@ def test_off_without_a_sample_context_is_upstream(probe):
 @pytest.mark.parametrize("mode", ["pad", "full"])
 @pytest.mark.parametrize("size, n_valid", [((640, 200), 243), ((200, 1000), 135)])
 def test_padding_is_never_kept_and_the_count_is_capped(probe, mode, size, n_valid, flags):
-    valid = valid_positions(size)
+    valid = support.valid_positions(size, 0.5, GRID, RESOLUTION)
     assert len(valid) == n_valid
     assert n_valid < N - R, "the cap must bite for this image size"
     out = probe("patched", mode, size, *flags)

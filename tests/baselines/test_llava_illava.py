@@ -14,9 +14,6 @@ PYTHONPATH shadows the installed llava-torch in the probe's interpreter.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,20 +29,6 @@ PORT = Path("llava/model/language_model/illava_llama.py")
 N, KEEP, LAYERS = 576, 128, 3
 TREND = "paper:fastv"  # at K = 2 the port ranks by FastV's K = 2 score (last token, layer 1, head mean)
 MAX_PATCH_LINES = 170
-
-
-def valid_positions(size, threshold=0.5, grid=24, resolution=336) -> set:
-    """Raster indices whose pad fraction is ≤ threshold (expand2square geometry, UPSTREAM.md §4.5),
-    written out here independently of debias_core."""
-    w, h = size
-    s, m = max(w, h), min(w, h)
-    lo = (s - m) // 2 * resolution / s
-    hi = lo + m * resolution / s
-    side = resolution / grid
-    cover = [max(0.0, min(side * (k + 1), hi) - max(side * k, lo)) / side for k in range(grid)]
-    rows = cover if w >= h else [1.0] * grid
-    cols = cover if h > w else [1.0] * grid
-    return {grid * r + c for r in range(grid) for c in range(grid) if 1 - rows[r] * cols[c] <= threshold + 1e-12}
 
 
 @pytest.fixture(scope="module")
@@ -97,65 +80,18 @@ def assert_pruned_decoding(out, kept):
 
 def test_series_applies_at_pin_with_git_apply_check(env, tmp_path):
     tree = support.pristine_tree(NAME, tmp_path / "tree")
-    patches = support.patch_files(NAME)
-    assert [p.name[:4] for p in patches] == ["0001", "0002"]
-    for p in patches:
-        check = subprocess.run(["git", "apply", "--check", str(p)], cwd=tree, capture_output=True, text=True)
-        assert check.returncode == 0, f"{p.name} does not apply at the pin: {check.stderr}"
-        subprocess.run(["git", "apply", str(p)], cwd=tree, check=True)
+    support.apply_series(NAME, tree, ["0001", "0002"])
     text = (tree / PORT).read_text()
     assert text.count("debias_core.debias(") == 1 and text.count("debias_core.keep_cap(") == 1
 
 
 def test_series_within_line_budget(env):
-    lines = sum(len(p.read_text().splitlines()) for p in support.patch_files(NAME))
-    assert lines <= MAX_PATCH_LINES, f"patches/{NAME} has {lines} lines; the budget is {MAX_PATCH_LINES}"
-
-
-def _git(*args, cwd):
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    support.check_line_budget(NAME, MAX_PATCH_LINES)
 
 
 def test_apply_patches_script_applies_reapplies_and_reverses(env, tmp_path):
     """scripts/apply_patches.sh on a temp superproject whose third_party/LLaVA is a shared clone at the pin."""
-    script = support.ROOT / "scripts" / "apply_patches.sh"
-    if not script.exists():
-        pytest.skip("scripts/apply_patches.sh does not exist yet, so apply / re-apply / --reverse were not tested")
-    sub, pin = support.THIRD_PARTY / NAME, support.pinned_sha(NAME)
-    root = tmp_path / "super"
-    shutil.copytree(support.ROOT / "scripts", root / "scripts")
-    shutil.copytree(support.PATCHES / NAME, root / "patches" / NAME)
-    _git("init", "-q", str(root), cwd=tmp_path)
-    _git("update-index", "--add", "--cacheinfo", f"160000,{pin},third_party/{NAME}", cwd=root)
-    _git("commit", "-q", "-m", "pin", cwd=root)
-    clone = root / "third_party" / NAME
-    _git("clone", "-q", "--shared", "--no-checkout", str(sub), str(clone), cwd=tmp_path)
-    # the submodule's sparse checkout (a demo GIF's blob is absent from the store and cannot be checked out)
-    sparse = Path(_git("rev-parse", "--git-path", "info/sparse-checkout", cwd=sub))
-    sparse = sparse if sparse.is_absolute() else sub / sparse
-    if sparse.exists():
-        (clone / ".git" / "info").mkdir(exist_ok=True)
-        shutil.copy(sparse, clone / ".git" / "info" / "sparse-checkout")
-        _git("config", "core.sparseCheckout", "true", cwd=clone)
-    _git("checkout", "-q", "--detach", pin, cwd=clone)
-    expected = (support.patched_tree(NAME, tmp_path / "expected") / PORT).read_bytes()
-
-    def script_run(*args):
-        r = subprocess.run(["bash", "scripts/apply_patches.sh", *args, NAME], cwd=root, capture_output=True,
-                           text=True, env={**os.environ, "LC_ALL": "C"})
-        assert r.returncode == 0, f"apply_patches.sh {' '.join(args)} {NAME} failed ({r.returncode}): {r.stdout}{r.stderr}"
-        return r.stdout + r.stderr
-
-    script_run("--check")
-    script_run()
-    assert (clone / PORT).read_bytes() == expected
-    again = script_run()
-    assert "already applied" in again.lower(), f"re-apply did not report 'already applied': {again}"
-    script_run("--reverse")
-    assert not (clone / PORT).exists()
-    assert subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout == ""
-    assert _git("rev-parse", "HEAD", cwd=clone) == pin
+    support.check_apply_patches_roundtrip(NAME, tmp_path)
 
 
 # -- the model ----------------------------------------------------------------------------------------------
@@ -237,7 +173,7 @@ def test_enabled_port_ranks_the_same_with_sdpa_and_without_cache(probe):
 @pytest.mark.parametrize("mode", ["pad", "full"])
 @pytest.mark.parametrize("size, n_valid", [((640, 200), 192), ((200, 1000), 96), ((1000, 101), 48)])
 def test_padding_is_never_kept_and_the_count_is_capped(probe, mode, size, n_valid):
-    valid = valid_positions(size)
+    valid = support.valid_positions(size, 0.5)
     assert len(valid) == n_valid
     out = probe("patched", "--illava", debias=mode, size=size)
     kept = min(KEEP, n_valid)

@@ -11,8 +11,6 @@ pad threshold 0.01 (DEBIAS_METHOD=pdrop). Environment: .venv-PyramidDrop (or any
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,20 +26,7 @@ RATIOS = [0.32, 0.16, 0.08]
 TEXT_TOKENS = 35 + 4
 TREND = "paper:pdrop/gqa"
 MAX_PATCH_LINES = 120
-
-
-def valid_positions(size, threshold=0.01, grid=24, resolution=336) -> set:
-    """Raster indices whose pad fraction is ≤ threshold, from LLaVA-1.5's expand2square geometry
-    (UPSTREAM.md §4.5), written out here independently of debias_core."""
-    w, h = size
-    s, m = max(w, h), min(w, h)
-    lo = (s - m) // 2 * resolution / s
-    hi = lo + m * resolution / s
-    side = resolution / grid
-    cover = [max(0.0, min(side * (k + 1), hi) - max(side * k, lo)) / side for k in range(grid)]
-    rows = cover if w >= h else [1.0] * grid
-    cols = cover if h > w else [1.0] * grid
-    return {grid * r + c for r in range(grid) for c in range(grid) if 1 - rows[r] * cols[c] <= threshold + 1e-12}
+THRESHOLD = 0.01               # DEBIAS_METHOD=pdrop: the paper's pad threshold
 
 
 @pytest.fixture(scope="module")
@@ -90,59 +75,17 @@ def assert_decode_consistent(out):
 
 def test_series_applies_at_pin_with_git_apply_check(env, tmp_path):
     tree = support.pristine_tree(NAME, tmp_path / "tree")
-    patches = support.patch_files(NAME)
-    assert [p.name[:4] for p in patches] == ["0001", "0002", "0003"]
-    for p in patches:
-        check = subprocess.run(["git", "apply", "--check", str(p)], cwd=tree, capture_output=True, text=True)
-        assert check.returncode == 0, f"{p.name} does not apply at the pin: {check.stderr}"
-        subprocess.run(["git", "apply", str(p)], cwd=tree, check=True)
+    support.apply_series(NAME, tree, ["0001", "0002", "0003"])
     text = (tree / "llava/model/modeling_llama_pdrop.py").read_text()
     assert text.count("debias_core.debias(") == 1 and text.count("debias_core.keep_cap(") == 1
 
 
 def test_series_within_line_budget(env):
-    lines = sum(len(p.read_text().splitlines()) for p in support.patch_files(NAME))
-    assert lines <= MAX_PATCH_LINES, f"patches/{NAME} has {lines} lines; the budget is {MAX_PATCH_LINES}"
-
-
-def _git(*args, cwd):
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "advice.addEmbeddedRepo=false",
-                           *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+    support.check_line_budget(NAME, MAX_PATCH_LINES)
 
 
 def test_apply_patches_script_applies_reapplies_and_reverses(env, tmp_path):
-    script = support.ROOT / "scripts" / "apply_patches.sh"
-    if not script.exists():
-        pytest.skip("scripts/apply_patches.sh does not exist yet, so apply / re-apply / --reverse were not tested")
-    pin = support.pinned_sha(NAME)
-    root = tmp_path / "super"
-    shutil.copytree(support.ROOT / "scripts", root / "scripts")
-    shutil.copytree(support.PATCHES / NAME, root / "patches" / NAME)
-    sub = root / "third_party" / NAME
-    subprocess.run(["git", "clone", "-q", "--shared", str(support.THIRD_PARTY / NAME), str(sub)], check=True)
-    _git("checkout", "-q", pin, cwd=sub)
-    (root / ".gitmodules").write_text(f'[submodule "third_party/{NAME}"]\n\tpath = third_party/{NAME}\n'
-                                      f"\turl = {support.THIRD_PARTY / NAME}\n")
-    _git("init", "-q", cwd=root)
-    _git("add", ".gitmodules", "scripts", "patches", f"third_party/{NAME}", cwd=root)
-    _git("commit", "-q", "-m", "layout", cwd=root)
-    expected = (support.patched_tree(NAME, tmp_path / "expected") / "llava/model/modeling_llama_pdrop.py").read_bytes()
-    target = sub / "llava/model/modeling_llama_pdrop.py"
-
-    def script_run(*args):
-        r = subprocess.run(["bash", "scripts/apply_patches.sh", *args, NAME], cwd=root, capture_output=True, text=True)
-        assert r.returncode == 0, f"apply_patches.sh {' '.join(args)} {NAME} failed ({r.returncode}): {r.stdout}{r.stderr}"
-        return r.stdout + r.stderr
-
-    script_run("--check")
-    script_run()
-    assert target.read_bytes() == expected
-    again = script_run()
-    assert "already applied" in again.lower(), f"re-apply did not report 'already applied': {again}"
-    assert target.read_bytes() == expected
-    script_run("--reverse")
-    assert _git("status", "--short", cwd=sub) == ""
-    assert _git("rev-parse", "HEAD", cwd=sub) == pin
+    support.check_apply_patches_roundtrip(NAME, tmp_path)
 
 
 # -- the model ----------------------------------------------------------------------------------------------
@@ -163,7 +106,7 @@ def test_off_is_bit_identical_to_upstream(probe, size):
 @pytest.mark.parametrize("mode", ["pad", "full"])
 @pytest.mark.parametrize("size, n_valid", [((640, 200), 144), ((1000, 101), 48)])
 def test_padding_never_survives_and_counts_stay_consistent(probe, mode, size, n_valid):
-    valid = valid_positions(size)
+    valid = support.valid_positions(size, THRESHOLD)
     assert len(valid) == n_valid  # UPSTREAM.md §4.5 table, τ = 0.01
     out = probe("patched", mode, size)
     expected_k = [min(int(576 * r), n_valid) for r in RATIOS]
@@ -196,7 +139,7 @@ def test_generate_entry_full_mode_on_a_square_image(probe):
     """LlavaLlamaForCausalLM_PDrop.generate end to end with DEBIAS=full and no padding: the counts are
     upstream's, the positional weight pulls the kept set earlier than upstream's, and decoding runs."""
     size = (500, 500)
-    assert len(valid_positions(size)) == 576
+    assert len(support.valid_positions(size, THRESHOLD)) == 576
     upstream, ours = probe("pristine", "off", size), probe("patched", "full", size)
     assert ours["k"] == upstream["k"] == [int(576 * r) for r in RATIOS]
     assert ours["prefill"] == upstream["prefill"]

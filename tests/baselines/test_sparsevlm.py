@@ -8,9 +8,6 @@ the eval scripts use, with the pristine or patched tree first on PYTHONPATH. Env
 """
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -107,63 +104,17 @@ def check_tracking(run: dict) -> None:
 
 def test_series_applies_at_pin_and_fits_budget(tmp_path):
     support.require_populated(NAME)
-    patches = support.patch_files(NAME)
-    assert patches, f"patches/{NAME}/ has no patch files"
     tree = support.pristine_tree(NAME, tmp_path / "tree")
-    for p in patches:
-        check = subprocess.run(["git", "apply", "--check", str(p)], cwd=tree, capture_output=True, text=True)
-        assert check.returncode == 0, f"{p.name} does not apply at the pin:\n{check.stderr}"
-        subprocess.run(["git", "apply", str(p)], cwd=tree, check=True)
+    for p in support.apply_series(NAME, tree):
         text = p.read_text()
         assert "From: debias maintainers <debias@localhost>" in text and "\nSubject: " in text
-    lines = sum(len(p.read_text().splitlines()) for p in patches)
-    assert lines <= PATCH_BUDGET, f"patches/{NAME} has {lines} lines, budget {PATCH_BUDGET}"
+    support.check_line_budget(NAME, PATCH_BUDGET)
     for rel in ("llava/model/language_model/score.py", "llava/model/language_model/modelling_sparse_llama.py"):
         assert "debias_core." in (tree / rel).read_text(), rel
 
 
-def _git(cwd, *args):
-    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@localhost")
-    r = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, f"git {' '.join(args)}: {r.stderr}"
-    return r.stdout
-
-
 def test_apply_patches_script_applies_reapplies_and_reverses(tmp_path):
-    src = support.require_populated(NAME)
-    script = support.ROOT / "scripts" / "apply_patches.sh"
-    if not script.exists():
-        pytest.fail("scripts/apply_patches.sh is missing, so applying/reversing the SparseVLMs series was not tested")
-    pin = support.pinned_sha(NAME)
-    sup = tmp_path / "super"
-    shutil.copytree(support.ROOT / "scripts", sup / "scripts")
-    shutil.copytree(support.PATCHES / NAME, sup / "patches" / NAME)
-    _git(tmp_path, "init", "-q", str(sup))
-    sub = sup / "third_party" / NAME
-    _git(tmp_path, "clone", "-q", "--shared", str(src), str(sub))
-    _git(sub, "checkout", "-q", "--detach", pin)
-    (sup / ".gitmodules").write_text(f'[submodule "third_party/{NAME}"]\n\tpath = third_party/{NAME}\n'
-                                     f"\turl = https://github.com/Gumpest/SparseVLMs\n")
-    _git(sup, "update-index", "--add", "--cacheinfo", f"160000,{pin},third_party/{NAME}")
-    _git(sup, "add", ".gitmodules", "scripts", "patches")
-    _git(sup, "commit", "-q", "-m", "layout")
-
-    def run(*args):
-        return subprocess.run(["bash", str(sup / "scripts" / "apply_patches.sh"), *args, NAME],
-                              capture_output=True, text=True)
-
-    first = run()
-    assert first.returncode == 0, first.stdout + first.stderr
-    expected = support.patched_tree(NAME, tmp_path / "expected")
-    for rel in ("llava/model/language_model/score.py", "llava/model/language_model/modelling_sparse_llama.py"):
-        assert (sub / rel).read_bytes() == (expected / rel).read_bytes(), rel
-    again = run()
-    assert again.returncode == 0 and "already applied" in (again.stdout + again.stderr).lower()
-    back = run("--reverse")
-    assert back.returncode == 0, back.stdout + back.stderr
-    assert _git(sub, "status", "--short") == ""
-    assert _git(sub, "rev-parse", "HEAD").strip() == pin
+    support.check_apply_patches_roundtrip(NAME, tmp_path)
 
 
 # --- the model ----------------------------------------------------------------------------------------------

@@ -17,8 +17,6 @@ transformers 4.37); the LLaVA tests also need third_party/LLaVA populated.
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,20 +32,7 @@ MODELING = "TokenCarve/modeling_llama.py"
 S0, IMAGE, TEXT, NEW_TOKENS = 35, 576, 20, 4
 TREND = "paper:tokencarve/gqa"
 MAX_PATCH_LINES = 120
-
-
-def valid_positions(size, threshold=0.5, grid=24, resolution=336) -> set:
-    """Raster indices whose pad fraction is <= threshold, from LLaVA-1.5's expand2square geometry
-    (UPSTREAM.md §4.5), written out here independently of debias_core."""
-    w, h = size
-    s, m = max(w, h), min(w, h)
-    lo = (s - m) // 2 * resolution / s
-    hi = lo + m * resolution / s
-    side = resolution / grid
-    cover = [max(0.0, min(side * (k + 1), hi) - max(side * k, lo)) / side for k in range(grid)]
-    rows = cover if w >= h else [1.0] * grid
-    cols = cover if h > w else [1.0] * grid
-    return {grid * r + c for r in range(grid) for c in range(grid) if 1 - rows[r] * cols[c] <= threshold + 1e-12}
+THRESHOLD = 0.5                # DEBIAS_METHOD=tokencarve
 
 
 def counts(nums, n_valid):
@@ -76,14 +61,9 @@ def trees(env, tmp_path_factory):
 @pytest.fixture(scope="module")
 def llava_tree(env, tmp_path_factory):
     """Upstream LLaVA's `llava` package at its pin (TokenCarve runs on it), exported to a temp folder."""
-    src = support.require_populated("LLaVA")
+    support.require_populated("LLaVA")
     support.require_module("PIL", "the LLaVA entry preprocesses a padded image with Pillow")
-    dest = tmp_path_factory.mktemp("llava")
-    # Only llava/: a populated checkout may lack blobs outside it (e.g. images/*.gif), which `git archive` needs.
-    archive = subprocess.run(["git", "-C", str(src), "archive", "--format=tar", support.pinned_sha("LLaVA"), "llava"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
+    return support.pristine_tree("LLaVA", tmp_path_factory.mktemp("llava"), paths=["llava"])
 
 
 @pytest.fixture(scope="module")
@@ -133,60 +113,18 @@ def assert_consistent(out, final):
 
 def test_series_applies_at_pin_with_git_apply_check(env, tmp_path):
     tree = support.pristine_tree(NAME, tmp_path / "tree")
-    patches = support.patch_files(NAME)
-    assert [p.name[:4] for p in patches] == ["0001"]
-    for p in patches:
-        check = subprocess.run(["git", "apply", "--check", str(p)], cwd=tree, capture_output=True, text=True)
-        assert check.returncode == 0, f"{p.name} does not apply at the pin: {check.stderr}"
-        subprocess.run(["git", "apply", str(p)], cwd=tree, check=True)
+    support.apply_series(NAME, tree, ["0001"])
     text = (tree / MODELING).read_text()
     assert text.count("debias_core.debias(") == 1 and text.count("debias_core.keep_cap(") == 1
     assert text.count("debias_core.mask_padding(") == 2
 
 
 def test_series_within_line_budget(env):
-    lines = sum(len(p.read_text().splitlines()) for p in support.patch_files(NAME))
-    assert lines <= MAX_PATCH_LINES, f"patches/{NAME} has {lines} lines; the budget is {MAX_PATCH_LINES}"
-
-
-def _git(*args, cwd):
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "advice.addEmbeddedRepo=false",
-                           *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+    support.check_line_budget(NAME, MAX_PATCH_LINES)
 
 
 def test_apply_patches_script_applies_reapplies_and_reverses(env, tmp_path):
-    script = support.ROOT / "scripts" / "apply_patches.sh"
-    if not script.exists():
-        pytest.skip("scripts/apply_patches.sh does not exist yet, so apply / re-apply / --reverse were not tested")
-    pin = support.pinned_sha(NAME)
-    root = tmp_path / "super"
-    shutil.copytree(support.ROOT / "scripts", root / "scripts")
-    shutil.copytree(support.PATCHES / NAME, root / "patches" / NAME)
-    sub = root / "third_party" / NAME
-    subprocess.run(["git", "clone", "-q", "--shared", str(support.THIRD_PARTY / NAME), str(sub)], check=True)
-    _git("checkout", "-q", pin, cwd=sub)
-    (root / ".gitmodules").write_text(f'[submodule "third_party/{NAME}"]\n\tpath = third_party/{NAME}\n'
-                                      f"\turl = {support.THIRD_PARTY / NAME}\n")
-    _git("init", "-q", cwd=root)
-    _git("add", ".gitmodules", "scripts", "patches", f"third_party/{NAME}", cwd=root)
-    _git("commit", "-q", "-m", "layout", cwd=root)
-    expected = (support.patched_tree(NAME, tmp_path / "expected") / MODELING).read_bytes()
-    target = sub / MODELING
-
-    def script_run(*args):
-        r = subprocess.run(["bash", "scripts/apply_patches.sh", *args, NAME], cwd=root, capture_output=True, text=True)
-        assert r.returncode == 0, f"apply_patches.sh {' '.join(args)} {NAME} failed ({r.returncode}): {r.stdout}{r.stderr}"
-        return r.stdout + r.stderr
-
-    script_run("--check")
-    script_run()
-    assert target.read_bytes() == expected
-    again = script_run()
-    assert "already applied" in again.lower(), f"re-apply did not report 'already applied': {again}"
-    assert target.read_bytes() == expected
-    script_run("--reverse")
-    assert _git("status", "--short", cwd=sub) == ""
-    assert _git("rev-parse", "HEAD", cwd=sub) == pin
+    support.check_apply_patches_roundtrip(NAME, tmp_path)
 
 
 # -- the model ----------------------------------------------------------------------------------------------
@@ -204,7 +142,8 @@ def test_off_is_bit_identical_to_upstream(probe, entry, request):
     assert ours["tokens"] == upstream["tokens"]
     assert torch.equal(torch.tensor(ours["logits"], dtype=torch.float32),
                        torch.tensor(upstream["logits"], dtype=torch.float32))
-    assert len(kept_visual(ours)) == 64 > len(valid_positions(size)), "upstream's count is not capped"
+    assert len(kept_visual(ours)) == 64 > len(support.valid_positions(size, THRESHOLD)), \
+        "upstream's count is not capped"
     assert_consistent(ours, 64)
 
 
@@ -216,7 +155,7 @@ def test_off_is_bit_identical_to_upstream(probe, entry, request):
     ((640, 200), 64, 192),    # no cap:                       R = 96, final 64
 ])
 def test_padding_never_survives_and_counts_stay_consistent(probe, mode, size, nums, n_valid):
-    valid = valid_positions(size)
+    valid = support.valid_positions(size, THRESHOLD)
     assert len(valid) == n_valid  # UPSTREAM.md §4.5 table, τ = 0.5
     out = probe("patched", mode, size, nums=nums)
     r, final = counts(nums, n_valid)
@@ -236,7 +175,7 @@ def test_padding_never_survives_and_counts_stay_consistent(probe, mode, size, nu
 def test_single_score_modes_never_keep_padding(probe, sv_av_mode, ranking):
     """TokenCarve's SV-only (1) and AV-only (2) modes select from that score's top-R directly."""
     size = (1000, 101)
-    valid = valid_positions(size)
+    valid = support.valid_positions(size, THRESHOLD)
     out = probe("patched", "full", size, sv_av_mode=sv_av_mode)
     r, final = counts(64, len(valid))
     top = out["topk"][ranking]["indices"]
@@ -252,7 +191,7 @@ def test_fused_score_masks_padding_for_any_sv_av_weight(probe, weight):
     loader accepts any float) padding outranks content unless the fused score itself is masked. Padding in
     the fused top-R would be merged (averaged) into kept tokens even when it is not kept itself."""
     size = (1000, 101)
-    valid = valid_positions(size)
+    valid = support.valid_positions(size, THRESHOLD)
     out = probe("patched", "full", size, sv_av_weight=weight)
     r, final = counts(64, len(valid))
     assert out["topk"][2]["k"] == r and not sorted(set(out["topk"][2]["indices"]) - valid)
@@ -289,7 +228,7 @@ def test_llava_generate_entry_full_mode(probe, llava_tree, size):
     random-noise image: the kept tokens are content in the processed pixels themselves."""
     out = probe("patched", "full", size, llava_tree)
     pixel_pad = out["pixel_pad"]
-    valid = valid_positions(size)
+    valid = support.valid_positions(size, THRESHOLD)
     assert {i for i, f in enumerate(pixel_pad) if f <= 0.5} == valid, "pixel padding disagrees with the geometry"
     r, final = counts(64, len(valid))
     assert [c["k"] for c in out["topk"]] == [r, r, r]

@@ -12,9 +12,6 @@ Elsewhere (CI's .venv-test, empty third_party) every test skips, saying what was
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -110,13 +107,8 @@ def _ok(res: dict, steps=STEPS) -> dict:
 
 def test_series_applies_at_the_pin(tmp_path):
     _require_env()
-    patches = support.patch_files(NAME)
-    assert patches, f"patches/{NAME}/ has no 000N-*.patch files"
     tree = support.pristine_tree(NAME, tmp_path / "tree")
-    for p in patches:
-        r = subprocess.run(["git", "apply", "--check", str(p)], cwd=tree, capture_output=True, text=True)
-        assert r.returncode == 0, f"{p.name} does not apply at the pin:\n{r.stderr}"
-        subprocess.run(["git", "apply", str(p)], cwd=tree, check=True)
+    support.apply_series(NAME, tree)
     model = (tree / MODEL).read_text()
     assert model.count("debias_core.debias(") == 1 and model.count("debias_core.keep_cap(") == 1
     assert "np.load" not in model and "open(" not in model
@@ -130,49 +122,8 @@ def test_series_applies_at_the_pin(tmp_path):
 def test_apply_patches_script_applies_reapplies_and_reverses(tmp_path):
     """scripts/apply_patches.sh on a temp superproject whose third_party/Video-LLaVA is a shared clone at the pin."""
     _require_env()
-    script = support.ROOT / "scripts" / "apply_patches.sh"
-    assert script.exists(), "scripts/apply_patches.sh is missing (it belongs to the foundation issue)"
-    sub, pin = support.THIRD_PARTY / NAME, support.pinned_sha(NAME)
-    root = tmp_path / "super"
-    shutil.copytree(support.ROOT / "scripts", root / "scripts")
-    shutil.copytree(support.PATCHES / NAME, root / "patches" / NAME)
-
-    def git(*args, cwd=root, check=True):
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=check)
-
-    git("init", "-q", str(root))
-    git("update-index", "--add", "--cacheinfo", f"160000,{pin},third_party/{NAME}")
-    git("-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-q", "-m", "pin")
-    clone = root / "third_party" / NAME
-    git("clone", "-q", "--shared", "--no-checkout", str(sub), str(clone))
-    # The submodule is a sparse checkout: a few demo assets' blobs are absent from its object store.
-    sparse = Path(git("rev-parse", "--git-path", "info/sparse-checkout", cwd=sub).stdout.strip())
-    sparse = sparse if sparse.is_absolute() else sub / sparse
-    if sparse.exists():
-        (clone / ".git" / "info").mkdir(exist_ok=True)
-        shutil.copy(sparse, clone / ".git" / "info" / "sparse-checkout")
-        git("config", "core.sparseCheckout", "true", cwd=clone)
-    git("checkout", "-q", "--detach", pin, cwd=clone)
-
-    def apply(*args):
-        r = subprocess.run(["bash", str(root / "scripts" / "apply_patches.sh"), *args, NAME], cwd=root,
-                           capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
-        return r.returncode, r.stdout + r.stderr
-
-    def status():
-        return sorted(git("status", "--porcelain", cwd=clone, check=False).stdout.split("\n")[:-1])
-
-    rc, out = apply("--check")
-    assert rc == 0, out
-    rc, out = apply()
-    assert rc == 0, out
-    assert status() == sorted(f" M {p}" for p in (ARCH, MODEL, EVAL, EVAL_ACT))
-    rc, out = apply()
-    assert rc == 0 and "already applied" in out, out
-    rc, out = apply("--reverse")
-    assert rc == 0, out
-    assert status() == [] and "debias_core" not in (clone / MODEL).read_text()
-    assert git("rev-parse", "HEAD", cwd=clone).stdout.strip() == pin
+    support.check_apply_patches_roundtrip(NAME, tmp_path, contains={MODEL: "debias_core"},
+                                          files=[ARCH, MODEL, EVAL, EVAL_ACT])
 
 
 # --- disabled: upstream, bit for bit ----------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
 import json
 import random
 import sys
@@ -33,6 +32,7 @@ import transformers  # noqa: F401  (before the stand-ins: transformers probes fo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import video_stubs  # noqa: E402
+from probe_support import train_tokenizer  # noqa: E402
 
 video_stubs.install()
 
@@ -45,21 +45,6 @@ QUESTION = "what is the man doing in the video?"
 SPM_WORDS = ("a chat between curious human and an artificial intelligence assistant the gives helpful detailed "
              "polite answers to human's questions USER: ASSISTANT: what is color of video in on man doing dog "
              "cat red blue yes no ? . , running jumping playing \n").split(" ")
-
-
-def _tokenizer(d: Path):
-    """A real LlamaTokenizer on a tiny sentencepiece model trained here (no hub access)."""
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
-    rnd = random.Random(0)
-    corpus = [" ".join(rnd.choice(SPM_WORDS) for _ in range(16)) for _ in range(3000)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=160, model_type="bpe",
-                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, character_coverage=1.0, minloglevel=2)
-    (d / "spm.model").write_bytes(buf.getvalue())
-    tok = LlamaTokenizer(vocab_file=str(d / "spm.model"), legacy=True)
-    tok.save_pretrained(str(d))
-    return tok
 
 
 def _write_video(path: Path, n_frames: int, size=(96, 72), seed=0):
@@ -85,7 +70,7 @@ def init(d: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     model_dir = d / "Video-LLaVA-tiny"          # load_pretrained_model wants "llava" in the folder name
     model_dir.mkdir(exist_ok=True)
-    tok = _tokenizer(model_dir)
+    tok = train_tokenizer(model_dir, SPM_WORDS)
     tower_dir = d / "LanguageBind_Video_merge"  # build_video_tower accepts only this name ending
     tower = LanguageBindVideo(LanguageBindVideoConfig(
         text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
