@@ -42,7 +42,7 @@ from .errors import DebiasError
 from .geometry import pad_fractions, valid_mask
 from .presets import METHODS, method_name, pad_threshold as paper_pad_threshold
 from .recorder import Recorder, recording
-from .trend import ExponentialTrend, StagedTrend, TableTrend, Trend, fit_exponential
+from .trend import ExponentialTrend, StagedTrend, TableTrend, Trend, fit_exponential, fit_exponential_at
 
 SIDECAR_SUFFIX = ".samples.json"
 
@@ -247,8 +247,8 @@ def column_means(m: np.ndarray) -> np.ndarray:
 def fit_observed(mean: np.ndarray, *, iterations: int = 100) -> ExponentialTrend:
     """f(i) = a·e^{b·i} fitted by least squares to the finite entries of ``mean`` [n] (NaN = unobserved).
 
-    All finite: exactly ``debias_core.fit_exponential``. Otherwise the same Levenberg–Marquardt from the
-    log-linear start, over the observed positions only; r² over those positions.
+    All finite: exactly ``debias_core.fit_exponential``. Otherwise the same fit over the observed positions
+    only (``fit_exponential_at``); r² over those positions.
     """
     mean = np.asarray(mean, dtype=np.float64)
     n = mean.size
@@ -257,38 +257,7 @@ def fit_observed(mean: np.ndarray, *, iterations: int = 100) -> ExponentialTrend
         return fit_exponential(mean, iterations=iterations)
     if obs.sum() < 2:
         raise DebiasError(f"only {int(obs.sum())} of {n} positions were observed; record more samples")
-    x = np.flatnonzero(obs) / (n - 1)
-    y = mean[obs]
-    pos = y > 0
-    if pos.sum() < 2:
-        raise DebiasError("fewer than two observed positions have a positive mean score; an exponential trend "
-                          "needs positive scores (attention weights)")
-    beta, log_a = np.polyfit(x[pos], np.log(y[pos]), 1)
-    a, lam = math.exp(log_a), 1e-3
-
-    def sse(a_, b_):
-        return float(((y - a_ * np.exp(b_ * x)) ** 2).sum())
-
-    cur = sse(a, beta)
-    for _ in range(iterations):
-        e = np.exp(beta * x)
-        jac = np.stack([e, a * x * e], axis=1)
-        jtj, jtr = jac.T @ jac, jac.T @ (y - a * e)
-        step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-30), jtr)
-        cand = sse(a + step[0], beta + step[1])
-        if cand < cur:
-            a, beta, cur, lam = a + step[0], beta + step[1], cand, lam / 10
-            if abs(step[1]) < 1e-13 and abs(step[0]) < 1e-13 * abs(a):
-                break
-        else:
-            lam *= 10
-            if lam > 1e12:
-                break
-    if a <= 0:
-        raise DebiasError("the exponential fit went non-positive (a ≤ 0): the mean scores are not a positive trend")
-    sst = float(((y - y.mean()) ** 2).sum())
-    return ExponentialTrend(a=float(a), b=float(beta / (n - 1)), n=n, r2=float(1 - cur / sst) if sst > 0 else 1.0)
-
+    return fit_exponential_at(np.flatnonzero(obs), mean[obs], n, iterations=iterations)
 
 def fit_loglinear(mean: np.ndarray) -> ExponentialTrend:
     """f(i) = a·e^{b·i} by least squares on log Ā_i (finite, positive entries of ``mean`` [n]).

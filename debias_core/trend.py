@@ -147,11 +147,18 @@ def fit_exponential(scores, *, iterations: int = 100) -> ExponentialTrend:
     r² is reported on the original scale.
     """
     y = mean_scores(scores)
-    n = y.size
-    x = np.arange(n, dtype=np.float64) / (n - 1)          # conditioned abscissa; b = β/(n−1)
-    if (y <= 0).all():
-        raise DebiasError("scores are all ≤ 0: an exponential trend needs positive mean scores (attention weights)")
+    return fit_exponential_at(np.arange(y.size), y, y.size, iterations=iterations)
+
+
+def fit_exponential_at(positions: np.ndarray, y: np.ndarray, n: int, *, iterations: int = 100) -> ExponentialTrend:
+    """The same fit over the observed ``positions`` (int [m], in 0..n−1) with means ``y`` [m]; the trend's
+    domain is 0..n−1. Used directly when some positions were never observed (later pruning stages)."""
+    y = np.asarray(y, dtype=np.float64)
+    x = np.asarray(positions, dtype=np.float64) / (n - 1)   # conditioned abscissa; b = β/(n−1)
     pos = y > 0
+    if pos.sum() < 2:
+        raise DebiasError("fewer than two positions have a positive mean score: an exponential trend needs "
+                          "positive mean scores (attention weights)")
     beta, log_a = np.polyfit(x[pos], np.log(y[pos]), 1)
     a = math.exp(log_a)
     lam = 1e-3
@@ -175,6 +182,8 @@ def fit_exponential(scores, *, iterations: int = 100) -> ExponentialTrend:
             lam *= 10
             if lam > 1e12:
                 break
+    if a <= 0:
+        raise DebiasError("the exponential fit went non-positive (a ≤ 0): the mean scores are not a positive trend")
     sst = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - cur / sst if sst > 0 else 1.0
     return ExponentialTrend(a=float(a), b=float(beta / (n - 1)), n=n, r2=float(r2))

@@ -70,3 +70,24 @@ def slug(text: str) -> str:
 def populate_hint(name: str) -> str:
     return (f"git submodule update --init third_party/{name} "
             f"(offline: ../shared/tools/populate-third-party {name})")
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_path(path: str, *, what: str = "a LLaVA-1.5 folder", example: str = "liuhaotian/llava-v1.5-7b",
+                     env: str = "CKPT") -> None:
+    """A local checkpoint folder, or a hub id (which must be in the cache when HF_HUB_OFFLINE is set)."""
+    if Path(path).expanduser().exists():
+        return
+    if not HUB_ID.match(path):
+        raise EvalError(f"checkpoint {path} does not exist; set {env}/--model-path to {what} or a hub id such as "
+                        f"{example}")
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        try:
+            from huggingface_hub import snapshot_download
+            snapshot_download(path, local_files_only=True)
+        except Exception:
+            raise EvalError(f"checkpoint {path} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                            f"download it first (huggingface-cli download {path}) or point {env} at a local "
+                            f"folder") from None

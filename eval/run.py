@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 import time
 import uuid
@@ -23,12 +22,11 @@ from pathlib import Path
 
 from .answers import AnswerLog, chunk_file, get_chunk, merge
 from .benchmarks import REGISTRY, get_benchmark
-from .common import ROOT, EvalError
+from .common import ROOT, EvalError, check_model_path
 from .methods import get_adapter, method_names, parse_method_args
 from . import runinfo
 
 DEBIAS_MODES = ("off", "pad", "pos", "full")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,22 +86,6 @@ def resolve_debias(mode_arg: str | None, trend_arg: str | None, adapter, bench) 
         raise EvalError(f"DEBIAS_METHOD={env_method} disagrees with --method {adapter.name} "
                         f"({adapter.trend_method}); unset it")
     return mode, (trend if mode in ("pos", "full") else None)
-
-
-def check_model_path(path: str) -> None:
-    if Path(path).expanduser().exists():
-        return
-    if not HUB_ID.match(path):
-        raise EvalError(f"checkpoint {path} does not exist; set CKPT/--model-path to a LLaVA-1.5 folder or a hub "
-                        f"id such as liuhaotian/llava-v1.5-7b")
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
-        try:
-            from huggingface_hub import snapshot_download
-            snapshot_download(path, local_files_only=True)
-        except Exception:
-            raise EvalError(f"checkpoint {path} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-                            f"download it first (huggingface-cli download {path}) or point CKPT at a local "
-                            f"folder") from None
 
 
 def _first(batch):

@@ -52,14 +52,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .answers import get_chunk, qid_key, read_answers
-from .common import ROOT, EvalError, populate_hint, project_state, slug, submodule_state
+from .common import ROOT, EvalError, check_model_path, populate_hint, project_state, slug, submodule_state
 from .runinfo import mode_tag
 
 UPSTREAM = "Video-LLaVA"
 VIDEO_FORMATS = (".mp4", ".avi", ".mov", ".mkv")  # the order run_inference_video_qa.py tries
 VIDEO_SPAN = 8 * 257   # LanguageBind video tower: 8 frames x (CLS + 16 x 16 patches) tokens per prompt
 MODES = ("off", "pad", "pos", "full")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DATA_HINT = ("download it from Video-LLaVA's TRAIN_AND_VALIDATE.md (Validating: GPT_Zero_Shot_QA) or set "
              "VIDEO_DATA_DIR")
 RUN_FILE = "video_run.json"
@@ -205,19 +204,7 @@ def check_patched(root: Path) -> None:
 
 def check_checkpoint(model_path: str) -> None:
     name = model_path.strip("/").split("/")[-1]
-    if Path(model_path).expanduser().exists():
-        pass
-    elif not HUB_ID.match(model_path):
-        raise EvalError(f"checkpoint {model_path} does not exist; set CKPT to a Video-LLaVA folder or a hub id "
-                        f"(default LanguageBind/Video-LLaVA-7B)")
-    elif os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
-        try:
-            from huggingface_hub import snapshot_download
-            snapshot_download(model_path, local_files_only=True)
-        except Exception:
-            raise EvalError(f"checkpoint {model_path} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-                            f"download it first (huggingface-cli download {model_path}) or set CKPT to a local "
-                            f"folder") from None
+    check_model_path(model_path, what="a Video-LLaVA folder", example="LanguageBind/Video-LLaVA-7B")
     if "llava" not in name.lower():
         raise EvalError(f"checkpoint folder name {name!r} must contain 'llava' (Video-LLaVA's load_pretrained_model "
                         f"otherwise builds a plain LLaMA); rename it, e.g. checkpoints/Video-LLaVA-7B")
