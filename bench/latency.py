@@ -156,6 +156,131 @@ def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int, dev
     return out
 
 
+def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profile: bool = False) -> dict:
+    """The debias_core calls inside real prefills, per mode (``off`` is the control: the same wrapper around a
+    call that returns at once, i.e. what the measurement itself costs). Per call: CUDA events recorded
+    (asynchronously) before and after it, read after the prefill — the GPU-timeline time, which covers the
+    kernels and any gap while the GPU waits for the host to launch them — and the host time (perf_counter).
+    Summed per prefill and divided by the prefill's wall time; modes alternate every rep."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import debias_core
+    from eval.methods import get_adapter
+
+    adapter = get_adapter(name)
+    adapter.activate()
+    loaded = adapter.load(str(ckpt), device=device)
+    adapter.configure(loaded)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3),
+                                                              dtype=np.uint8))
+    pixels = adapter.image_tensor(loaded, image, "pad")
+    ids = _synthetic_ids(adapter.llava.IMAGE_TOKEN_INDEX, loaded.model.config.vocab_size)
+    grid, resolution = adapter.geometry(loaded)
+    tm = adapter.trend_method
+    trend = "paper:fastv" if tm == "fastv" else f"paper:{tm}/{BENCH_TREND_BENCHMARK}"
+    events: list = []
+    host_s: list = []
+    originals = {n: getattr(debias_core, n) for n in ("debias", "mask_padding")}
+
+    class HostStamp:  # a CPU run (smoke test) has no CUDA events: its timeline is the host's
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    def stamp():
+        return torch.cuda.Event(enable_timing=True) if torch.device(device).type == "cuda" else HostStamp()
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start, end = stamp(), stamp()
+            start.record()
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            host_s.append(time.perf_counter() - t)
+            end.record()
+            events.append((start, end))
+            return out
+        return wrapper
+
+    per_mode = {m: {"share_pct": [], "gpu_us": [], "host_us": [], "calls": []} for m in ("off", "full")}
+    try:
+        for n, fn in originals.items():
+            setattr(debias_core, n, timed(fn))
+        for i in range(reps + 3):
+            for mode in (("off", "full") if i % 2 else ("full", "off")):
+                debias_core.configure(mode=mode, trend=trend, method=tm)
+                events.clear()
+                host_s.clear()
+                with debias_core.sample(image_size=image.size, span_start=PREFIX, grid=grid, resolution=resolution):
+                    sync()
+                    t0 = time.perf_counter()
+                    adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=1)
+                    sync()
+                    wall_ms = (time.perf_counter() - t0) * 1e3
+                inside_ms = sum(a.elapsed_time(b) for a, b in events)
+                if i >= 3:  # warm-up
+                    q = per_mode[mode]
+                    q["share_pct"].append(100 * inside_ms / wall_ms)
+                    q["gpu_us"].append(inside_ms * 1e3)
+                    q["host_us"].append(sum(host_s) * 1e6)
+                    q["calls"].append(len(events))
+        if profile:
+            debias_core.configure(mode="full", trend=trend, method=tm)
+            profiled = _profile_prefill(adapter, loaded, ids, pixels, image, grid, resolution, originals)
+    finally:
+        for n, fn in originals.items():
+            setattr(debias_core, n, fn)
+    med = statistics.median
+    full, off = per_mode["full"], per_mode["off"]
+    in_situ = {"overhead_pct_median": med(full["share_pct"]), "overhead_pct_max": max(full["share_pct"]),
+               "debias_us_per_prefill_median": med(full["gpu_us"]),
+               "host_us_per_prefill_median": med(full["host_us"]),
+               "control_us_per_prefill_median": med(off["gpu_us"]),
+               "control_pct_median": med(off["share_pct"]),
+               "net_pct_median": med(f - o for f, o in zip(full["share_pct"], off["share_pct"])),
+               "calls_per_prefill": med(full["calls"]), "n": len(full["share_pct"])}
+    return {"method": name, **({"profile": profiled} if profile else {}), "in_situ": in_situ}
+
+
+def _profile_prefill(adapter, loaded, ids, pixels, image, grid, resolution, originals) -> list[dict]:
+    """One prefill under torch.profiler with each debias_core call marked: per call, its host time and the
+    operators (host µs) and kernels (device µs) inside it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    import debias_core
+
+    def marked(n, fn):
+        def wrapper(*args, **kwargs):
+            with record_function(f"debias_core.{n}"):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    for n, fn in originals.items():
+        setattr(debias_core, n, marked(n, fn))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with debias_core.sample(image_size=image.size, span_start=PREFIX, grid=grid, resolution=resolution):
+            adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    out = []
+    for e in prof.events():
+        if e.name.startswith("debias_core."):
+            kids = [(c.name, round(c.cpu_time_total, 1), round(getattr(c, "device_time_total", 0.0), 1))
+                    for c in e.cpu_children]
+            out.append({"call": e.name, "host_us": round(e.cpu_time_total, 1),
+                        "device_us": round(getattr(e, "device_time_total", 0.0), 1), "ops": kids})
+    return out
+
+
 def bench_call(reps: int = 2000, device: str = "cuda") -> list[dict]:
     """debias + keep_cap + topk vs plain topk on one score vector, wall µs per call (launch-bound)."""
     import torch
@@ -207,7 +332,7 @@ def bench_call(reps: int = 2000, device: str = "cuda") -> list[dict]:
 
 def worker(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.latency --worker")
-    p.add_argument("job", choices=["checkpoint", "call", "method"])
+    p.add_argument("job", choices=["checkpoint", "call", "method", "insitu"])
     p.add_argument("--method")
     p.add_argument("--ckpt", type=Path)
     p.add_argument("--reps", type=int, default=20)
@@ -215,6 +340,7 @@ def worker(argv) -> int:
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a tiny checkpoint (CPU smoke runs of this script)")
+    p.add_argument("--profile", action="store_true", help="insitu: also one torch.profiler prefill")
     a = p.parse_args(argv)
     if os.environ.get("BENCH_HIDE_TOKENIZERS"):
         # transformers 4.31 checks tokenizers<0.14 at import, and no such wheel exists for Python 3.12; the slow
@@ -229,6 +355,8 @@ def worker(argv) -> int:
                                                                        if a.tiny else {})))}
     elif a.job == "call":
         result = {"call": bench_call(reps=50 if a.tiny else 2000, device=a.device)}
+    elif a.job == "insitu":
+        result = bench_in_situ(a.method, a.ckpt, a.reps, a.device, a.profile)
     else:
         result = bench_method(a.method, a.ckpt, a.reps, a.warmup, a.decode, a.device)
     result["torch"] = torch.__version__
@@ -367,6 +495,27 @@ def markdown(results: dict, summary: dict, meta: dict) -> str:
                      f"{paired(p, 'control')} | "
                      f"{p['spread_pct']:.1f} % | {speed} | {d['off']:.1f} | {d['full']:.1f} | {paired(d)} | "
                      f"{modes['off']['peak_memory_gib']:.1f} / {modes['full']['peak_memory_gib']:.1f} | {sync_text} |")
+    insitu = {m: r["in_situ"] for m, r in results.items() if isinstance(r, dict) and "overhead_pct_median" in
+              r.get("in_situ", {})}
+    if insitu:
+        lines += ["", "## In situ: every debias_core call inside real prefills", "",
+                  "CUDA events recorded before and after each call (GPU-timeline time: its kernels plus any gap "
+                  "while the GPU waits for the host to launch them) and the call's host time, summed per prefill. "
+                  "Control = the same wrapper in mode `off`, where the call returns at once: what the measurement "
+                  "itself costs. Net = median over prefills of (full share − control share of the prefill's wall "
+                  "time); modes alternate every rep.", "",
+                  "| method | calls per prefill | full: GPU-timeline µs | full: host µs | control: GPU-timeline µs "
+                  "| full share, median (max) | control share | **net share** | n |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for m, q in insitu.items():
+            if "net_pct_median" not in q:  # an older run without the control
+                lines.append(f"| {m} | {q['calls_per_prefill']:g} | {q['debias_us_per_prefill_median']:.1f} | — | — | "
+                             f"{q['overhead_pct_median']:.3f} % ({q['overhead_pct_max']:.3f} %) | — | — | {q['n']} |")
+                continue
+            lines.append(f"| {m} | {q['calls_per_prefill']:g} | {q['debias_us_per_prefill_median']:.1f} | "
+                         f"{q['host_us_per_prefill_median']:.1f} | {q['control_us_per_prefill_median']:.1f} | "
+                         f"{q['overhead_pct_median']:.3f} % ({q['overhead_pct_max']:.3f} %) | "
+                         f"{q['control_pct_median']:.3f} % | **{q['net_pct_median']:.3f} %** | {q['n']} |")
     iso = {m: s["isolated_overhead_pct"] for m, s in summary.items() if "isolated_overhead_pct" in s}
     if iso:
         lines += ["", "Isolated estimate (debias calls per prefill × the call's measured cost ÷ prefill): " +
@@ -398,6 +547,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=1200, help="seconds per method")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run with --tiny")
     p.add_argument("--tiny", action="store_true", help="tiny random checkpoint: checks the script, not latency")
+    p.add_argument("--profile", action="store_true", help="with --insitu: one torch.profiler prefill per method")
+    p.add_argument("--insitu", action="store_true",
+                   help="only the in-situ measurement (CUDA events around the debias calls inside real prefills), "
+                        "added to the methods' entries in an existing bench.json")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -420,7 +573,30 @@ def main(argv=None) -> int:
     if "error" in made:
         print(f"error: could not build the random checkpoint:\n{made['log_tail']}", file=sys.stderr)
         return 1
-    for m in ["_call", *methods]:
+    if a.insitu:
+        for m in methods:
+            if m == "llava":
+                continue
+            if m not in results or "error" in results[m]:
+                print(f"{m}: skipped in situ: no successful measurement of it in {results_path}; "
+                      f"run without --insitu first", flush=True)
+                continue
+            print(f"{m}: in situ ...", flush=True)
+            try:
+                r = _run_worker(envs[m], ["insitu", "--method", m, "--ckpt", str(a.ckpt), "--reps", str(a.reps),
+                                          *common, *(["--profile"] if a.profile else [])], a.timeout)
+            except subprocess.TimeoutExpired:
+                r = {"error": f"timed out after {a.timeout} s"}
+            results[m]["in_situ"] = r.get("in_situ", {"error": r.get("error"), "log_tail": r.get("log_tail")})
+            if "profile" in r:
+                results[m]["in_situ_profile"] = r["profile"]
+            data = json.loads(results_path.read_text())
+            data["results"] = results
+            results_path.write_text(json.dumps(data, indent=1))
+        methods_done = True
+    else:
+        methods_done = False
+    for m in ([] if methods_done else ["_call", *methods]):
         if m in results and "error" not in results[m]:
             print(f"{m}: already measured (in {results_path}); delete it to re-run", flush=True)
             continue

@@ -48,7 +48,7 @@ def _check_mode(mode) -> str:
     return mode
 
 
-def _build(mode, trend, method, threshold, geometry, checks) -> Settings:
+def _build(mode, trend, method, threshold, geometry, checks, spec=None) -> Settings:
     mode = _check_mode(mode)
     if geometry not in ("exact", "official"):
         raise DebiasError(f"geometry {geometry!r} is unknown; use exact or official (env DEBIAS_GEOMETRY)")
@@ -59,8 +59,18 @@ def _build(mode, trend, method, threshold, geometry, checks) -> Settings:
         raise DebiasError(f"mode {mode!r} needs a positional trend: set DEBIAS_TREND to a preset "
                           f"(e.g. paper:himap/gqa; `python -m debias_core show --list`) or a trend JSON file")
     thr = check_threshold(threshold) if threshold is not None else paper_pad_threshold(method)
-    spec = trend if isinstance(trend, str) else (None if trend is None else "<in-code trend>")
-    return Settings(mode, resolved, spec, method, thr, geometry == "exact", bool(checks))
+    if spec is None:
+        spec = trend if isinstance(trend, str) else (None if trend is None else "<in-code trend>")
+    key = (mode, id(resolved), spec, method, thr, geometry == "exact", bool(checks))
+    interned = _interned.get(key)
+    if interned is None or interned.trend is not resolved:
+        if len(_interned) >= 64:
+            _interned.clear()
+        interned = _interned[key] = Settings(mode, resolved, spec, method, thr, geometry == "exact", bool(checks))
+    return interned  # equal settings are one object: the ranking site's plans are keyed by it
+
+
+_interned: dict = {}
 
 
 def from_env(env=os.environ) -> Settings:
@@ -90,11 +100,12 @@ def configure(mode=None, trend=None, *, method=None, pad_threshold=None, geometr
     new_method = method if method is not None else cur.method
     _settings = _build(
         mode if mode is not None else cur.mode,
-        trend if trend is not None else (cur.trend_spec if cur.trend_spec not in (None, "<in-code trend>") else cur.trend),
+        trend if trend is not None else cur.trend,  # the same object: its device tables stay cached
         new_method,
         pad_threshold if pad_threshold is not None else (cur.pad_threshold if method is None else None),
         geometry if geometry is not None else ("exact" if cur.exact_geometry else "official"),
         checks if checks is not None else cur.checks,
+        spec=None if trend is not None else cur.trend_spec,
     )
     return _settings
 

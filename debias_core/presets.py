@@ -64,6 +64,9 @@ def paper_trend(method: str, benchmark: str | None = None) -> Trend:
     return ExponentialTrend(a=1.0, b=table[b], n=_data()["n"], provenance={"source": f"paper:{m}/{b}"})
 
 
+_resolved_presets: dict = {}
+
+
 def resolve_trend(spec) -> Trend:
     """A Trend from a Trend, a preset name (``paper:himap/gqa``), ``calibrated:<file>`` or a JSON path."""
     if isinstance(spec, Trend):
@@ -72,8 +75,12 @@ def resolve_trend(spec) -> Trend:
         raise DebiasError(f"trend {spec!r} is not a preset name or a JSON file path")
     s = str(spec)
     if s.startswith("paper:"):
-        method, _, bench = s[len("paper:"):].partition("/")
-        return paper_trend(method, bench or None)
+        # one object per preset: device tables are cached per trend object, so switching settings back
+        # and forth (configure) must not rebuild them
+        if s not in _resolved_presets:
+            method, _, bench = s[len("paper:"):].partition("/")
+            _resolved_presets[s] = paper_trend(method, bench or None)
+        return _resolved_presets[s]
     if s.startswith("calibrated:"):
         return load_trend_file(s[len("calibrated:"):])
     if s.endswith(".json") or Path(s).exists():

@@ -185,16 +185,18 @@ class _Plan:
 
 
 _plans: dict = {}
-_MAX_PLANS = 32  # a plan per live sample context; older ones are dropped (their tables stay in the cache)
+_MAX_PLANS = 256  # plans are keyed by value (same geometry → same plan); the oldest are dropped beyond this
 
 
 def _plan(scores, needed_for: str, stage: int, positional: bool) -> _Plan:
+    """The plan for these settings, sample contexts (by value: a later sample with the same image size and
+    geometry reuses it), stage, device and dtype; built, and everything validated, on first use only."""
     st = settings()
     ctxs = current_samples()
-    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    key = (id(st), id(ctxs), stage, positional, scores.device, dtype, scores.dim(), scores.shape[0])
+    key = (id(st), ctxs, stage, positional, scores.device, scores.dtype == torch.float64, scores.dim(),
+           scores.shape[0])
     plan = _plans.get(key)
-    if plan is not None and plan.st is st and plan.ctxs is ctxs:
+    if plan is not None and plan.st is st:
         _cache.hits += 1
         return plan
     ctxs = _contexts(f"{needed_for} with DEBIAS={st.mode}")
@@ -204,6 +206,7 @@ def _plan(scores, needed_for: str, stage: int, positional: bool) -> _Plan:
                           f"a batch needs [B, N] scores and one context per row")
     if any(c.span_length != ctxs[0].span_length for c in ctxs):
         raise DebiasError(f"samples in one batch have different visual span lengths {[c.span_length for c in ctxs]}")
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     plan = _Plan(st, ctxs, stage, positional, scores.device, dtype)
     if len(_plans) >= _MAX_PLANS:
         _plans.pop(next(iter(_plans)))

@@ -54,3 +54,15 @@ def test_cpu_smoke_run_writes_results(tmp_path):
     assert "paired" in data["summary"]["illava"]["prefill_ms"]
     assert {c["n"] for c in res["_call"]["call"]} == {576, 2056}
     assert "| illava |" in (out / "bench.md").read_text()
+
+    # the in-situ job adds, per method, the calls measured inside real prefills and the mode-off control
+    r = subprocess.run([sys.executable, "-m", "bench.latency", "--device", "cpu", "--tiny", "--trees",
+                        str(tmp_path / "trees"), "--ckpt", str(tmp_path / "ckpt" / "llava-random"), "--out", str(out),
+                        "--methods", "llava,illava", "--reps", "2", "--insitu"],
+                       cwd=support.ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    q = json.loads((out / "bench.json").read_text())["results"]["illava"]["in_situ"]
+    assert "error" not in q, q
+    assert q["calls_per_prefill"] == 1 and q["n"] == 2
+    assert {"net_pct_median", "control_us_per_prefill_median", "host_us_per_prefill_median"} <= set(q)
+    assert "## In situ" in (out / "bench.md").read_text()

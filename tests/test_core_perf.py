@@ -13,6 +13,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import debias_core as dc
+from debias_core import site
 
 pytestmark = pytest.mark.usefixtures("clean_debias")
 
@@ -54,6 +55,30 @@ def test_cache_is_hit_on_repeated_calls():
     with dc.sample(image_size=(640, 427), span_start=40):
         run_site(s)
     assert dc.cache_info()["misses"] == first["misses"]
+
+
+def test_switching_modes_rebuilds_nothing():
+    """Alternating off/full with configure (as the benchmark and the eval driver do) reuses the trend object,
+    its device tables and the sample's plan: no table is built after the first full call."""
+    dc.configure(mode="full", trend="paper:pdrop/gqa", method="pdrop")
+    s = torch.rand(1, 300)
+    pos = torch.randperm(576)[:300].unsqueeze(0)
+    with dc.sample(image_size=(640, 480)):
+        run_site(s, pos)
+    first = dc.cache_info()["misses"]
+    for _ in range(3):
+        dc.configure(mode="off")
+        with dc.sample(image_size=(640, 480)):
+            run_site(s, pos)
+        dc.configure(mode="full")
+        with dc.sample(image_size=(640, 480)):
+            run_site(s, pos)
+        dc.configure(mode="full", trend="paper:pdrop/gqa")  # naming the same preset again, too
+        with dc.sample(image_size=(640, 480)):
+            run_site(s, pos)
+    assert dc.cache_info()["misses"] == first
+    assert dc.settings().trend_spec == "paper:pdrop/gqa"
+    assert len(site._plans) == 1                         # one plan, found again after every switch
 
 
 @pytest.mark.parametrize("change", ["image size", "dtype", "threshold", "grid"])
