@@ -157,7 +157,7 @@ def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int, dev
 
 
 def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profile: bool = False) -> dict:
-    """The debias_core calls inside real prefills, per mode (``off`` is the control: the same wrapper around a
+    """The debias_core calls (debias, mask_padding, keep_cap) inside real prefills, per mode (``off`` is the control: the same wrapper around a
     call that returns at once, i.e. what the measurement itself costs). Per call: CUDA events recorded
     (asynchronously) before and after it, read after the prefill — the GPU-timeline time, which covers the
     kernels and any gap while the GPU waits for the host to launch them — and the host time (perf_counter).
@@ -182,7 +182,7 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
     trend = "paper:fastv" if tm == "fastv" else f"paper:{tm}/{BENCH_TREND_BENCHMARK}"
     events: list = []
     host_s: list = []
-    originals = {n: getattr(debias_core, n) for n in ("debias", "mask_padding")}
+    originals = {n: getattr(debias_core, n) for n in ("debias", "mask_padding", "keep_cap")}
 
     class HostStamp:  # a CPU run (smoke test) has no CUDA events: its timeline is the host's
         def record(self):
@@ -199,6 +199,8 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
             torch.cuda.synchronize()
 
     def timed(fn):
+        ranking = fn.__name__ != "keep_cap"
+
         def wrapper(*args, **kwargs):
             start, end = stamp(), stamp()
             start.record()
@@ -206,7 +208,7 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
             out = fn(*args, **kwargs)
             host_s.append(time.perf_counter() - t)
             end.record()
-            events.append((start, end))
+            events.append((start, end, ranking))
             return out
         return wrapper
 
@@ -225,13 +227,13 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
                     adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=1)
                     sync()
                     wall_ms = (time.perf_counter() - t0) * 1e3
-                inside_ms = sum(a.elapsed_time(b) for a, b in events)
+                inside_ms = sum(a.elapsed_time(b) for a, b, _ in events)
                 if i >= 3:  # warm-up
                     q = per_mode[mode]
                     q["share_pct"].append(100 * inside_ms / wall_ms)
                     q["gpu_us"].append(inside_ms * 1e3)
                     q["host_us"].append(sum(host_s) * 1e6)
-                    q["calls"].append(len(events))
+                    q["calls"].append(sum(r for _, _, r in events))
         if profile:
             debias_core.configure(mode="full", trend=trend, method=tm)
             profiled = _profile_prefill(adapter, loaded, ids, pixels, image, grid, resolution, originals)
@@ -499,6 +501,7 @@ def markdown(results: dict, summary: dict, meta: dict) -> str:
               r.get("in_situ", {})}
     if insitu:
         lines += ["", "## In situ: every debias_core call inside real prefills", "",
+                  "Every debias / mask_padding / keep_cap call (calls per prefill counts the first two). "
                   "CUDA events recorded before and after each call (GPU-timeline time: its kernels plus any gap "
                   "while the GPU waits for the host to launch them) and the call's host time, summed per prefill. "
                   "Control = the same wrapper in mode `off`, where the call returns at once: what the measurement "

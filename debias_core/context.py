@@ -61,6 +61,16 @@ def _is_batch(image_size) -> bool:
         s is None or isinstance(s, (list, tuple)) for s in image_size)
 
 
+_interned: dict = {}
+
+
+def _intern(ctxs: tuple) -> tuple:
+    """Equal contexts → one tuple object, so the ranking site can find a sample's plan by identity."""
+    if len(_interned) >= 4096:
+        _interned.clear()
+    return _interned.setdefault(ctxs, ctxs)
+
+
 @contextmanager
 def sample(image_size=None, *, preprocess="pad", grid=24, resolution=336, span_start=None, span_length=None):
     """Scope one sample's (or one batch's) context to the ``with`` block."""
@@ -75,7 +85,7 @@ def sample(image_size=None, *, preprocess="pad", grid=24, resolution=336, span_s
                      for b in range(n))
     else:
         ctxs = (make_context(image_size, **fields),)
-    token = _active.set(ctxs)
+    token = _active.set(_intern(ctxs))
     try:
         yield ctxs if len(ctxs) > 1 else ctxs[0]
     finally:

@@ -12,7 +12,9 @@ Computed in float32 (float64 stays float64). Positions −1 mark merged/cluster 
 Performance contract: the weight and padding tables are built once per (trend, stage, span length,
 dtype, device) and (geometry, image size, threshold, device), then cached on that device, and combined
 once per sample into a plan; a call is one fused multiply-add (``addcmul``), plus one gather when
-positions are given. No file I/O, no host–device sync: tables reach a CUDA device by
+positions are given. After the first call with given contexts, settings, stage, shapes, dtypes and
+devices, later such calls skip every check and lookup but one dict access (the "fast path": ranking
+sites often run while the GPU waits for the host, so host time there is latency). No file I/O, no host–device sync: tables reach a CUDA device by
 non-blocking copies from pinned memory, and ``keep_cap`` reads the padding count that was computed
 on the host from geometry. Pass positions on the scores' device (a host tensor is copied each call).
 Value checks (finite scores, position range) run on CPU tensors, and on accelerator tensors only with
@@ -61,6 +63,8 @@ def cache_info() -> dict:
 def clear_cache() -> None:
     _cache.tables.clear()
     _plans.clear()
+    _fast.clear()
+    _fast_caps.clear()
     _cache.hits = _cache.misses = 0
 
 
@@ -167,6 +171,21 @@ class _Plan:
             self.bias = _cache.get(("stack",) + tuple(id(b) for b in biases), lambda: torch.stack(biases))
         self.prefix = {}
 
+    def fast(self, scores, index):
+        """The operation ``apply`` does for these shapes, with the table views prepared: fn(scores, index)."""
+        if index is None:
+            bias, weight = ((self.table[1, :scores.shape[-1]], self.table[0, :scores.shape[-1]]) if self.table is not None
+                            else (self.bias[:, :scores.shape[-1]], self.weight[:scores.shape[-1]]))
+            return lambda s, _: torch.addcmul(bias, s, weight)
+        if self.table is not None:
+            table = self.table
+
+            def gather_fma(s, i):
+                wb = table[:, i]
+                return torch.addcmul(wb[1], s, wb[0])
+            return gather_fma
+        return self.apply
+
     def apply(self, scores, index):
         """index: None (positions 0..N−1) or long positions on the device ([N], [1, N] or [B, N])."""
         if index is None:
@@ -228,14 +247,19 @@ def _positions(positions, scores, length: int, check: bool):
     if positions.shape[-1] != n or positions.dim() > scores.dim() or (
             positions.dim() == 2 and positions.shape[0] not in (1, scores.shape[0])):
         raise DebiasError(f"positions shape {tuple(positions.shape)} does not match scores shape {tuple(scores.shape)}")
-    if check and positions.numel():
+    if check:
+        _check_range(positions, length)
+    if positions.dtype != torch.long or positions.device != scores.device:
+        positions = positions.to(device=scores.device, dtype=torch.long)
+    return positions  # −1 indexes the tables' last, neutral slot
+
+
+def _check_range(positions, length: int) -> None:
+    if positions.numel():
         lo, hi = int(positions.min()), int(positions.max())
         if lo < -1 or hi >= length:
             raise DebiasError(f"position {lo if lo < -1 else hi} is outside the visual span 0..{length - 1} "
                               f"(−1 marks a merged token)")
-    if positions.dtype != torch.long or positions.device != scores.device:
-        positions = positions.to(device=scores.device, dtype=torch.long)
-    return positions  # −1 indexes the tables' last, neutral slot
 
 
 def _apply(scores, positions, stage: int, positional: bool, needed_for: str):
@@ -244,7 +268,47 @@ def _apply(scores, positions, stage: int, positional: bool, needed_for: str):
     check = scores.device.type == "cpu" or (plan.st.checks and scores.device.type != "meta")
     if check:
         _check_values(scores)
-    return plan.apply(scores, _positions(positions, scores, plan.length, check))
+    index = _positions(positions, scores, plan.length, check)
+    out = plan.apply(scores, index)
+    if index is positions:  # validated: later calls with this key take the fast path
+        if len(_fast) >= _MAX_FAST:
+            _fast.clear()
+        ctxs, st = current_samples(), settings()
+        _fast[_fast_key(ctxs, st, stage, positional, scores, positions)] = (
+            ctxs, st, plan.fast(scores, index), plan.length if check else None)
+    return out
+
+
+# The warm path. What the full path checks and builds depends only on what the key holds (sample contexts
+# and settings by identity — both are interned by value —, stage, shapes, dtypes, devices), so once a call
+# with a key has passed it, later ones go straight to the prepared operation: a dict lookup and one or two
+# kernels, little Python (at ranking sites the GPU is often idle, waiting for the host). Keys hold id()s; each
+# entry keeps its contexts and settings alive, so an id in a key cannot be reused by another object.
+_fast: dict = {}
+_fast_caps: dict = {}
+_MAX_FAST = 1024
+
+
+def _fast_key(ctxs, st, stage, positional, scores, positions):
+    return (id(ctxs), id(st), stage, positional, scores.dtype, scores.device, scores.shape,
+            None if positions is None else (positions.dtype, positions.device, positions.shape))
+
+
+def _fast_apply(scores, positions, stage: int, positional: bool, st):
+    """The prepared result, or None when this call must take the full path."""
+    ctxs = current_samples()
+    try:
+        entry = _fast.get(_fast_key(ctxs, st, stage, positional, scores, positions))
+    except AttributeError:  # not tensors: the full path says what is wrong
+        return None
+    if entry is None:
+        return None
+    _cache.hits += 1
+    if entry[3] is not None:  # value checks (CPU tensors, or DEBIAS_CHECK=1)
+        _check_values(scores)
+        if positions is not None:
+            _check_range(positions, entry[3])
+    return entry[2](scores, positions)
 
 
 def debias(scores: torch.Tensor, positions=None, *, stage: int = 0) -> torch.Tensor:
@@ -261,15 +325,18 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0) -> torch.Ten
     st = settings()
     if st.mode == "off":
         return scores
-    return _apply(scores, positions, stage, st.positional, "debias")
+    out = _fast_apply(scores, positions, stage, st.positional, st)
+    return _apply(scores, positions, stage, st.positional, "debias") if out is None else out
 
 
 def mask_padding(scores: torch.Tensor, positions=None) -> torch.Tensor:
     """Padding suppression alone (−inf on padding tokens; no positional weight), for scores that are
     not attention, e.g. TokenCarve's SVD information score. Same shapes and modes as ``debias``."""
-    if not settings().suppress_padding:
+    st = settings()
+    if not st.suppress_padding:
         return scores
-    return _apply(scores, positions, 0, False, "mask_padding")
+    out = _fast_apply(scores, positions, 0, False, st)
+    return _apply(scores, positions, 0, False, "mask_padding") if out is None else out
 
 
 def keep_cap(k, *, sample: int | None = None) -> int:
@@ -278,11 +345,17 @@ def keep_cap(k, *, sample: int | None = None) -> int:
     A batched top-k needs one k, so for a batch the smallest cap is returned unless ``sample`` picks a row.
     Computed on the host from geometry: never reads a device tensor.
     """
+    st = settings()
+    if type(k) is int and k > 0 and sample is None and st.suppress_padding:  # warm path: this sample's cap
+        ctxs = current_samples()
+        cap = _fast_caps.get((id(ctxs), id(st)))
+        if cap is not None:
+            _cache.hits += 1
+            return min(k, cap[2])
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise DebiasError(f"keep count {k!r} must be a host integer (not a tensor: reading one would sync the device)")
     if k <= 0:
         raise DebiasError(f"keep count k={k} must be ≥ 1 (number of visual tokens to keep)")
-    st = settings()
     if not st.suppress_padding:
         return int(k)
     ctxs = _contexts(f"keep_cap with DEBIAS={st.mode}")
@@ -290,4 +363,9 @@ def keep_cap(k, *, sample: int | None = None) -> int:
         if isinstance(sample, bool) or not isinstance(sample, numbers.Integral) or not 0 <= sample < len(ctxs):
             raise DebiasError(f"sample {sample!r} is not a row of this batch of {len(ctxs)} contexts")
         ctxs = (ctxs[sample],)
-    return max(1, min(int(k), *(_n_valid(c, st.pad_threshold, st.exact_geometry) for c in ctxs)))
+    cap = min(_n_valid(c, st.pad_threshold, st.exact_geometry) for c in ctxs)
+    if sample is None:
+        if len(_fast_caps) >= _MAX_FAST:
+            _fast_caps.clear()
+        _fast_caps[(id(ctxs), id(st))] = (ctxs, st, max(1, cap))
+    return max(1, min(int(k), cap))

@@ -266,3 +266,106 @@ def test_cuda_checks_only_with_debias_check(monkeypatch):
         dc.reset()
         with pytest.raises(dc.DebiasError, match="nan at index 9"):
             dc.debias(s)
+
+
+# ------------------------------------------------------------------------------- the fast path
+
+def _no_full_path(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the call took the full path")
+    monkeypatch.setattr(site, "_apply", refuse)
+    monkeypatch.setattr(site, "_contexts", refuse)
+
+
+@pytest.mark.parametrize("mode", ["pad", "pos", "full"])
+@pytest.mark.parametrize("case", ["raster", "positions", "positions 2-D", "batch", "batch, two images"])
+def test_fast_path_equals_full_path(monkeypatch, mode, case):
+    """The second call with the same key takes the fast path (the full path is made to fail) and returns
+    exactly what the full path returned, for every layout of scores and positions."""
+    dc.configure(mode=mode, trend="paper:pdrop/gqa", method="pdrop")
+    g = torch.Generator().manual_seed(0)
+    sizes = [(640, 427), (300, 500)] if case == "batch, two images" else (640, 427)
+    rows = 2 if case.startswith("batch") else 1 if case == "positions 2-D" else None
+    shape = (rows, 300) if rows else (300,)
+    pos = None if case == "raster" else torch.randperm(576, generator=g)[:300]
+    if pos is not None and case != "positions":
+        pos = pos.unsqueeze(0).expand(rows or 1, -1).contiguous()
+    pos_b = None if pos is None else pos.clone()
+    if pos_b is not None:
+        pos_b[..., :5] = -1                               # merged tokens take the neutral slot
+    results = []
+    for call in range(2):
+        if call == 1:
+            _no_full_path(monkeypatch)
+        with dc.sample(image_size=sizes):
+            s = torch.rand(shape, generator=torch.Generator().manual_seed(call))
+            results.append((s, dc.debias(s, pos_b), dc.mask_padding(s, pos_b), dc.keep_cap(500)))
+    monkeypatch.undo()
+    s, fast, fast_mask, fast_k = results[1]
+    dc.clear_cache()                                       # the reference: a cold, full-path call
+    with dc.sample(image_size=sizes):
+        ref, ref_mask, ref_k = dc.debias(s, pos_b), dc.mask_padding(s, pos_b), dc.keep_cap(500)
+    assert torch.equal(fast, ref) and torch.equal(fast_mask, ref_mask) and fast_k == ref_k
+
+
+def test_fast_path_still_checks_values_on_cpu():
+    dc.configure(mode="full", trend="paper:pdrop/gqa")
+    pos = torch.arange(300)
+    with dc.sample(image_size=(640, 427)):
+        dc.debias(torch.rand(300), pos)
+        with pytest.raises(dc.DebiasError, match="nan"):
+            dc.debias(torch.full((300,), float("nan")), pos)
+        with pytest.raises(dc.DebiasError, match="outside the visual span"):
+            dc.debias(torch.rand(300), torch.arange(300) + 400)
+
+
+@pytest.mark.parametrize("change", ["settings", "sample", "stage", "shape", "dtype", "positions dtype"])
+def test_fast_path_is_left_when_anything_in_its_key_changes(change):
+    dc.configure(mode="full", trend="paper:pdrop/gqa")
+    s, pos, stage = torch.rand(300), torch.randperm(576)[:300], 0
+    size = (640, 427)
+    with dc.sample(image_size=size):
+        first = dc.debias(s, pos, stage=stage)
+    if change == "settings":
+        dc.configure(mode="pad")
+    elif change == "sample":
+        size = (427, 640)
+    elif change == "stage":
+        dc.configure(trend=dc.StagedTrend({0: dc.ExponentialTrend(1.0, 0.001, 576),
+                                          1: dc.ExponentialTrend(1.0, 0.01, 576)}))
+        with dc.sample(image_size=size):
+            first = dc.debias(s, pos, stage=0)
+        stage = 1
+    elif change == "shape":
+        s, pos = s[:200], pos[:200]
+        first = first[:200]
+    elif change == "dtype":
+        s = s.double()
+    else:
+        pos = pos.int()
+    with dc.sample(image_size=size):
+        again = dc.debias(s, pos, stage=stage)
+    dc.clear_cache()
+    with dc.sample(image_size=size):
+        ref = dc.debias(s, pos, stage=stage)
+    assert torch.equal(again, ref)
+    if change != "positions dtype" and change != "shape":
+        assert not torch.equal(again.float(), first.float())   # the change mattered: a stale entry would show
+
+
+def test_keep_cap_fast_path_follows_settings_and_samples():
+    dc.configure(mode="full", trend="paper:pdrop/gqa", method="pdrop")
+    with dc.sample(image_size=(640, 427)):
+        a = dc.keep_cap(576), dc.keep_cap(576)
+    with dc.sample(image_size=(640, 240)):
+        b = dc.keep_cap(576)
+    dc.configure(method="himap")                          # another threshold
+    with dc.sample(image_size=(640, 427)):
+        c = dc.keep_cap(576)
+    dc.configure(mode="pos")
+    with dc.sample(image_size=(640, 427)):
+        d = dc.keep_cap(576)
+    assert a[0] == a[1] < 576 and b < a[0] and c != a[0] and d == 576
+    with dc.sample(image_size=(640, 427)):
+        with pytest.raises(dc.DebiasError):
+            dc.keep_cap(0)
