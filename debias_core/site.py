@@ -149,7 +149,7 @@ class _Plan:
     ``bias`` [B, L+1]. Slot L (reached by position −1) is neutral. debiased = bias + scores · weight, with
     bias −inf on padding and 0 elsewhere (an addition, so a zero score on padding is −inf, not NaN)."""
 
-    __slots__ = ("st", "ctxs", "length", "table", "weight", "bias", "prefix")
+    __slots__ = ("st", "ctxs", "length", "table", "weight", "bias")
 
     def __init__(self, st, ctxs, stage: int, positional: bool, device, dtype):
         self.st, self.ctxs, self.length = st, ctxs, ctxs[0].span_length
@@ -169,35 +169,25 @@ class _Plan:
             self.table = None
             self.weight = weight
             self.bias = _cache.get(("stack",) + tuple(id(b) for b in biases), lambda: torch.stack(biases))
-        self.prefix = {}
 
-    def fast(self, scores, index):
-        """The operation ``apply`` does for these shapes, with the table views prepared: fn(scores, index)."""
+    def operation(self, scores, index):
+        """fn(scores, index) -> debiased scores for calls shaped like this one (table views prepared once).
+        index: None (positions 0..N−1) or long positions on the device ([N], [1, N] or [B, N])."""
         if index is None:
-            bias, weight = ((self.table[1, :scores.shape[-1]], self.table[0, :scores.shape[-1]]) if self.table is not None
-                            else (self.bias[:, :scores.shape[-1]], self.weight[:scores.shape[-1]]))
+            n = scores.shape[-1]
+            bias, weight = ((self.table[1, :n], self.table[0, :n]) if self.table is not None
+                            else (self.bias[:, :n], self.weight[:n]))
             return lambda s, _: torch.addcmul(bias, s, weight)
         if self.table is not None:
             table = self.table
 
             def gather_fma(s, i):
-                wb = table[:, i]
+                wb = table[:, i]                            # one gather: [2, N] or [2, B, N]
                 return torch.addcmul(wb[1], s, wb[0])
             return gather_fma
-        return self.apply
+        return self._per_row
 
-    def apply(self, scores, index):
-        """index: None (positions 0..N−1) or long positions on the device ([N], [1, N] or [B, N])."""
-        if index is None:
-            n = scores.shape[-1]
-            parts = self.prefix.get(n)
-            if parts is None:  # views of the tables, kept so that a call builds nothing
-                parts = self.prefix[n] = ((self.table[1, :n], self.table[0, :n]) if self.table is not None
-                                          else (self.bias[:, :n], self.weight[:n]))
-            return torch.addcmul(parts[0], scores, parts[1])
-        if self.table is not None:
-            wb = self.table[:, index]                       # one gather: [2, N] or [2, B, N]
-            return torch.addcmul(wb[1], scores, wb[0])
+    def _per_row(self, scores, index):
         rows = index.expand(self.bias.shape[0], -1) if index.dim() == 1 or index.shape[0] == 1 else index
         bias = self.bias.gather(1, rows.remainder(self.length + 1))  # gather does not wrap −1 as indexing does
         return torch.addcmul(bias, scores, self.weight[index])
@@ -269,14 +259,14 @@ def _apply(scores, positions, stage: int, positional: bool, needed_for: str):
     if check:
         _check_values(scores)
     index = _positions(positions, scores, plan.length, check)
-    out = plan.apply(scores, index)
+    operation = plan.operation(scores, index)
     if index is positions:  # validated: later calls with this key take the fast path
         if len(_fast) >= _MAX_FAST:
             _fast.clear()
         ctxs, st = current_samples(), settings()
         _fast[_fast_key(ctxs, st, stage, positional, scores, positions)] = (
-            ctxs, st, plan.fast(scores, index), plan.length if check else None)
-    return out
+            ctxs, st, operation, plan.length if check else None)
+    return operation(scores, index)
 
 
 # The warm path. What the full path checks and builds depends only on what the key holds (sample contexts

@@ -29,20 +29,22 @@ def run_dir(answers_dir, model_name: str, benchmark: str, method: str, budget: s
     return Path(answers_dir) / slug(model_name) / benchmark / f"{method}-{slug(budget)}" / mode_tag(mode, trend)
 
 
-def write_or_check(path: Path, info: dict) -> None:
-    """Create run.json, or check that an existing one describes the same run."""
+def write_or_check(path: Path, info: dict, identity: tuple = IDENTITY, folder_option: str = "--answers-dir",
+                   created: dict | None = None) -> None:
+    """Create the run file (``info`` plus ``created``, atomically), or check that an existing one describes
+    the same run: the ``identity`` fields must match."""
     path = Path(path)
     if path.exists():
         old = json.loads(path.read_text())
-        diff = [k for k in IDENTITY if old.get(k) != info.get(k)]
+        diff = [k for k in identity if old.get(k) != info.get(k)]
         if diff:
             shown = "; ".join(f"{k}: {old.get(k)!r} there vs {info.get(k)!r} now" for k in diff)
             raise EvalError(f"{path.parent} holds answers of a different run ({shown}); use another "
-                            f"--answers-dir or remove that folder")
+                            f"{folder_option} or remove that folder")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # chunks start together: each writes its own temp file
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps({**info, **(created or {})}, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     tmp.replace(path)
 
 

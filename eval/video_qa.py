@@ -53,6 +53,7 @@ from pathlib import Path
 
 from .answers import get_chunk, qid_key, read_answers
 from .common import ROOT, EvalError, check_model_path, populate_hint, project_state, slug, submodule_state
+from . import runinfo
 from .runinfo import mode_tag
 
 UPSTREAM = "Video-LLaVA"
@@ -285,23 +286,10 @@ def plan(answers_dir, model_path: str, benchmarks, modes, *, data_dir, trend=Non
                     "model_name": model}
             label = trends[m] and Path(trends[m].partition(":")[2]).name  # the file name, not its whole path
             run_dir = Path(answers_dir).resolve() / model / b / f"{method}-{budget}" / mode_tag(m, label)
-            write_or_check(run_dir, info)
+            runinfo.write_or_check(run_dir / RUN_FILE, info, IDENTITY, "ANSWERS_DIR", created={
+                "created": time.strftime("%Y-%m-%d %H:%M:%S"), "project": project_state()})
             runs.append(run_dir)
     return runs
-
-
-def write_or_check(run_dir: Path, info: dict) -> None:
-    path = Path(run_dir) / RUN_FILE
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = [k for k in IDENTITY if old.get(k) != info.get(k)]
-        if diff:
-            shown = "; ".join(f"{k}: {old.get(k)!r} there vs {info.get(k)!r} now" for k in diff)
-            raise EvalError(f"{run_dir} holds answers of a different run ({shown}); use another ANSWERS_DIR or "
-                            f"remove that folder")
-        return
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    _write_json(path, {**info, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "project": project_state()})
 
 
 # ------------------------------------------------------------------ infer (resumable chunk)

@@ -196,13 +196,17 @@ class Adapter:
         lv = self.activate()
         model_name = lv.get_model_name_from_path(model_path)
         tokenizer, model, image_processor, context_len = lv.load_pretrained_model(
-            model_path, model_base, model_name, device=device)
+            model_path, model_base, model_name, **self.loader_kwargs(device))
         if dtype is None:
             dtype = torch.float16 if device.startswith("cuda") else torch.float32
         if model.dtype != dtype:
             model = model.to(dtype=dtype)
         model.eval()
         return Loaded(tokenizer, model, image_processor, context_len, model_name, device, dtype)
+
+    def loader_kwargs(self, device: str) -> dict:
+        """Keyword arguments for the baseline's ``load_pretrained_model`` beside the path, base and name."""
+        return {"device": device}
 
     def configure(self, loaded: Loaded) -> None:
         """Enable the method on the loaded model with ``self.args`` (plain LLaVA: nothing to do)."""

@@ -10,7 +10,6 @@ image-start check, text-only samples unpruned, EVAL_THIRD_PARTY) is in ``llava11
 from __future__ import annotations
 
 from ..common import EvalError
-from .base import Loaded
 from .llava113 import Llava113Adapter
 
 # defaults.json argument -> HiMAP's config key (as src/HiMAP/inference/eval_scivqa.py sets them)
@@ -35,20 +34,9 @@ class HiMAPAdapter(Llava113Adapter):
                             f"first on sys.path")
         return lv
 
-    def load(self, model_path: str, *, model_base: str | None = None, device: str = "cuda", dtype=None) -> Loaded:
+    def loader_kwargs(self, device: str) -> dict:
         """HiMAP's load_pretrained_model ignores ``device`` (device_map "auto"): pin the whole model to it."""
-        import torch
-
-        lv = self.activate()
-        model_name = lv.get_model_name_from_path(model_path)
-        tokenizer, model, image_processor, context_len = lv.load_pretrained_model(
-            model_path, model_base, model_name, device_map={"": device}, device=device)
-        if dtype is None:
-            dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        if model.dtype != dtype:
-            model = model.to(dtype=dtype)
-        model.eval()
-        return Loaded(tokenizer, model, image_processor, context_len, model_name, device, dtype)
+        return {"device_map": {"": device}, "device": device}
 
     def _check_args(self, n_layers: int, span: int) -> None:
         a = self.args

@@ -14,7 +14,6 @@ Attention: sdpa (transformers 4.37's default for LLaVA-1.5 checkpoints) or flash
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -38,18 +37,15 @@ class PDropAdapter(Adapter):
             raise EvalError(f"{Path(model_path) / 'config.json'} asks for _attn_implementation='eager', which "
                             f"PyramidDrop's ranking (pdrop_rank_drop) cannot run; remove that key (LLaVA-1.5 "
                             f"checkpoints do not set it, so transformers picks sdpa)")
-        lv = self.activate()
-        original = lv.load_pretrained_model
-        lv.load_pretrained_model = functools.partial(original, pdrop_infer=True)
-        try:
-            loaded = super().load(model_path, model_base=model_base, device=device, dtype=dtype)
-        finally:
-            lv.load_pretrained_model = original
+        loaded = super().load(model_path, model_base=model_base, device=device, dtype=dtype)
         if type(loaded.model).__name__ != "LlavaLlamaForCausalLM_PDrop":
             raise EvalError(f"PyramidDrop's loader returned {type(loaded.model).__name__}, not "
                             f"LlavaLlamaForCausalLM_PDrop; the checkpoint name {loaded.model_name!r} must contain "
                             f"'llava' (and neither 'mpt', 'mistral' nor 'lora')")
         return loaded
+
+    def loader_kwargs(self, device: str) -> dict:
+        return {"device": device, "pdrop_infer": True}  # PyramidDrop's own loader flag for its model class
 
     def configure(self, loaded: Loaded) -> None:
         layers, ratios = list(self.args["layer_list"]), list(self.args["image_token_ratio_list"])
