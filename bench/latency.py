@@ -11,7 +11,7 @@ What it measures, per method (each in its own interpreter, its own environment):
 - prefill latency (generate with one new token) and prefill + 32 decode tokens, for off and full
   interleaved, median of --reps after --warmup, wall clock around a synchronised generate call;
 - peak GPU memory; the number of debias calls per generate; host syncs inside debias_core: every debias /
-  keep_cap / mask_padding call of one cold-cache and one warm generate runs under
+  keep_cap / mask_padding / positions call of one cold-cache and one warm generate runs under
   torch.cuda.set_sync_debug_mode("error"), so any synchronisation in them raises;
 - the debias call alone (debias + keep_cap + topk vs plain topk) at N = 576 and 2,056, fp16 and bf16.
 Writes bench.json and bench.md under --out. Not a test: nothing here asserts a timing.
@@ -58,7 +58,7 @@ def _strict_sync(calls: dict, device: str):
 
     cuda = device.startswith("cuda")
 
-    originals = {name: getattr(debias_core, name) for name in ("debias", "keep_cap", "mask_padding")}
+    originals = {name: getattr(debias_core, name) for name in ("debias", "keep_cap", "mask_padding", "positions")}
 
     def wrap(name, fn):
         def strict(*args, **kwargs):
@@ -157,8 +157,9 @@ def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int, dev
 
 
 def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profile: bool = False) -> dict:
-    """The debias_core calls (debias, mask_padding, keep_cap) inside real prefills, per mode (``off`` is the control: the same wrapper around a
-    call that returns at once, i.e. what the measurement itself costs). Per call: CUDA events recorded
+    """The debias_core calls (debias, mask_padding, keep_cap, positions) inside real prefills, per mode (``off`` is
+    the control: the same wrapper around calls that return their input — positions: upstream's torch.arange —,
+    i.e. what the measurement itself costs). Per call: CUDA events recorded
     (asynchronously) before and after it, read after the prefill — the GPU-timeline time, which covers the
     kernels and any gap while the GPU waits for the host to launch them — and the host time (perf_counter).
     Summed per prefill and divided by the prefill's wall time; modes alternate every rep."""
@@ -182,7 +183,7 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
     trend = "paper:fastv" if tm == "fastv" else f"paper:{tm}/{BENCH_TREND_BENCHMARK}"
     events: list = []
     host_s: list = []
-    originals = {n: getattr(debias_core, n) for n in ("debias", "mask_padding", "keep_cap")}
+    originals = {n: getattr(debias_core, n) for n in ("debias", "mask_padding", "keep_cap", "positions")}
 
     class HostStamp:  # a CPU run (smoke test) has no CUDA events: its timeline is the host's
         def record(self):
@@ -199,7 +200,7 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
             torch.cuda.synchronize()
 
     def timed(fn):
-        ranking = fn.__name__ != "keep_cap"
+        ranking = fn.__name__ in ("debias", "mask_padding")
 
         def wrapper(*args, **kwargs):
             start, end = stamp(), stamp()
@@ -509,11 +510,11 @@ def markdown(results: dict, summary: dict, meta: dict) -> str:
               r.get("in_situ", {})}
     if insitu:
         lines += ["", "## In situ: every debias_core call inside real prefills", "",
-                  "Every debias / mask_padding / keep_cap call (calls per prefill counts the first two). "
+                  "Every debias / mask_padding / keep_cap / positions call (calls per prefill counts the first two). "
                   "CUDA events recorded before and after each call (GPU-timeline time: its kernels plus any gap "
                   "while the GPU waits for the host to launch them) and the call's host time, summed per prefill. "
-                  "Control = the same wrapper in mode `off`, where the call returns at once: what the measurement "
-                  "itself costs. Net = median over prefills of (full share − control share of the prefill's wall "
+                  "Control = the same wrapper in mode `off`, where each call returns its input (positions: "
+                  "upstream's `torch.arange`): what the measurement itself costs. Net = median over prefills of (full share − control share of the prefill's wall "
                   "time); modes alternate every rep. Speedup kept = 1 / (1 + net share): the method's own speedup "
                   "that debiasing leaves.", "",
                   "| method | calls per prefill | full: GPU-timeline µs | full: host µs | control: GPU-timeline µs "

@@ -33,6 +33,7 @@ from .context import SampleContext, current_samples
 from .errors import DebiasError
 from .geometry import pad_fractions, valid_mask
 from .recorder import active_recorder
+from .tracking import TrackedPositions
 
 
 class _TableCache:
@@ -61,6 +62,8 @@ def cache_info() -> dict:
 
 
 def clear_cache() -> None:
+    from .tracking import _tracked
+    _tracked.clear()
     _cache.tables.clear()
     _plans.clear()
     _fast.clear()
@@ -305,16 +308,22 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0) -> torch.Ten
     """Debiased ranking scores (positional weight and/or padding suppression, by mode).
 
     scores:    float tensor [N] or [B, N] over the visual tokens being ranked, any device.
-    positions: their original visual positions (long [N] or [B, N]; −1 = merged token); None = 0..N−1.
+    positions: their original visual positions (long [N] or [B, N]; −1 = merged token); None = 0..N−1;
+               or ``positions(n)[kept]``, tracked positions that carry their rows (one kernel, no gather).
     stage:     index of the ranking stage (multi-stage methods; picks a per-stage trend if the trend has one).
     Returns float32 (float64 if given) of the same shape; in mode ``off``, ``scores`` itself.
     """
     rec = active_recorder()
     if rec is not None:
-        rec.append(stage, scores, positions)
+        rec.append(stage, scores, positions.long() if type(positions) is TrackedPositions else positions)
     st = settings()
     if st.mode == "off":
         return scores
+    if type(positions) is TrackedPositions:
+        out = positions._debiased(scores, stage, st, st.positional)
+        if out is not None:
+            return out
+        positions = positions.long()
     out = _fast_apply(scores, positions, stage, st.positional, st)
     return _apply(scores, positions, stage, st.positional, "debias") if out is None else out
 
@@ -325,6 +334,11 @@ def mask_padding(scores: torch.Tensor, positions=None) -> torch.Tensor:
     st = settings()
     if not st.suppress_padding:
         return scores
+    if type(positions) is TrackedPositions:
+        out = positions._debiased(scores, 0, st, False)
+        if out is not None:
+            return out
+        positions = positions.long()
     out = _fast_apply(scores, positions, 0, False, st)
     return _apply(scores, positions, 0, False, "mask_padding") if out is None else out
 
