@@ -157,9 +157,9 @@ def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int, dev
 
 
 def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profile: bool = False) -> dict:
-    """The debias_core calls (debias, mask_padding, keep_cap, positions) inside real prefills, per mode (``off`` is
-    the control: the same wrapper around calls that return their input — positions: upstream's torch.arange —,
-    i.e. what the measurement itself costs). Per call: CUDA events recorded
+    """The debias_core calls (debias, mask_padding, keep_cap, positions, and indexing tracked positions) inside
+    real prefills, per mode (``off`` is the control: the same wrapper around calls that return their input —
+    positions: upstream's torch.arange, indexed as upstream does —, i.e. what the measurement itself costs). Per call: CUDA events recorded
     (asynchronously) before and after it, read after the prefill — the GPU-timeline time, which covers the
     kernels and any gap while the GPU waits for the host to launch them — and the host time (perf_counter).
     Summed per prefill and divided by the prefill's wall time; modes alternate every rep."""
@@ -200,7 +200,7 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
             torch.cuda.synchronize()
 
     def timed(fn):
-        ranking = fn.__name__ in ("debias", "mask_padding")
+        name = fn.__name__ if fn.__name__ != "<lambda>" else "index"
 
         def wrapper(*args, **kwargs):
             start, end = stamp(), stamp()
@@ -209,14 +209,38 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
             out = fn(*args, **kwargs)
             host_s.append(time.perf_counter() - t)
             end.record()
-            events.append((start, end, ranking))
+            events.append((start, end, name))
             return out
         return wrapper
 
-    per_mode = {m: {"share_pct": [], "gpu_us": [], "host_us": [], "calls": []} for m in ("off", "full")}
+    # A multi-stage method re-indexes its positions at each stage: in mode full that is TrackedPositions.__getitem__
+    # (a gather of the debias rows), in mode off the same indexing of upstream's long arange. Both are timed, so the
+    # net share also holds what tracking adds there.
+    tracked_getitem = debias_core.TrackedPositions.__getitem__
+    index_long = timed(lambda positions, index: positions[index])
+
+    class TimedLongPositions:
+        __slots__ = ("t",)
+
+        def __init__(self, t):
+            self.t = t
+
+        def __getitem__(self, index):
+            return TimedLongPositions(index_long(self.t, index))
+
+    timed_positions = timed(originals["positions"])
+
+    def positions(*args, **kwargs):
+        out = timed_positions(*args, **kwargs)
+        return TimedLongPositions(out) if isinstance(out, torch.Tensor) else out
+
+    per_mode = {m: {"share_pct": [], "gpu_us": [], "host_us": [], "calls": [], "timed": [], "by_call": {}}
+                for m in ("off", "full")}
     try:
         for n, fn in originals.items():
             setattr(debias_core, n, timed(fn))
+        debias_core.positions = positions
+        debias_core.TrackedPositions.__getitem__ = timed(tracked_getitem)
         for i in range(reps + 3):
             for mode in (("off", "full") if i % 2 else ("full", "off")):
                 debias_core.configure(mode=mode, trend=trend, method=tm)
@@ -234,13 +258,20 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
                     q["share_pct"].append(100 * inside_ms / wall_ms)
                     q["gpu_us"].append(inside_ms * 1e3)
                     q["host_us"].append(sum(host_s) * 1e6)
-                    q["calls"].append(sum(r for _, _, r in events))
+                    q["calls"].append(sum(n in ("debias", "mask_padding") for _, _, n in events))
+                    q["timed"].append(len(events))
+                    per_call: dict = {}
+                    for a, b, n in events:
+                        per_call[n] = per_call.get(n, 0.0) + a.elapsed_time(b) * 1e3
+                    for n, us in per_call.items():
+                        q["by_call"].setdefault(n, []).append(us)
         if profile:
             debias_core.configure(mode="full", trend=trend, method=tm)
             profiled = _profile_prefill(adapter, loaded, ids, pixels, image, grid, resolution, originals)
     finally:
         for n, fn in originals.items():
             setattr(debias_core, n, fn)
+        debias_core.TrackedPositions.__getitem__ = tracked_getitem
     med = statistics.median
     full, off = per_mode["full"], per_mode["off"]
     in_situ = {"overhead_pct_median": med(full["share_pct"]), "overhead_pct_max": max(full["share_pct"]),
@@ -249,7 +280,11 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
                "control_us_per_prefill_median": med(off["gpu_us"]),
                "control_pct_median": med(off["share_pct"]),
                "net_pct_median": med(f - o for f, o in zip(full["share_pct"], off["share_pct"])),
-               "calls_per_prefill": med(full["calls"]), "n": len(full["share_pct"])}
+               "calls_per_prefill": med(full["calls"]), "n": len(full["share_pct"]),
+               "timed_per_prefill": {"full": med(full["timed"]), "off": med(off["timed"])},
+               # GPU-timeline µs per prefill by call (index/__getitem__: re-indexing long/tracked positions)
+               "by_call_us_median": {m: {n: round(med(v), 1) for n, v in per_mode[m]["by_call"].items()}
+                                     for m in ("full", "off")}}
     return {"method": name, **({"profile": profiled} if profile else {}), "in_situ": in_situ}
 
 
@@ -510,7 +545,8 @@ def markdown(results: dict, summary: dict, meta: dict) -> str:
               r.get("in_situ", {})}
     if insitu:
         lines += ["", "## In situ: every debias_core call inside real prefills", "",
-                  "Every debias / mask_padding / keep_cap / positions call (calls per prefill counts the first two). "
+                  "Every debias / mask_padding / keep_cap / positions call (calls per prefill counts the first two), "
+                  "and every re-indexing of tracked positions (control: the same indexing of upstream's long ones). "
                   "CUDA events recorded before and after each call (GPU-timeline time: its kernels plus any gap "
                   "while the GPU waits for the host to launch them) and the call's host time, summed per prefill. "
                   "Control = the same wrapper in mode `off`, where each call returns its input (positions: "

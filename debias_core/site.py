@@ -28,11 +28,13 @@ import numbers
 import numpy as np
 import torch
 
+from . import config as _config
 from .config import settings
 from .context import SampleContext, current_samples
+from .context import _active as _samples_var
 from .errors import DebiasError
 from .geometry import pad_fractions, valid_mask
-from .recorder import active_recorder
+from .recorder import _active as _recorder_var
 from .tracking import TrackedPositions
 
 
@@ -280,6 +282,7 @@ def _apply(scores, positions, stage: int, positional: bool, needed_for: str):
 _fast: dict = {}
 _fast_caps: dict = {}
 _MAX_FAST = 1024
+_SUPPRESSING = ("pad", "full")  # Settings.suppress_padding without the property call
 
 
 def _fast_key(ctxs, st, stage, positional, scores, positions):
@@ -289,7 +292,7 @@ def _fast_key(ctxs, st, stage, positional, scores, positions):
 
 def _fast_apply(scores, positions, stage: int, positional: bool, st):
     """The prepared result, or None when this call must take the full path."""
-    ctxs = current_samples()
+    ctxs = _samples_var.get()
     try:
         entry = _fast.get(_fast_key(ctxs, st, stage, positional, scores, positions))
     except AttributeError:  # not tensors: the full path says what is wrong
@@ -313,14 +316,16 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0) -> torch.Ten
     stage:     index of the ranking stage (multi-stage methods; picks a per-stage trend if the trend has one).
     Returns float32 (float64 if given) of the same shape; in mode ``off``, ``scores`` itself.
     """
-    rec = active_recorder()
+    # The hot path inlines settings() and the context lookups: at sites where the GPU waits for the host, each
+    # Python call costs microseconds of cold-cache host time, i.e. latency.
+    rec = _recorder_var.get()
     if rec is not None:
         rec.append(stage, scores, positions.long() if type(positions) is TrackedPositions else positions)
-    st = settings()
+    st = _config._settings or settings()
     if st.mode == "off":
         return scores
     if type(positions) is TrackedPositions:
-        out = positions._debiased(scores, stage, st, st.positional)
+        out = positions._debiased(scores, stage, st, True)
         if out is not None:
             return out
         positions = positions.long()
@@ -331,7 +336,7 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0) -> torch.Ten
 def mask_padding(scores: torch.Tensor, positions=None) -> torch.Tensor:
     """Padding suppression alone (−inf on padding tokens; no positional weight), for scores that are
     not attention, e.g. TokenCarve's SVD information score. Same shapes and modes as ``debias``."""
-    st = settings()
+    st = _config._settings or settings()
     if not st.suppress_padding:
         return scores
     if type(positions) is TrackedPositions:
@@ -349,10 +354,9 @@ def keep_cap(k, *, sample: int | None = None) -> int:
     A batched top-k needs one k, so for a batch the smallest cap is returned unless ``sample`` picks a row.
     Computed on the host from geometry: never reads a device tensor.
     """
-    st = settings()
-    if type(k) is int and k > 0 and sample is None and st.suppress_padding:  # warm path: this sample's cap
-        ctxs = current_samples()
-        cap = _fast_caps.get((id(ctxs), id(st)))
+    st = _config._settings or settings()
+    if type(k) is int and k > 0 and sample is None and st.mode in _SUPPRESSING:  # warm path: this sample's cap
+        cap = _fast_caps.get((id(_samples_var.get()), id(st)))
         if cap is not None:
             _cache.hits += 1
             return min(k, cap[2])

@@ -1,13 +1,13 @@
 """Tracked positions: the original positions of a multi-stage method's surviving visual tokens, carrying
-their debias rows so that a later stage's ranking call needs no gather.
+their debias weights and padding bias so that a later stage's ranking call needs no gather.
 
 PyramidDrop ranks three times per prefill; at stage s it ranks the survivors of stage s−1 and ``debias``
 needs their original raster positions. Tracked as a plain long tensor, each call gathers the weight and
 padding tables at those positions before its multiply-add: two kernel launches. Its ranking sites run
 just after a host–device sync (upstream indexes with a boolean mask), while the GPU waits for the host, so
-every launch there is latency. ``positions(n)`` returns instead one float32 table [2 + S, n] — the
+every launch there is latency. ``positions(n)`` returns instead one float32 table [n, 2 + S] — the
 positions, their padding bias and their weight under each of the trend's S stage trends — and indexing it
-with a stage's kept indices gathers every row in the single launch that indexing the long tensor costs. A
+with a stage's kept indices gathers all of it in the single launch that indexing the long tensor costs. A
 ranking call on it is then one ``addcmul``, and stage 0 needs no ``arange`` (the table is cached)::
 
     p = debias_core.positions(576, device=x.device)   # mode off: torch.arange(576, device=x.device)
@@ -15,44 +15,46 @@ ranking call on it is then one ``addcmul``, and stage 0 needs no ``arange`` (the
     p = p[kept]                                         # kept: long [k] indices into the ranked span
     scores = debias_core.debias(scores, p, stage=1)
 
-The result is bit-identical to passing ``p.long()``: the rows hold the same float32 values the tables do.
+The result is bit-identical to passing ``p.long()``: the table holds the same float32 values as the tables
+that path gathers from.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from . import config as _config
 from .config import settings
-from .context import current_samples
+from .context import _active as _samples_var
 from .errors import DebiasError
 
 _FLOAT32_OR_NARROWER = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _Layout:
-    """What a tracked table was built for (settings and sample contexts, by identity) and which table row
+    """What a tracked table was built for (settings and sample contexts, by identity) and which table column
     holds each stage's weight."""
 
-    __slots__ = ("st", "ctxs", "trend_rows", "stage_rows", "check")
+    __slots__ = ("st", "ctxs", "trend_columns", "stage_columns", "positional", "check")
 
-    def __init__(self, st, ctxs, trend_rows, device: torch.device):
-        self.st, self.ctxs, self.trend_rows, self.stage_rows = st, ctxs, trend_rows, {}
+    def __init__(self, st, ctxs, trend_columns, device: torch.device):
+        self.st, self.ctxs, self.trend_columns, self.stage_columns = st, ctxs, trend_columns, {}
+        self.positional = st.positional
         # value checks as on the general path: CPU tensors always, accelerators only with DEBIAS_CHECK=1 (they sync)
         self.check = device.type == "cpu" or (st.checks and device.type != "meta")
 
-    def weight_row(self, stage: int) -> int:
-        row = self.stage_rows.get(stage)
-        if row is None:
-            row = self.stage_rows[stage] = self.trend_rows[id(self.st.trend.for_stage(stage))]
-        return row
+    def weight_column(self, stage: int) -> int:
+        column = self.stage_columns[stage] = self.trend_columns[id(self.st.trend.for_stage(stage))]
+        return column
 
 
 class TrackedPositions:
     """Positions [n] of visual tokens in the original raster (0..span−1), with their debias rows.
 
-    ``table``: float32 [2 + S, n] on the device — row 0 the positions (exact in float32), row 1 the padding
-    bias (−inf on padding, else 0), row 2 + j the weight under the j-th distinct stage trend (S = 0 when the
-    mode has no positional weight). Index it like a 1-D tensor (``p[kept]``, ``p[a:b]``); pass it to
+    ``table``: float32 [n, 2 + S] on the device, one row per token — column 0 its position (exact in float32),
+    column 1 its padding bias (−inf on padding, else 0), column 2 + j its weight under the j-th distinct stage
+    trend (S = 0 when the mode has no positional weight). Token-major, so ``p[kept]`` is the same single-index
+    gather as indexing a long tensor. Index it like a 1-D tensor (``p[kept]``, ``p[a:b]``); pass it to
     ``debias`` / ``mask_padding`` as positions; ``long()`` gives the plain positions.
     """
 
@@ -62,18 +64,18 @@ class TrackedPositions:
         self.table, self.layout = table, layout
 
     def __getitem__(self, index) -> "TrackedPositions":
-        table = self.table[:, index]
+        table = self.table[index]
         if table.dim() != 2:
-            raise DebiasError(f"indexing tracked positions with {index!r} gives shape {tuple(table.shape[1:])}; "
+            raise DebiasError(f"indexing tracked positions with {index!r} gives shape {tuple(table.shape[:-1])}; "
                               f"index with a 1-D index tensor, a slice or a boolean mask")
         return TrackedPositions(table, self.layout)
 
     def __len__(self) -> int:
-        return self.table.shape[1]
+        return self.table.shape[0]
 
     @property
     def shape(self) -> torch.Size:
-        return self.table.shape[1:]
+        return self.table.shape[:1]
 
     @property
     def device(self) -> torch.device:
@@ -81,25 +83,28 @@ class TrackedPositions:
 
     def long(self) -> torch.Tensor:
         """The positions as a long tensor [n] on the table's device."""
-        return self.table[0].long()
+        return self.table.select(1, 0).long()
 
     def __repr__(self) -> str:
-        return f"TrackedPositions(n={len(self)}, rows={self.table.shape[0]}, device={self.table.device})"
+        return f"TrackedPositions(n={len(self)}, columns={self.table.shape[1]}, device={self.table.device})"
 
-    def _debiased(self, scores, stage: int, st, positional: bool):
-        """``bias + scores · weight`` from the carried rows (one kernel), or None when this call must take the
-        general path: other settings or samples than the table was built for, float64 or mismatched scores."""
+    def _debiased(self, scores, stage: int, st, weighted: bool):
+        """``bias + scores · weight`` (``weighted`` and a positional mode) or ``bias + scores`` from the carried
+        rows, one kernel; None when this call must take the general path: other settings or samples than the
+        table was built for, float64 or mismatched scores."""
         layout, table = self.layout, self.table
-        if (layout.st is not st or layout.ctxs is not current_samples() or type(scores) is not torch.Tensor
+        if (layout.st is not st or layout.ctxs is not _samples_var.get() or type(scores) is not torch.Tensor
                 or scores.dtype not in _FLOAT32_OR_NARROWER or scores.dim() not in (1, 2)
-                or scores.shape[-1] != table.shape[1] or scores.device != table.device):
+                or scores.shape[-1] != table.shape[0] or scores.device != table.device):
             return None
         if layout.check:
             from .site import _check_values
             _check_values(scores)
-        if positional:
-            return torch.addcmul(table[1], scores, table[layout.weight_row(stage)])
-        return torch.add(table[1], scores)  # == addcmul(bias, scores, 1) bit for bit: s·1 is exact
+        if weighted and layout.positional:
+            column = layout.stage_columns.get(stage)
+            return torch.addcmul(table.select(1, 1), scores,
+                                 table.select(1, layout.weight_column(stage) if column is None else column))
+        return torch.add(table.select(1, 1), scores)  # == addcmul(bias, scores, 1) bit for bit: s·1 is exact
 
 
 _tracked: dict = {}
@@ -113,10 +118,10 @@ def positions(n: int, *, device=None):
     sample (a batch tracks each row with ``debias`` called per row), built once per settings, sample geometry,
     n and device and cached, so creating it launches nothing.
     """
-    st = settings()
+    st = _config._settings or settings()
     if st.mode == "off" or n == 0:  # n = 0: a sample without an image (upstream skips its ranking)
         return torch.arange(n, device=device)
-    ctxs = current_samples()
+    ctxs = _samples_var.get()
     hit = _tracked.get((id(st), id(ctxs), n, device))
     if hit is not None and hit.layout.st is st and hit.layout.ctxs is ctxs:  # ids held alive by the hit itself
         return hit
@@ -139,18 +144,18 @@ def _build(st, n, device) -> TrackedPositions:
     ctx = ctxs[0]
     if n > ctx.span_length:
         raise DebiasError(f"positions(n={n}) exceeds the visual span of {ctx.span_length} tokens")
-    rows = [np.arange(n, dtype=np.float64)]
+    columns = [np.arange(n, dtype=np.float64)]
     valid = _valid_host(ctx, st.pad_threshold, st.exact_geometry) if st.suppress_padding else None
-    rows.append(np.zeros(n) if valid is None else np.where(valid[:n], 0.0, -np.inf))
-    trend_rows = {}
+    columns.append(np.zeros(n) if valid is None else np.where(valid[:n], 0.0, -np.inf))
+    trend_columns = {}
     if st.positional:
         for t in (list(st.trend.stages.values()) if hasattr(st.trend, "stages") else [st.trend]):
-            if id(t) in trend_rows:
+            if id(t) in trend_columns:
                 continue
             if ctx.span_length > t.n:
                 raise DebiasError(f"the visual span has {ctx.span_length} tokens but the trend covers {t.n} positions; "
                                   f"fit a trend over this span (python -m debias_core fit --scores S.npy --out T.json)")
-            trend_rows[id(t)] = len(rows)
-            rows.append(np.asarray(t.weights(ctx.span_length), dtype=np.float64)[:n])  # the values _weight_table holds
-    table = _upload(np.stack(rows), torch.device("cpu" if device is None else device), torch.float32)
-    return TrackedPositions(table, _Layout(st, ctxs, trend_rows, table.device))
+            trend_columns[id(t)] = len(columns)
+            columns.append(np.asarray(t.weights(ctx.span_length), dtype=np.float64)[:n])  # the values _weight_table holds
+    table = _upload(np.stack(columns, axis=1), torch.device("cpu" if device is None else device), torch.float32)
+    return TrackedPositions(table, _Layout(st, ctxs, trend_columns, table.device))
