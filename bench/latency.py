@@ -491,6 +491,9 @@ def summarise(results: dict) -> dict:
     return summary
 
 
+_CALL_KINDS = ("debias", "mask_padding", "keep_cap", "positions", "index")
+
+
 def markdown(results: dict, summary: dict, meta: dict) -> str:
     lines = [f"# Debias overhead — {meta['gpu']}, {meta['date']}", "",
              f"torch {meta['torch']}; random-weight LLaVA-1.5-7B (fp16), {IMAGE_SIZE[0]}×{IMAGE_SIZE[1]} image "
@@ -566,6 +569,19 @@ def markdown(results: dict, summary: dict, meta: dict) -> str:
                          f"{q['overhead_pct_median']:.3f} % ({q['overhead_pct_max']:.3f} %) | "
                          f"{q['control_pct_median']:.3f} % | **{q['net_pct_median']:.3f} %** | "
                          f"{100 / (1 + q['net_pct_median'] / 100):.2f} % | {q['n']} |")
+    by_call = {m: q["by_call_us_median"] for m, q in insitu.items() if "by_call_us_median" in q}
+    if by_call:
+        lines += ["", "Where the net goes: GPU-timeline µs per prefill by call, full / control (off), medians "
+                  "(`index`: re-indexing positions between stages, tracked in full, upstream's long ones in off).", "",
+                  "| method | " + " | ".join(_CALL_KINDS) + " |", "|---|" + "---|" * len(_CALL_KINDS)]
+        for m, per in by_call.items():
+            cells = []
+            for kind in _CALL_KINDS:
+                full_us = per["full"].get("__getitem__" if kind == "index" else kind)
+                off_us = per["off"].get(kind)
+                cells.append("—" if full_us is None and off_us is None else
+                             f"{full_us or 0:.1f} / {off_us or 0:.1f} ({(full_us or 0) - (off_us or 0):+.1f})")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     iso = {m: s["isolated_overhead_pct"] for m, s in summary.items() if "isolated_overhead_pct" in s}
     if iso:
         lines += ["", "Isolated estimate (debias calls per prefill × the call's measured cost ÷ prefill): " +

@@ -65,4 +65,7 @@ def test_cpu_smoke_run_writes_results(tmp_path):
     assert "error" not in q, q
     assert q["calls_per_prefill"] == 1 and q["n"] == 2
     assert {"net_pct_median", "control_us_per_prefill_median", "host_us_per_prefill_median"} <= set(q)
-    assert "## In situ" in (out / "bench.md").read_text()
+    assert q["timed_per_prefill"] == {"full": 2, "off": 2}                  # debias + keep_cap, in both modes
+    assert set(q["by_call_us_median"]["full"]) == {"debias", "keep_cap"}
+    md = (out / "bench.md").read_text()
+    assert "## In situ" in md and "| illava | " in md.split("Where the net goes")[1]
