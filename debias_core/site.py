@@ -12,7 +12,7 @@ Computed in float32 (float64 stays float64). Positions −1 mark merged/cluster 
 Performance contract: the weight and padding tables are built once per (trend, stage, span length,
 dtype, device) and (geometry, image size, threshold, device), then cached on that device, and combined
 once per sample into a plan; a call is one fused multiply-add (``addcmul``), plus one gather when
-positions are given. After the first call with given contexts, settings, stage, shapes, dtypes and
+positions are given as a long tensor (none for ``positions(n)[kept]``, which carry their rows: tracking.py). After the first call with given contexts, settings, stage, shapes, dtypes and
 devices, later such calls skip every check and lookup but one dict access (the "fast path": ranking
 sites often run while the GPU waits for the host, so host time there is latency). No file I/O, no host–device sync: tables reach a CUDA device by
 non-blocking copies from pinned memory, and ``keep_cap`` reads the padding count that was computed
