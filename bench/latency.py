@@ -51,6 +51,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+SITE_CALLS = ("debias", "mask_padding", "keep_cap", "positions")  # what the patches call in debias_core
+
+
 def _strict_sync(calls: dict, device: str):
     """Wrap debias_core's site functions: count calls and (on CUDA) raise on any host-device sync inside them."""
     import torch
@@ -58,7 +61,7 @@ def _strict_sync(calls: dict, device: str):
 
     cuda = device.startswith("cuda")
 
-    originals = {name: getattr(debias_core, name) for name in ("debias", "keep_cap", "mask_padding", "positions")}
+    originals = {name: getattr(debias_core, name) for name in SITE_CALLS}
 
     def wrap(name, fn):
         def strict(*args, **kwargs):
@@ -78,34 +81,45 @@ def _strict_sync(calls: dict, device: str):
     return lambda: [setattr(debias_core, n, f) for n, f in originals.items()]
 
 
-def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int, device: str = "cuda") -> dict:
+def _prepare(name: str, ckpt: Path, device: str):
+    """The method loaded through its eval adapter (the baseline's own loader, the paper's settings), the
+    benchmark's input (640×480 random image, synthetic prompt) and its paper trend (None: no ranking site)."""
+    from types import SimpleNamespace
+
     import numpy as np
-    import torch
     from PIL import Image
 
-    import debias_core
     from eval.methods import get_adapter
 
     adapter = get_adapter(name)
     adapter.activate()
     loaded = adapter.load(str(ckpt), device=device)
     adapter.configure(loaded)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3),
+                                                              dtype=np.uint8))
+    grid, resolution = adapter.geometry(loaded)
+    tm = adapter.trend_method
+    trend = None if not tm else "paper:fastv" if tm == "fastv" else f"paper:{tm}/{BENCH_TREND_BENCHMARK}"
+    return SimpleNamespace(adapter=adapter, loaded=loaded, image=image, pixels=adapter.image_tensor(loaded, image, "pad"),
+                           ids=_synthetic_ids(adapter.llava.IMAGE_TOKEN_INDEX, loaded.model.config.vocab_size),
+                           grid=grid, resolution=resolution, trend=trend)
+
+
+def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int, device: str = "cuda") -> dict:
+    import torch
+
+    import debias_core
+
+    prep = _prepare(name, ckpt, device)
+    adapter, loaded, image, pixels, ids, trend = prep.adapter, prep.loaded, prep.image, prep.pixels, prep.ids, prep.trend
     for cfg in (loaded.model.config, loaded.model.generation_config):
         cfg.eos_token_id = None  # random weights: always generate the full length
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3), dtype=np.uint8))
-    pixels = adapter.image_tensor(loaded, image, "pad")
-    ids = _synthetic_ids(adapter.llava.IMAGE_TOKEN_INDEX, loaded.model.config.vocab_size)
-    grid, resolution = adapter.geometry(loaded)
-    trend = None
-    if adapter.trend_method:
-        trend = "paper:fastv" if adapter.trend_method == "fastv" else f"paper:{adapter.trend_method}/{BENCH_TREND_BENCHMARK}"
     modes = ("off", "full") if trend else ("off",)
     debias_core.configure(mode="off", trend=trend, method=adapter.trend_method)
 
     def generate(mode: str, new_tokens: int) -> float:
         debias_core.configure(mode=mode)
-        with debias_core.sample(image_size=image.size, span_start=PREFIX, grid=grid, resolution=resolution):
+        with debias_core.sample(image_size=image.size, span_start=PREFIX, grid=prep.grid, resolution=prep.resolution):
             _sync(device)
             t0 = time.perf_counter()
             adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=new_tokens)
@@ -163,27 +177,17 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
     (asynchronously) before and after it, read after the prefill — the GPU-timeline time, which covers the
     kernels and any gap while the GPU waits for the host to launch them — and the host time (perf_counter).
     Summed per prefill and divided by the prefill's wall time; modes alternate every rep."""
-    import numpy as np
     import torch
-    from PIL import Image
 
     import debias_core
-    from eval.methods import get_adapter
 
-    adapter = get_adapter(name)
-    adapter.activate()
-    loaded = adapter.load(str(ckpt), device=device)
-    adapter.configure(loaded)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3),
-                                                              dtype=np.uint8))
-    pixels = adapter.image_tensor(loaded, image, "pad")
-    ids = _synthetic_ids(adapter.llava.IMAGE_TOKEN_INDEX, loaded.model.config.vocab_size)
-    grid, resolution = adapter.geometry(loaded)
+    prep = _prepare(name, ckpt, device)
+    adapter, loaded, image, pixels, ids, grid, resolution, trend = (
+        prep.adapter, prep.loaded, prep.image, prep.pixels, prep.ids, prep.grid, prep.resolution, prep.trend)
     tm = adapter.trend_method
-    trend = "paper:fastv" if tm == "fastv" else f"paper:{tm}/{BENCH_TREND_BENCHMARK}"
     events: list = []
     host_s: list = []
-    originals = {n: getattr(debias_core, n) for n in ("debias", "mask_padding", "keep_cap", "positions")}
+    originals = {n: getattr(debias_core, n) for n in SITE_CALLS}
 
     class HostStamp:  # a CPU run (smoke test) has no CUDA events: its timeline is the host's
         def record(self):
@@ -194,10 +198,6 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
 
     def stamp():
         return torch.cuda.Event(enable_timing=True) if torch.device(device).type == "cuda" else HostStamp()
-
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
 
     def timed(fn):
         name = fn.__name__ if fn.__name__ != "<lambda>" else "index"
@@ -247,10 +247,10 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
                 events.clear()
                 host_s.clear()
                 with debias_core.sample(image_size=image.size, span_start=PREFIX, grid=grid, resolution=resolution):
-                    sync()
+                    _sync(device)
                     t0 = time.perf_counter()
                     adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=1)
-                    sync()
+                    _sync(device)
                     wall_ms = (time.perf_counter() - t0) * 1e3
                 inside_ms = sum(a.elapsed_time(b) for a, b, _ in events)
                 if i >= 3:  # warm-up
@@ -267,7 +267,7 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
                         q["by_call"].setdefault(n, []).append(us)
         if profile:
             debias_core.configure(mode="full", trend=trend, method=tm)
-            profiled = _profile_prefill(adapter, loaded, ids, pixels, image, grid, resolution, originals)
+            profiled = _profile_prefill(prep, originals)
     finally:
         for n, fn in originals.items():
             setattr(debias_core, n, fn)
@@ -288,7 +288,7 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
     return {"method": name, **({"profile": profiled} if profile else {}), "in_situ": in_situ}
 
 
-def _profile_prefill(adapter, loaded, ids, pixels, image, grid, resolution, originals) -> list[dict]:
+def _profile_prefill(prep, originals) -> list[dict]:
     """One prefill under torch.profiler with each debias_core call marked: per call, its host time and the
     operators (host µs) and kernels (device µs) inside it."""
     import torch
@@ -305,8 +305,8 @@ def _profile_prefill(adapter, loaded, ids, pixels, image, grid, resolution, orig
     for n, fn in originals.items():
         setattr(debias_core, n, marked(n, fn))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with debias_core.sample(image_size=image.size, span_start=PREFIX, grid=grid, resolution=resolution):
-            adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=1)
+        with debias_core.sample(image_size=prep.image.size, span_start=PREFIX, grid=prep.grid, resolution=prep.resolution):
+            prep.adapter.generate(prep.loaded, prep.ids, prep.pixels, prep.image.size, max_new_tokens=1)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     out = []
@@ -491,7 +491,7 @@ def summarise(results: dict) -> dict:
     return summary
 
 
-_CALL_KINDS = ("debias", "mask_padding", "keep_cap", "positions", "index")
+_CALL_KINDS = (*SITE_CALLS, "index")
 
 
 def markdown(results: dict, summary: dict, meta: dict) -> str:

@@ -259,6 +259,7 @@ def fit_observed(mean: np.ndarray, *, iterations: int = 100) -> ExponentialTrend
         raise DebiasError(f"only {int(obs.sum())} of {n} positions were observed; record more samples")
     return fit_exponential_at(np.flatnonzero(obs), mean[obs], n, iterations=iterations)
 
+
 def fit_loglinear(mean: np.ndarray) -> ExponentialTrend:
     """f(i) = a·e^{b·i} by least squares on log Ā_i (finite, positive entries of ``mean`` [n]).
 

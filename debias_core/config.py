@@ -18,6 +18,8 @@ from .presets import method_name, pad_threshold as paper_pad_threshold, resolve_
 from .trend import Trend
 
 MODES = ("off", "pad", "pos", "full")
+SUPPRESSING_MODES = ("pad", "full")   # padding → −inf
+POSITIONAL_MODES = ("pos", "full")    # scores weighted by the trend
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,11 @@ class Settings:
 
     @property
     def suppress_padding(self) -> bool:
-        return self.mode in ("pad", "full")
+        return self.mode in SUPPRESSING_MODES
 
     @property
     def positional(self) -> bool:
-        return self.mode in ("pos", "full")
+        return self.mode in POSITIONAL_MODES
 
 
 _settings: Settings | None = None

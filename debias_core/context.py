@@ -95,3 +95,13 @@ def sample(image_size=None, *, preprocess="pad", grid=24, resolution=336, span_s
 def current_samples() -> tuple | None:
     """The active contexts (one per batch row), or None outside any ``sample`` block."""
     return _active.get()
+
+
+def required_samples(needed_for: str) -> tuple:
+    """The active contexts; a DebiasError naming ``needed_for`` and the fix outside any ``sample`` block."""
+    ctxs = _active.get()
+    if ctxs is None:
+        raise DebiasError(f"{needed_for} needs a sample context: wrap generate in "
+                          f"`with debias_core.sample(image_size=(W, H), span_start=s0): ...` "
+                          f"(or run with DEBIAS=off)")
+    return ctxs

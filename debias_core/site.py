@@ -9,13 +9,14 @@ Mode ``off`` returns ``scores`` itself and ``k`` unchanged (upstream behaviour).
   full: both.
 Computed in float32 (float64 stays float64). Positions −1 mark merged/cluster tokens: weight 1, never padding.
 
-Performance contract: the weight and padding tables are built once per (trend, stage, span length,
-dtype, device) and (geometry, image size, threshold, device), then cached on that device, and combined
-once per sample into a plan; a call is one fused multiply-add (``addcmul``), plus one gather when
-positions are given as a long tensor (none for ``positions(n)[kept]``, which carry their rows: tracking.py). After the first call with given contexts, settings, stage, shapes, dtypes and
-devices, later such calls skip every check and lookup but one dict access (the "fast path": ranking
-sites often run while the GPU waits for the host, so host time there is latency). No file I/O, no host–device sync: tables reach a CUDA device by
-non-blocking copies from pinned memory, and ``keep_cap`` reads the padding count that was computed
+Performance contract: the weight and padding tables (tables.py) are built once per (trend, stage, span
+length, dtype, device) and (geometry, image size, threshold, device), then cached on that device, and
+combined once per sample into a plan; a call is one fused multiply-add (``addcmul``), plus one gather when
+positions are given as a long tensor (none for ``positions(n)[kept]``, which carry their table rows:
+tracking.py). After the first call with given contexts, settings, stage, shapes, dtypes and devices, later
+such calls skip every check and lookup but one dict access (the "fast path": ranking sites often run while
+the GPU waits for the host, so host time there is latency). No file I/O, no host–device sync: tables reach
+a CUDA device by non-blocking copies from pinned memory, and ``keep_cap`` reads the padding count that was computed
 on the host from geometry. Pass positions on the scores' device (a host tensor is copied each call).
 Value checks (finite scores, position range) run on CPU tensors, and on accelerator tensors only with
 DEBIAS_CHECK=1 because they would sync; never on ``meta`` tensors, which have no values (tests use
@@ -29,33 +30,13 @@ import numpy as np
 import torch
 
 from . import config as _config
-from .config import settings
-from .context import SampleContext, current_samples
+from .config import SUPPRESSING_MODES, settings
 from .context import _active as _samples_var
+from .context import current_samples, required_samples
 from .errors import DebiasError
-from .geometry import pad_fractions, valid_mask
 from .recorder import _active as _recorder_var
-from .tracking import TrackedPositions
-
-
-class _TableCache:
-    def __init__(self):
-        self.tables: dict = {}
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key, build):
-        try:
-            value = self.tables[key]
-        except KeyError:
-            self.misses += 1
-            value = self.tables[key] = build()
-            return value
-        self.hits += 1
-        return value
-
-
-_cache = _TableCache()
+from .tables import bias_table, cache as _cache, n_valid, upload, weight_table
+from .tracking import TrackedPositions, _tracked
 
 
 def cache_info() -> dict:
@@ -64,73 +45,12 @@ def cache_info() -> dict:
 
 
 def clear_cache() -> None:
-    from .tracking import _tracked
     _tracked.clear()
     _cache.tables.clear()
     _plans.clear()
     _fast.clear()
     _fast_caps.clear()
     _cache.hits = _cache.misses = 0
-
-
-def _contexts(needed_for: str) -> tuple:
-    ctxs = current_samples()
-    if ctxs is None:
-        raise DebiasError(f"{needed_for} needs a sample context: wrap generate in "
-                          f"`with debias_core.sample(image_size=(W, H), span_start=s0): ...` "
-                          f"(or run with DEBIAS=off)")
-    return ctxs
-
-
-def _upload(array: np.ndarray, device, dtype=None) -> torch.Tensor:
-    """Host array -> tensor on ``device``. On CUDA through pinned memory with a non-blocking copy: a
-    plain copy from pageable memory would wait for all queued GPU work (a host–device sync)."""
-    t = torch.from_numpy(array)
-    if dtype is not None:
-        t = t.to(dtype)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _valid_host(ctx: SampleContext, threshold: float, exact: bool) -> np.ndarray | None:
-    """Host bool [span_length] validity, or None when nothing is padding."""
-    if ctx.image_size is None or ctx.preprocess != "pad":
-        return None
-    key = ("valid-host", ctx.image_size, ctx.grid, ctx.resolution, threshold, exact)
-    return _cache.get(key, lambda: valid_mask(
-        pad_fractions(ctx.image_size, grid=ctx.grid, resolution=ctx.resolution, exact=exact), threshold).reshape(-1))
-
-
-def _n_valid(ctx: SampleContext, threshold: float, exact: bool) -> int:
-    valid = _valid_host(ctx, threshold, exact)
-    return ctx.span_length if valid is None else int(valid.sum())
-
-
-def _bias_table(ctx, st, device, dtype) -> torch.Tensor | None:
-    """``dtype`` [span_length + 1] on device: −inf on padding, 0 elsewhere (last slot: position −1, neutral);
-    None when the sample has no padding."""
-    valid = _valid_host(ctx, st.pad_threshold, st.exact_geometry)
-    if valid is None:
-        return None
-    key = ("bias", ctx.image_size, ctx.grid, ctx.resolution, st.pad_threshold, st.exact_geometry, device, dtype)
-    return _cache.get(key, lambda: _upload(np.where(np.append(valid, True), 0.0, -np.inf), device, dtype))
-
-
-def _weight_table(trend, stage: int, length: int, device, dtype=torch.float32) -> torch.Tensor:
-    """``dtype`` (float32 or float64) [length + 1] on device; the last slot (position −1) has weight 1."""
-    t = trend.for_stage(stage)
-    key = ("weight", id(t), length, device, dtype)
-
-    def build():
-        if length > t.n:
-            raise DebiasError(f"the visual span has {length} tokens but the trend covers {t.n} positions; "
-                              f"fit a trend over this span (python -m debias_core fit --scores S.npy --out T.json)")
-        return _upload(np.append(t.weights(length), 1.0), device, dtype)
-
-    table = _cache.get(key, build)
-    _cache.tables.setdefault(("trend-ref", id(t)), t)  # keep t alive so its id is never reused
-    return table
 
 
 def _check_scores(scores) -> None:
@@ -160,11 +80,11 @@ class _Plan:
         self.st, self.ctxs, self.length = st, ctxs, ctxs[0].span_length
         length = self.length
         if positional:
-            weight = _weight_table(st.trend, stage, length, device, dtype)
+            weight = weight_table(st.trend, stage, length, device, dtype)
         else:
             weight = _cache.get(("ones", length, device, dtype),
                                 lambda: torch.ones(length + 1, dtype=dtype, device=device))
-        biases = [_bias_table(c, st, device, dtype) for c in ctxs] if st.suppress_padding else [None]
+        biases = [bias_table(c, st, device, dtype) for c in ctxs] if st.suppress_padding else [None]
         zeros = _cache.get(("zeros", length, device, dtype), lambda: torch.zeros(length + 1, dtype=dtype, device=device))
         biases = [zeros if b is None else b for b in biases]
         if all(b is biases[0] for b in biases):
@@ -213,7 +133,7 @@ def _plan(scores, needed_for: str, stage: int, positional: bool) -> _Plan:
     if plan is not None and plan.st is st:
         _cache.hits += 1
         return plan
-    ctxs = _contexts(f"{needed_for} with DEBIAS={st.mode}")
+    ctxs = required_samples(f"{needed_for} with DEBIAS={st.mode}")
     rows = 1 if scores.dim() == 1 else scores.shape[0]
     if len(ctxs) not in (1, rows) or (scores.dim() == 1 and len(ctxs) != 1):
         raise DebiasError(f"{len(ctxs)} sample contexts for scores of shape {tuple(scores.shape)}; "
@@ -236,7 +156,7 @@ def _positions(positions, scores, length: int, check: bool):
             raise DebiasError(f"{n} scores but the visual span has {length} tokens; pass the tokens' original positions")
         return None
     if not isinstance(positions, torch.Tensor):
-        positions = _upload(np.asarray(positions), scores.device)
+        positions = upload(np.asarray(positions), scores.device)
     if positions.dtype.is_floating_point or positions.dtype == torch.bool:
         raise DebiasError(f"positions must be an integer tensor, got {positions.dtype}")
     if positions.shape[-1] != n or positions.dim() > scores.dim() or (
@@ -282,7 +202,6 @@ def _apply(scores, positions, stage: int, positional: bool, needed_for: str):
 _fast: dict = {}
 _fast_caps: dict = {}
 _MAX_FAST = 1024
-_SUPPRESSING = ("pad", "full")  # Settings.suppress_padding without the property call
 
 
 def _fast_key(ctxs, st, stage, positional, scores, positions):
@@ -355,7 +274,7 @@ def keep_cap(k, *, sample: int | None = None) -> int:
     Computed on the host from geometry: never reads a device tensor.
     """
     st = _config._settings or settings()
-    if type(k) is int and k > 0 and sample is None and st.mode in _SUPPRESSING:  # warm path: this sample's cap
+    if type(k) is int and k > 0 and sample is None and st.mode in SUPPRESSING_MODES:  # warm path: this sample's cap
         cap = _fast_caps.get((id(_samples_var.get()), id(st)))
         if cap is not None:
             _cache.hits += 1
@@ -366,12 +285,12 @@ def keep_cap(k, *, sample: int | None = None) -> int:
         raise DebiasError(f"keep count k={k} must be ≥ 1 (number of visual tokens to keep)")
     if not st.suppress_padding:
         return int(k)
-    ctxs = _contexts(f"keep_cap with DEBIAS={st.mode}")
+    ctxs = required_samples(f"keep_cap with DEBIAS={st.mode}")
     if sample is not None:
         if isinstance(sample, bool) or not isinstance(sample, numbers.Integral) or not 0 <= sample < len(ctxs):
             raise DebiasError(f"sample {sample!r} is not a row of this batch of {len(ctxs)} contexts")
         ctxs = (ctxs[sample],)
-    cap = min(_n_valid(c, st.pad_threshold, st.exact_geometry) for c in ctxs)
+    cap = min(n_valid(c, st.pad_threshold, st.exact_geometry) for c in ctxs)
     if sample is None:
         if len(_fast_caps) >= _MAX_FAST:
             _fast_caps.clear()

@@ -26,7 +26,9 @@ import torch
 from . import config as _config
 from .config import settings
 from .context import _active as _samples_var
+from .context import required_samples
 from .errors import DebiasError
+from .tables import bias_host, upload, valid_host, weight_host
 
 _FLOAT32_OR_NARROWER = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -39,7 +41,7 @@ class _Layout:
 
     def __init__(self, st, ctxs, trend_columns, device: torch.device):
         self.st, self.ctxs, self.trend_columns, self.stage_columns = st, ctxs, trend_columns, {}
-        self.positional = st.positional
+        self.positional = st.positional  # read per call: a slot, not the property
         # value checks as on the general path: CPU tensors always, accelerators only with DEBIAS_CHECK=1 (they sync)
         self.check = device.type == "cpu" or (st.checks and device.type != "meta")
 
@@ -133,11 +135,9 @@ def positions(n: int, *, device=None):
 
 
 def _build(st, n, device) -> TrackedPositions:
-    from .site import _contexts, _upload, _valid_host
-
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise DebiasError(f"positions(n={n!r}): n must be a non-negative integer (the number of visual tokens)")
-    ctxs = _contexts(f"positions() with DEBIAS={st.mode}")
+    ctxs = required_samples(f"positions() with DEBIAS={st.mode}")
     if len(ctxs) != 1:
         raise DebiasError(f"positions() tracks one sample's tokens but {len(ctxs)} sample contexts are active; "
                           f"track each row with debias_core.sample(...) around it, or pass long positions")
@@ -145,17 +145,11 @@ def _build(st, n, device) -> TrackedPositions:
     if n > ctx.span_length:
         raise DebiasError(f"positions(n={n}) exceeds the visual span of {ctx.span_length} tokens")
     columns = [np.arange(n, dtype=np.float64)]
-    valid = _valid_host(ctx, st.pad_threshold, st.exact_geometry) if st.suppress_padding else None
-    columns.append(np.zeros(n) if valid is None else np.where(valid[:n], 0.0, -np.inf))
+    valid = valid_host(ctx, st.pad_threshold, st.exact_geometry) if st.suppress_padding else None
+    columns.append(np.zeros(n) if valid is None else bias_host(valid[:n]))
     trend_columns = {}
-    if st.positional:
-        for t in (list(st.trend.stages.values()) if hasattr(st.trend, "stages") else [st.trend]):
-            if id(t) in trend_columns:
-                continue
-            if ctx.span_length > t.n:
-                raise DebiasError(f"the visual span has {ctx.span_length} tokens but the trend covers {t.n} positions; "
-                                  f"fit a trend over this span (python -m debias_core fit --scores S.npy --out T.json)")
-            trend_columns[id(t)] = len(columns)
-            columns.append(np.asarray(t.weights(ctx.span_length), dtype=np.float64)[:n])  # the values _weight_table holds
-    table = _upload(np.stack(columns, axis=1), torch.device("cpu" if device is None else device), torch.float32)
+    for t in (st.trend.stage_trends() if st.positional else []):
+        trend_columns[id(t)] = len(columns)
+        columns.append(weight_host(t, ctx.span_length)[:n])
+    table = upload(np.stack(columns, axis=1), torch.device("cpu" if device is None else device), torch.float32)
     return TrackedPositions(table, _Layout(st, ctxs, trend_columns, table.device))

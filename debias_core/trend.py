@@ -41,6 +41,10 @@ class Trend:
     def for_stage(self, stage: int) -> "Trend":
         return self
 
+    def stage_trends(self) -> list:
+        """The distinct trends ``for_stage`` can return."""
+        return [self]
+
     def to_json(self) -> dict:
         raise NotImplementedError
 
@@ -112,6 +116,9 @@ class StagedTrend(Trend):
         if stage in self.stages:
             return self.stages[stage]
         return self.stages[min(self.stages)]
+
+    def stage_trends(self):
+        return list({id(t): t for t in self.stages.values()}.values())
 
     def values(self, positions):
         return self.for_stage(0).values(positions)

@@ -10,26 +10,16 @@ import io
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import debias_core as dc
 from debias_core import site
+from tests.spy import Spy
 
 pytestmark = pytest.mark.usefixtures("clean_debias")
 
 SYNCING = {"item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
            "argwhere", "masked_select", "unique", "any_", "equal", "allclose"}
 BUILDING = {"from_numpy", "tensor", "as_tensor", "arange", "ones", "zeros", "full", "empty", "stack", "cat"}
-
-
-class Spy(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.ops.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
 
 
 def run_site(scores, positions=None, k=400):
@@ -274,7 +264,7 @@ def _no_full_path(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the call took the full path")
     monkeypatch.setattr(site, "_apply", refuse)
-    monkeypatch.setattr(site, "_contexts", refuse)
+    monkeypatch.setattr(site, "required_samples", refuse)
 
 
 @pytest.mark.parametrize("mode", ["pad", "pos", "full"])

@@ -8,24 +8,14 @@ the right answer from the general path."""
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import debias_core as dc
+from tests.spy import Spy
 
 pytestmark = pytest.mark.usefixtures("clean_debias")
 
 STAGED = dc.StagedTrend({0: dc.ExponentialTrend(a=1.0, b=0.004, n=576),
                          1: dc.ExponentialTrend(a=1.0, b=0.0015, n=576)})  # stage 2 falls back to stage 0's
-
-
-class Calls(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls.append((getattr(func, "__name__", str(func)), args))
-        return func(*args, **(kwargs or {}))
 
 
 def _kept(rng, n, k):
@@ -84,17 +74,12 @@ def test_the_call_is_one_multiply_add_without_a_gather():
         p = dc.positions(576)[_kept(np.random.default_rng(1), 576, 144)]
         s = torch.rand(144, dtype=torch.float16)
         dc.debias(s, p, stage=1)
-        with Calls() as spy:
+        with Spy() as spy:
             dc.debias(s, p, stage=1)
-        with Calls() as plain_spy:
+        with Spy() as plain_spy:
             dc.debias(s, p.long(), stage=1)
-    names = [n for n, _ in spy.calls]
-    tensor_indexing = [n for n, args in spy.calls if n == "__getitem__" and any(
-        isinstance(a, torch.Tensor) for a in (args[1] if isinstance(args[1], tuple) else (args[1],)))]
-    assert names.count("addcmul") == 1 and not tensor_indexing, spy.calls
-    plain_indexing = [n for n, args in plain_spy.calls if n == "__getitem__" and any(
-        isinstance(a, torch.Tensor) for a in (args[1] if isinstance(args[1], tuple) else (args[1],)))]
-    assert plain_indexing, "the spy should see the long-positions path gather (else this test proves nothing)"
+    assert spy.ops.count("addcmul") == 1 and not spy.tensor_indexing(), spy.calls
+    assert plain_spy.tensor_indexing(), "the spy should see the long-positions path gather (else this test proves nothing)"
 
 
 def test_created_once_per_sample_geometry():

@@ -1,0 +1,90 @@
+"""The tables behind the ranking call, built once and cached: per-sample validity (host), padding bias and
+positional weight (host arrays, and their device copies). ``site`` combines them into per-sample plans;
+``tracking`` lays them out per tracked token. Both read the same values from here, so the two paths agree
+bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .context import SampleContext
+from .errors import DebiasError
+from .geometry import pad_fractions, valid_mask
+
+
+class _TableCache:
+    def __init__(self):
+        self.tables: dict = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key, build):
+        try:
+            value = self.tables[key]
+        except KeyError:
+            self.misses += 1
+            value = self.tables[key] = build()
+            return value
+        self.hits += 1
+        return value
+
+
+cache = _TableCache()
+
+
+def upload(array: np.ndarray, device, dtype=None) -> torch.Tensor:
+    """Host array -> tensor on ``device``. On CUDA through pinned memory with a non-blocking copy: a
+    plain copy from pageable memory would wait for all queued GPU work (a host–device sync)."""
+    t = torch.from_numpy(array)
+    if dtype is not None:
+        t = t.to(dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def valid_host(ctx: SampleContext, threshold: float, exact: bool) -> np.ndarray | None:
+    """Host bool [span_length] validity, or None when nothing is padding."""
+    if ctx.image_size is None or ctx.preprocess != "pad":
+        return None
+    key = ("valid-host", ctx.image_size, ctx.grid, ctx.resolution, threshold, exact)
+    return cache.get(key, lambda: valid_mask(
+        pad_fractions(ctx.image_size, grid=ctx.grid, resolution=ctx.resolution, exact=exact), threshold).reshape(-1))
+
+
+def n_valid(ctx: SampleContext, threshold: float, exact: bool) -> int:
+    valid = valid_host(ctx, threshold, exact)
+    return ctx.span_length if valid is None else int(valid.sum())
+
+
+def bias_host(valid: np.ndarray) -> np.ndarray:
+    """float64 [len(valid)]: 0 on valid tokens, −inf on padding."""
+    return np.where(valid, 0.0, -np.inf)
+
+
+def weight_host(trend, length: int) -> np.ndarray:
+    """float64 [length]: ``trend``'s weights over a visual span of ``length`` tokens (one stage's trend)."""
+    if length > trend.n:
+        raise DebiasError(f"the visual span has {length} tokens but the trend covers {trend.n} positions; "
+                          f"fit a trend over this span (python -m debias_core fit --scores S.npy --out T.json)")
+    return np.asarray(trend.weights(length), dtype=np.float64)
+
+
+def bias_table(ctx, st, device, dtype) -> torch.Tensor | None:
+    """``dtype`` [span_length + 1] on device: −inf on padding, 0 elsewhere (last slot: position −1, neutral);
+    None when the sample has no padding."""
+    valid = valid_host(ctx, st.pad_threshold, st.exact_geometry)
+    if valid is None:
+        return None
+    key = ("bias", ctx.image_size, ctx.grid, ctx.resolution, st.pad_threshold, st.exact_geometry, device, dtype)
+    return cache.get(key, lambda: upload(bias_host(np.append(valid, True)), device, dtype))
+
+
+def weight_table(trend, stage: int, length: int, device, dtype=torch.float32) -> torch.Tensor:
+    """``dtype`` (float32 or float64) [length + 1] on device; the last slot (position −1) has weight 1."""
+    t = trend.for_stage(stage)
+    table = cache.get(("weight", id(t), length, device, dtype),
+                      lambda: upload(np.append(weight_host(t, length), 1.0), device, dtype))
+    cache.tables.setdefault(("trend-ref", id(t)), t)  # keep t alive so its id is never reused
+    return table
