@@ -5,10 +5,11 @@ PyramidDrop ranks three times per prefill; at stage s it ranks the survivors of 
 needs their original raster positions. Tracked as a plain long tensor, each call gathers the weight and
 padding tables at those positions before its multiply-add: two kernel launches. Its ranking sites run
 just after a host–device sync (upstream indexes with a boolean mask), while the GPU waits for the host, so
-every launch there is latency. ``positions(n)`` returns instead one float32 table [n, 2 + S] — the
+every launch there is latency. ``positions(n)`` returns instead one float32 table [2 + S, n] — the
 positions, their padding bias and their weight under each of the trend's S stage trends — and indexing it
-with a stage's kept indices gathers all of it in the single launch that indexing the long tensor costs. A
-ranking call on it is then one ``addcmul``, and stage 0 needs no ``arange`` (the table is cached)::
+with a stage's kept indices gathers all of it in one ``index_select``, the single launch that indexing the
+long tensor costs (and less host work than that advanced indexing). A ranking call on it is then one
+``addcmul`` of two row views, and stage 0 needs no ``arange`` (the table is cached)::
 
     p = debias_core.positions(576, device=x.device)   # mode off: torch.arange(576, device=x.device)
     scores = debias_core.debias(scores, p, stage=0)
@@ -34,30 +35,32 @@ _FLOAT32_OR_NARROWER = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _Layout:
-    """What a tracked table was built for (settings and sample contexts, by identity) and which table column
+    """What a tracked table was built for (settings and sample contexts, by identity) and which table row
     holds each stage's weight."""
 
-    __slots__ = ("st", "ctxs", "trend_columns", "stage_columns", "positional", "check")
+    __slots__ = ("st", "ctxs", "trend_rows", "stage_rows", "positional", "check")
 
-    def __init__(self, st, ctxs, trend_columns, device: torch.device):
-        self.st, self.ctxs, self.trend_columns, self.stage_columns = st, ctxs, trend_columns, {}
+    def __init__(self, st, ctxs, trend_rows, device: torch.device):
+        self.st, self.ctxs, self.trend_rows, self.stage_rows = st, ctxs, trend_rows, {}
         self.positional = st.positional  # read per call: a slot, not the property
         # value checks as on the general path: CPU tensors always, accelerators only with DEBIAS_CHECK=1 (they sync)
         self.check = device.type == "cpu" or (st.checks and device.type != "meta")
 
-    def weight_column(self, stage: int) -> int:
-        column = self.stage_columns[stage] = self.trend_columns[id(self.st.trend.for_stage(stage))]
-        return column
+    def weight_row(self, stage: int) -> int:
+        row = self.stage_rows[stage] = self.trend_rows[id(self.st.trend.for_stage(stage))]
+        return row
 
 
 class TrackedPositions:
     """Positions [n] of visual tokens in the original raster (0..span−1), with their debias rows.
 
-    ``table``: float32 [n, 2 + S] on the device, one row per token — column 0 its position (exact in float32),
-    column 1 its padding bias (−inf on padding, else 0), column 2 + j its weight under the j-th distinct stage
-    trend (S = 0 when the mode has no positional weight). Token-major, so ``p[kept]`` is the same single-index
-    gather as indexing a long tensor. Index it like a 1-D tensor (``p[kept]``, ``p[a:b]``); pass it to
-    ``debias`` / ``mask_padding`` as positions; ``long()`` gives the plain positions.
+    ``table``: float32 [2 + S, n] on the device, one row per field — row 0 the positions (exact in float32),
+    row 1 their padding bias (−inf on padding, else 0), row 2 + j their weights under the j-th distinct stage
+    trend (S = 0 when the mode has no positional weight). Field-major: a field is a plain row view, and
+    ``p[kept]`` gathers every field in one ``index_select``. Index it like a 1-D tensor (``p[kept]``,
+    ``p[a:b]``, ``p[mask]``) — but a long index tensor's entries must lie in 0..n−1: index_select does not
+    wrap negative ones around (on CPU they fall back to plain indexing, on CUDA they are a device-side
+    error). Pass it to ``debias`` / ``mask_padding`` as positions; ``long()`` gives the plain positions.
     """
 
     __slots__ = ("table", "layout")
@@ -66,18 +69,23 @@ class TrackedPositions:
         self.table, self.layout = table, layout
 
     def __getitem__(self, index) -> "TrackedPositions":
-        table = self.table[index]
+        if type(index) is torch.Tensor and index.dtype == torch.long and index.dim() == 1:
+            try:  # upstream's case (kept indices on the table's device): the cheapest gather for the host
+                return TrackedPositions(self.table.index_select(1, index), self.layout)
+            except (IndexError, RuntimeError):  # another device, or an index out of range: as plain indexing does
+                pass
+        table = self.table[:, index]
         if table.dim() != 2:
             raise DebiasError(f"indexing tracked positions with {index!r} gives shape {tuple(table.shape[:-1])}; "
                               f"index with a 1-D index tensor, a slice or a boolean mask")
         return TrackedPositions(table, self.layout)
 
     def __len__(self) -> int:
-        return self.table.shape[0]
+        return self.table.shape[1]
 
     @property
     def shape(self) -> torch.Size:
-        return self.table.shape[:1]
+        return self.table.shape[1:]
 
     @property
     def device(self) -> torch.device:
@@ -85,7 +93,7 @@ class TrackedPositions:
 
     def long(self) -> torch.Tensor:
         """The positions as a long tensor [n] on the table's device."""
-        return self.table.select(1, 0).long()
+        return self.table[0].long()
 
     def __repr__(self) -> str:
         return f"TrackedPositions(n={len(self)}, columns={self.table.shape[1]}, device={self.table.device})"
@@ -97,16 +105,15 @@ class TrackedPositions:
         layout, table = self.layout, self.table
         if (layout.st is not st or layout.ctxs is not _samples_var.get() or type(scores) is not torch.Tensor
                 or scores.dtype not in _FLOAT32_OR_NARROWER or scores.dim() not in (1, 2)
-                or scores.shape[-1] != table.shape[0] or scores.device != table.device):
+                or scores.shape[-1] != table.shape[1] or scores.device != table.device):
             return None
         if layout.check:
             from .site import _check_values
             _check_values(scores)
         if weighted and layout.positional:
-            column = layout.stage_columns.get(stage)
-            return torch.addcmul(table.select(1, 1), scores,
-                                 table.select(1, layout.weight_column(stage) if column is None else column))
-        return torch.add(table.select(1, 1), scores)  # == addcmul(bias, scores, 1) bit for bit: s·1 is exact
+            row = layout.stage_rows.get(stage)
+            return torch.addcmul(table[1], scores, table[layout.weight_row(stage) if row is None else row])
+        return torch.add(table[1], scores)  # == addcmul(bias, scores, 1) bit for bit: s·1 is exact
 
 
 _tracked: dict = {}
@@ -144,12 +151,12 @@ def _build(st, n, device) -> TrackedPositions:
     ctx = ctxs[0]
     if n > ctx.span_length:
         raise DebiasError(f"positions(n={n}) exceeds the visual span of {ctx.span_length} tokens")
-    columns = [np.arange(n, dtype=np.float64)]
+    rows = [np.arange(n, dtype=np.float64)]
     valid = valid_host(ctx, st.pad_threshold, st.exact_geometry) if st.suppress_padding else None
-    columns.append(np.zeros(n) if valid is None else bias_host(valid[:n]))
-    trend_columns = {}
+    rows.append(np.zeros(n) if valid is None else bias_host(valid[:n]))
+    trend_rows = {}
     for t in (st.trend.stage_trends() if st.positional else []):
-        trend_columns[id(t)] = len(columns)
-        columns.append(weight_host(t, ctx.span_length)[:n])
-    table = upload(np.stack(columns, axis=1), torch.device("cpu" if device is None else device), torch.float32)
-    return TrackedPositions(table, _Layout(st, ctxs, trend_columns, table.device))
+        trend_rows[id(t)] = len(rows)
+        rows.append(weight_host(t, ctx.span_length)[:n])
+    table = upload(np.stack(rows, axis=0), torch.device("cpu" if device is None else device), torch.float32)
+    return TrackedPositions(table, _Layout(st, ctxs, trend_rows, table.device))

@@ -65,7 +65,7 @@ def test_stage_trends_are_really_different_rows():
         s = torch.ones(576)
         w0, w1, w2 = (dc.debias(s, p, stage=k) for k in (0, 1, 2))
     assert not torch.equal(w0, w1) and torch.equal(w0, w2)
-    assert p.table.shape == (576, 4)                     # positions, bias, two distinct stage trends
+    assert p.table.shape == (4, 576)                     # positions, bias, two distinct stage trends
 
 
 def test_the_call_is_one_multiply_add_without_a_gather():
@@ -82,6 +82,24 @@ def test_the_call_is_one_multiply_add_without_a_gather():
     assert plain_spy.tensor_indexing(), "the spy should see the long-positions path gather (else this test proves nothing)"
 
 
+def test_reindexing_is_one_index_select_and_indexes_like_a_long_tensor():
+    """p[kept] gathers every row in one index_select (less host work than advanced indexing); other indices
+    (negative, int32, a mask, a slice) give what indexing the long positions gives."""
+    dc.configure(mode="full", trend="paper:pdrop/gqa", method="pdrop")
+    with dc.sample(image_size=(640, 200), span_start=35):
+        p, plain = dc.positions(576), torch.arange(576)
+        kept = _kept(np.random.default_rng(4), 576, 288)
+        with Spy() as spy:
+            p[kept]
+        assert [op for op in spy.ops if op not in ("__get__", "dim")] == ["index_select"], spy.calls  # metadata reads aside
+        mask = torch.zeros(576, dtype=torch.bool)
+        mask[::3] = True
+        for index in (kept, torch.tensor([-1, 0, -576]), kept.int(), mask, slice(100, 400)):
+            assert torch.equal(p[index].long(), plain[index]), index
+            s = torch.rand(len(plain[index]))
+            torch.testing.assert_close(dc.debias(s, p[index]), dc.debias(s, plain[index]), rtol=0, atol=0)
+
+
 def test_created_once_per_sample_geometry():
     dc.configure(mode="full", trend="paper:pdrop/gqa", method="pdrop")
     with dc.sample(image_size=(640, 480)):
@@ -91,7 +109,7 @@ def test_created_once_per_sample_geometry():
     with dc.sample(image_size=(480, 640)):
         other = dc.positions(576)
     assert again is first and other is not first
-    assert not torch.equal(other.table[:, 1], first.table[:, 1])  # padding on other sides
+    assert not torch.equal(other.table[1], first.table[1])  # padding on other sides
 
 
 def test_rows_built_for_other_settings_or_samples_are_not_used():
