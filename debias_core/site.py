@@ -226,21 +226,27 @@ def _fast_apply(scores, positions, stage: int, positional: bool, st):
     return entry[2](scores, positions)
 
 
-def debias(scores: torch.Tensor, positions=None, *, stage: int = 0) -> torch.Tensor:
+def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: int | None = None) -> torch.Tensor:
     """Debiased ranking scores (positional weight and/or padding suppression, by mode).
 
     scores:    float tensor [N] or [B, N] over the visual tokens being ranked, any device.
     positions: their original visual positions (long [N] or [B, N]; −1 = merged token); None = 0..N−1;
                or ``positions(n)[kept]``, tracked positions that carry their rows (one kernel, no gather).
     stage:     index of the ranking stage (multi-stage methods; picks a per-stage trend if the trend has one).
+    mean_dim:  for a site whose scores are upstream's ``torch.mean(x, dim=mean_dim)``: pass ``x`` and the mean
+               is taken here. Mode ``off`` returns exactly that mean; otherwise a singleton ``mean_dim`` (one
+               text query, as at inference) is dropped as a view instead — same values, the mean of one value
+               being that value — so debiasing adds no kernel to the site: the multiply-add replaces the mean.
     Returns float32 (float64 if given) of the same shape; in mode ``off``, ``scores`` itself.
     """
     # The hot path inlines settings() and the context lookups: at sites where the GPU waits for the host, each
     # Python call costs microseconds of cold-cache host time, i.e. latency.
+    st = _config._settings or settings()
+    if mean_dim is not None:
+        scores = _mean(scores, mean_dim, st.mode == "off")
     rec = _recorder_var.get()
     if rec is not None:
         rec.append(stage, scores, positions.long() if type(positions) is TrackedPositions else positions)
-    st = _config._settings or settings()
     if st.mode == "off":
         return scores
     if type(positions) is TrackedPositions:
@@ -250,6 +256,19 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0) -> torch.Ten
         positions = positions.long()
     out = _fast_apply(scores, positions, stage, st.positional, st)
     return _apply(scores, positions, stage, st.positional, "debias") if out is None else out
+
+
+def _mean(scores, dim, exact: bool):
+    """``torch.mean(scores, dim=dim)``, or (not ``exact``) a view without ``dim`` when it has size 1: equal
+    values, except that the mean turns −0.0 into +0.0 — which the debias bias (+0 or −inf) adds anyway."""
+    try:
+        if exact or scores.shape[dim] != 1:
+            return torch.mean(scores, dim=dim)
+        return scores[0] if dim == 0 else scores.select(dim, 0)
+    except (AttributeError, IndexError, TypeError, RuntimeError) as e:
+        raise DebiasError(f"mean_dim={dim!r} does not fit scores {type(scores).__name__} "
+                          f"{tuple(getattr(scores, 'shape', ()))}: {e}; pass the dim upstream's torch.mean "
+                          f"reduces") from None
 
 
 def mask_padding(scores: torch.Tensor, positions=None) -> torch.Tensor:
