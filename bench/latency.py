@@ -172,8 +172,9 @@ def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int, dev
 
 def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profile: bool = False) -> dict:
     """The debias_core calls (debias, mask_padding, keep_cap, positions, and indexing tracked positions) inside
-    real prefills, per mode (``off`` is the control: the same wrapper around calls that return their input —
-    positions: upstream's torch.arange, indexed as upstream does —, i.e. what the measurement itself costs). Per call: CUDA events recorded
+    real prefills, per mode (``off`` is the control: the same wrapper around calls that return what upstream
+    computes — their input; positions: upstream's torch.arange, indexed as upstream does; debias with mean_dim:
+    upstream's torch.mean, which full mode folds into its multiply-add —, i.e. what the measurement itself costs). Per call: CUDA events recorded
     (asynchronously) before and after it, read after the prefill — the GPU-timeline time, which covers the
     kernels and any gap while the GPU waits for the host to launch them — and the host time (perf_counter).
     Summed per prefill and divided by the prefill's wall time; modes alternate every rep."""
@@ -552,9 +553,11 @@ def markdown(results: dict, summary: dict, meta: dict) -> str:
                   "and every re-indexing of tracked positions (control: the same indexing of upstream's long ones). "
                   "CUDA events recorded before and after each call (GPU-timeline time: its kernels plus any gap "
                   "while the GPU waits for the host to launch them) and the call's host time, summed per prefill. "
-                  "Control = the same wrapper in mode `off`, where each call returns its input (positions: "
-                  "upstream's `torch.arange`): what the measurement itself costs. Net = median over prefills of (full share − control share of the prefill's wall "
-                  "time); modes alternate every rep. Speedup kept = 1 / (1 + net share): the method's own speedup "
+                  "Control = the same wrapper in mode `off`, where each call returns what upstream computes (its "
+                  "input; positions: upstream's `torch.arange`; PyramidDrop's debias, called with `mean_dim=0`: "
+                  "upstream's own `torch.mean` over the text queries): what the measurement itself costs, plus any "
+                  "upstream work that full mode folds into the call. Net = median over prefills of (full share − "
+                  "control share of the prefill's wall time); modes alternate every rep. Speedup kept = 1 / (1 + net share): the method's own speedup "
                   "that debiasing leaves.", "",
                   "| method | calls per prefill | full: GPU-timeline µs | full: host µs | control: GPU-timeline µs "
                   "| full share, median (max) | control share | **net share** | speedup kept | n |",
