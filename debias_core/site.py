@@ -3,6 +3,9 @@
     scores = debias_core.debias(scores, positions)   # [N] or [B, N]; positions = original raster indices
     k = debias_core.keep_cap(k)                       # ≤ number of non-padding tokens, ≥ 1
 
+(Where the site's scores are ``torch.mean(x, dim=d)``, ``debias(x, positions, mean_dim=d)`` takes that mean
+itself, so that debiasing adds no kernel: PyramidDrop.)
+
 Mode ``off`` returns ``scores`` itself and ``k`` unchanged (upstream behaviour). Otherwise:
   pos:  s̃_i = s_i · w(p_i)                 (w = f(0)/f(p), the positional trend's weight)
   pad:  s̃_i = s_i, −inf where p_i is padding
