@@ -240,7 +240,8 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: in
                is taken here. Mode ``off`` returns exactly that mean; otherwise a singleton ``mean_dim`` (one
                text query, as at inference) is dropped as a view instead — same values, the mean of one value
                being that value — so debiasing adds no kernel to the site: the multiply-add replaces the mean.
-    Returns float32 (float64 if given) of the same shape; in mode ``off``, ``scores`` itself.
+    Returns float32 (float64 if given) of the same shape; in mode ``off``, ``scores`` itself (with ``mean_dim``:
+    upstream's ``torch.mean``).
     """
     # The hot path inlines settings() and the context lookups: at sites where the GPU waits for the host, each
     # Python call costs microseconds of cold-cache host time, i.e. latency.

@@ -56,9 +56,9 @@ class TrackedPositions:
 
     ``table``: float32 [2 + S, n] on the device, one row per field — row 0 the positions (exact in float32),
     row 1 their padding bias (−inf on padding, else 0), row 2 + j their weights under the j-th distinct stage
-    trend (S = 0 when the mode has no positional weight). Field-major, because ``t[i]`` is the cheapest view
-    for the host (measured on an H100 host: less than ``select(1, i)`` of a token-major table); ``p[kept]`` is
-    still one gather (``index_select`` would be one too, but costs the host more than this indexing on CUDA).
+    trend (S = 0 when the mode has no positional weight). Field-major: ``t[i]`` is the cheapest view for the
+    host, and ``p[kept]`` is still one gather (in situ the two layouts measure the same within noise;
+    ``index_select`` would be one gather too, but costs the host more than this indexing on CUDA).
     Index it like a 1-D tensor (``p[kept]``, ``p[a:b]``, ``p[mask]``); pass it to ``debias`` /
     ``mask_padding`` as positions; ``long()`` gives the plain positions.
     """
@@ -71,7 +71,7 @@ class TrackedPositions:
     def __getitem__(self, index) -> "TrackedPositions":
         table = self.table[:, index]
         if table.dim() != 2:
-            raise DebiasError(f"indexing tracked positions with {index!r} gives shape {tuple(table.shape[:-1])}; "
+            raise DebiasError(f"indexing tracked positions with {index!r} gives shape {tuple(table.shape[1:])}; "
                               f"index with a 1-D index tensor, a slice or a boolean mask")
         return TrackedPositions(table, self.layout)
 
