@@ -174,9 +174,10 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
     """The debias_core calls (debias, mask_padding, keep_cap, positions, and indexing tracked positions) inside
     real prefills, per mode (``off`` is the control: the same wrapper around calls that return what upstream
     computes — their input; positions: upstream's torch.arange, indexed as upstream does; debias with mean_dim:
-    upstream's torch.mean, which full mode folds into its multiply-add —, i.e. what the measurement itself costs). Per call: CUDA events recorded
-    (asynchronously) before and after it, read after the prefill — the GPU-timeline time, which covers the
-    kernels and any gap while the GPU waits for the host to launch them — and the host time (perf_counter).
+    upstream's torch.mean, which full mode folds into its multiply-add —, i.e. what the measurement itself
+    costs). Per call: CUDA events recorded (asynchronously) before and after it, read after the prefill — the
+    GPU-timeline time, which covers the kernels and any gap while the GPU waits for the host to launch them —
+    and the host time (perf_counter).
     Summed per prefill and divided by the prefill's wall time; modes alternate every rep."""
     import torch
 
