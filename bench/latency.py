@@ -202,7 +202,7 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
         return torch.cuda.Event(enable_timing=True) if torch.device(device).type == "cuda" else HostStamp()
 
     def timed(fn):
-        name = fn.__name__ if fn.__name__ != "<lambda>" else "index"
+        call = fn.__name__ if fn.__name__ != "<lambda>" else "index"
 
         def wrapper(*args, **kwargs):
             start, end = stamp(), stamp()
@@ -211,7 +211,7 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
             out = fn(*args, **kwargs)
             host_s.append(time.perf_counter() - t)
             end.record()
-            events.append((start, end, name))
+            events.append((start, end, call))
             return out
         return wrapper
 

@@ -36,6 +36,7 @@ from . import config as _config
 from .config import SUPPRESSING_MODES, settings
 from .context import _active as _samples_var
 from .context import current_samples, required_samples
+from .checks import check_finite, check_range, checks_values
 from .errors import DebiasError
 from .recorder import _active as _recorder_var
 from .tables import bias_table, cache as _cache, n_valid, upload, weight_table
@@ -60,15 +61,6 @@ def _check_scores(scores) -> None:
     if not isinstance(scores, torch.Tensor) or not scores.dtype.is_floating_point or scores.dim() not in (1, 2):
         raise DebiasError(f"scores must be a float tensor [N] or [B, N], got "
                           f"{type(scores).__name__} {getattr(scores, 'dtype', '')} {tuple(getattr(scores, 'shape', ()))}")
-
-
-def _check_values(scores) -> None:
-    finite = torch.isfinite(scores)
-    if not finite.all():
-        bad = tuple(int(i) for i in (~finite).nonzero()[0])
-        raise DebiasError(f"scores contain {scores[bad].item()} at index {bad if len(bad) > 1 else bad[0]} "
-                          f"(shape {tuple(scores.shape)}); the attention that produced them is broken "
-                          f"(check for fp16 overflow before the ranking site)")
 
 
 class _Plan:
@@ -166,26 +158,18 @@ def _positions(positions, scores, length: int, check: bool):
             positions.dim() == 2 and positions.shape[0] not in (1, scores.shape[0])):
         raise DebiasError(f"positions shape {tuple(positions.shape)} does not match scores shape {tuple(scores.shape)}")
     if check:
-        _check_range(positions, length)
+        check_range(positions, length)
     if positions.dtype != torch.long or positions.device != scores.device:
         positions = positions.to(device=scores.device, dtype=torch.long)
     return positions  # −1 indexes the tables' last, neutral slot
 
 
-def _check_range(positions, length: int) -> None:
-    if positions.numel():
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < -1 or hi >= length:
-            raise DebiasError(f"position {lo if lo < -1 else hi} is outside the visual span 0..{length - 1} "
-                              f"(−1 marks a merged token)")
-
-
 def _apply(scores, positions, stage: int, positional: bool, needed_for: str):
     _check_scores(scores)
     plan = _plan(scores, needed_for, stage, positional)
-    check = scores.device.type == "cpu" or (plan.st.checks and scores.device.type != "meta")
+    check = checks_values(plan.st, scores.device)
     if check:
-        _check_values(scores)
+        check_finite(scores)
     index = _positions(positions, scores, plan.length, check)
     operation = plan.operation(scores, index)
     if index is positions:  # validated: later calls with this key take the fast path
@@ -223,9 +207,9 @@ def _fast_apply(scores, positions, stage: int, positional: bool, st):
         return None
     _cache.hits += 1
     if entry[3] is not None:  # value checks (CPU tensors, or DEBIAS_CHECK=1)
-        _check_values(scores)
+        check_finite(scores)
         if positions is not None:
-            _check_range(positions, entry[3])
+            check_range(positions, entry[3])
     return entry[2](scores, positions)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import config as _config
+from .checks import check_finite, checks_values
 from .config import settings
 from .context import _active as _samples_var
 from .context import required_samples
@@ -43,8 +44,7 @@ class _Layout:
     def __init__(self, st, ctxs, trend_rows, device: torch.device):
         self.st, self.ctxs, self.trend_rows, self.stage_rows = st, ctxs, trend_rows, {}
         self.positional = st.positional  # read per call: a slot, not the property
-        # value checks as on the general path: CPU tensors always, accelerators only with DEBIAS_CHECK=1 (they sync)
-        self.check = device.type == "cpu" or (st.checks and device.type != "meta")
+        self.check = checks_values(st, device)  # as on the general path
 
     def weight_row(self, stage: int) -> int:
         row = self.stage_rows[stage] = self.trend_rows[id(self.st.trend.for_stage(stage))]
@@ -103,8 +103,7 @@ class TrackedPositions:
                 or scores.shape[-1] != table.shape[1] or scores.device != table.device):
             return None
         if layout.check:
-            from .site import _check_values
-            _check_values(scores)
+            check_finite(scores)
         if weighted and layout.positional:
             row = layout.stage_rows.get(stage)
             return torch.addcmul(table[1], scores, table[layout.weight_row(stage) if row is None else row])
