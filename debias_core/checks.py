@@ -22,9 +22,14 @@ def check_finite(scores: torch.Tensor) -> None:
                           f"(check for fp16 overflow before the ranking site)")
 
 
-def check_range(positions: torch.Tensor, length: int) -> None:
+def check_range(positions: torch.Tensor, length: int, start: int | None = None) -> None:
+    """Positions within the visual span 0..length−1 (−1 marks a merged token), or, counted from ``start``,
+    within start..start+length−1."""
     if positions.numel():
         lo, hi = int(positions.min()), int(positions.max())
-        if lo < -1 or hi >= length:
-            raise DebiasError(f"position {lo if lo < -1 else hi} is outside the visual span 0..{length - 1} "
-                              f"(−1 marks a merged token)")
+        first = -1 if start is None else start
+        last = length - 1 if start is None else start + length - 1
+        if lo < first or hi > last:
+            where = (f"the visual span 0..{length - 1} (−1 marks a merged token)" if start is None else
+                     f"the visual span {start}..{last} (positions counted from start={start})")
+            raise DebiasError(f"position {lo if lo < first else hi} is outside {where}")

@@ -4,7 +4,9 @@
     k = debias_core.keep_cap(k)                       # ≤ number of non-padding tokens, ≥ 1
 
 (Where the site's scores are ``torch.mean(x, dim=d)``, ``debias(x, positions, mean_dim=d)`` takes that mean
-itself, so that debiasing adds no kernel: PyramidDrop.)
+itself, so that debiasing adds no kernel: PyramidDrop. Where the site has sequence indices of the ranked tokens,
+``debias(scores, indices, start=s0)`` takes positions ``indices − s0`` from a table shifted by ``s0``: no
+subtraction kernel, in mode off none at all: HiMAP, iLLaVA.)
 
 Mode ``off`` returns ``scores`` itself and ``k`` unchanged (upstream behaviour). Otherwise:
   pos:  s̃_i = s_i · w(p_i)                 (w = f(0)/f(p), the positional trend's weight)
@@ -14,7 +16,7 @@ Computed in float32 (float64 stays float64). Positions −1 mark merged/cluster 
 
 Performance contract: the weight and padding tables (tables.py) are built once per (trend, stage, span
 length, dtype, device) and (geometry, image size, threshold, device), then cached on that device, and
-combined once per sample into a plan; a call is one fused multiply-add (``addcmul``), plus one gather when
+combined once per sample into a plan; a call is one fused multiply-add (``addcmul``), plus two ``take``s when
 positions are given as a long tensor (none for ``positions(n)[kept]``, which carry their table rows:
 tracking.py). After the first call with given contexts, settings, stage, shapes, dtypes and devices, later
 such calls skip every check and lookup but one dict access (the "fast path": ranking sites often run while
@@ -53,6 +55,7 @@ def clear_cache() -> None:
     _cache.tables.clear()
     _plans.clear()
     _fast.clear()
+    _fast_pad.clear()
     _fast_caps.clear()
     _cache.hits = _cache.misses = 0
 
@@ -69,7 +72,7 @@ class _Plan:
     ``bias`` [B, L+1]. Slot L (reached by position −1) is neutral. debiased = bias + scores · weight, with
     bias −inf on padding and 0 elsewhere (an addition, so a zero score on padding is −inf, not NaN)."""
 
-    __slots__ = ("st", "ctxs", "length", "table", "weight", "bias")
+    __slots__ = ("st", "ctxs", "length", "table", "weight", "bias", "shifted")
 
     def __init__(self, st, ctxs, stage: int, positional: bool, device, dtype):
         self.st, self.ctxs, self.length = st, ctxs, ctxs[0].span_length
@@ -89,22 +92,32 @@ class _Plan:
             self.table = None
             self.weight = weight
             self.bias = _cache.get(("stack",) + tuple(id(b) for b in biases), lambda: torch.stack(biases))
+        self.shifted = {}
 
-    def operation(self, scores, index):
+    def operation(self, scores, index, start=None):
         """fn(scores, index) -> debiased scores for calls shaped like this one (table views prepared once).
-        index: None (positions 0..N−1) or long positions on the device ([N], [1, N] or [B, N])."""
+        index: None (positions 0..N−1) or long positions on the device ([N], [1, N] or [B, N]), counted from
+        ``start`` if given (sequence indices: position = index − start)."""
         if index is None:
             n = scores.shape[-1]
             bias, weight = ((self.table[1, :n], self.table[0, :n]) if self.table is not None
                             else (self.bias[:, :n], self.weight[:n]))
             return lambda s, _: torch.addcmul(bias, s, weight)
-        if self.table is not None:
-            table = self.table
+        table = self.table
+        if start is not None:
+            if table is None:
+                return lambda s, i: self._per_row(s, i - start)
+            table = self.shifted.get(start)
+            if table is None:  # [2, start + L]: column start + p holds position p's row
+                table = self.shifted[start] = torch.cat([self.table[:, -1:].expand(-1, start), self.table[:, :-1]], 1)
+        if table is not None:
+            weight, bias = table.unbind()  # contiguous rows
 
-            def gather_fma(s, i):
-                wb = table[:, i]                            # one gather: [2, N] or [2, B, N]
-                return torch.addcmul(wb[1], s, wb[0])
-            return gather_fma
+            def take_fma(s, i):
+                # two `take`s (which wrap −1 onto the neutral last slot) cost the host less than one 2-row
+                # gather `table[:, i]` and its row views: about 130 vs 180 µs cold-cache on an H100 host
+                return torch.addcmul(bias.take(i), s, weight.take(i))
+            return take_fma
         return self._per_row
 
     def _per_row(self, scores, index):
@@ -143,9 +156,16 @@ def _plan(scores, needed_for: str, stage: int, positional: bool) -> _Plan:
     return plan
 
 
-def _positions(positions, scores, length: int, check: bool):
+def _positions(positions, scores, length: int, check: bool, start=None):
     """Positions as a long tensor on the scores' device (None stays None: raster 0..N−1)."""
     n = scores.shape[-1]
+    if start is not None:
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
+            raise DebiasError(f"start={start!r} must be a non-negative host integer: the sequence index of the "
+                              f"visual span's first token, which positions are counted from")
+        if positions is None or type(positions) is TrackedPositions:
+            raise DebiasError(f"start={start} counts index positions from start; pass the tokens' sequence indices "
+                              f"as a long tensor ({'none given' if positions is None else 'tracked positions are already original positions: drop start'})")
     if positions is None:
         if n > length:
             raise DebiasError(f"{n} scores but the visual span has {length} tokens; pass the tokens' original positions")
@@ -158,62 +178,56 @@ def _positions(positions, scores, length: int, check: bool):
             positions.dim() == 2 and positions.shape[0] not in (1, scores.shape[0])):
         raise DebiasError(f"positions shape {tuple(positions.shape)} does not match scores shape {tuple(scores.shape)}")
     if check:
-        check_range(positions, length)
+        check_range(positions, length, start)
     if positions.dtype != torch.long or positions.device != scores.device:
         positions = positions.to(device=scores.device, dtype=torch.long)
     return positions  # −1 indexes the tables' last, neutral slot
 
 
-def _apply(scores, positions, stage: int, positional: bool, needed_for: str):
+def _apply(scores, positions, stage: int, positional: bool, needed_for: str, start, fast: dict):
     _check_scores(scores)
     plan = _plan(scores, needed_for, stage, positional)
     check = checks_values(plan.st, scores.device)
     if check:
         check_finite(scores)
-    index = _positions(positions, scores, plan.length, check)
-    operation = plan.operation(scores, index)
+    index = _positions(positions, scores, plan.length, check, start)
+    operation = plan.operation(scores, index, start)
     if index is positions:  # validated: later calls with this key take the fast path
-        if len(_fast) >= _MAX_FAST:
-            _fast.clear()
+        if len(fast) >= _MAX_FAST:
+            fast.clear()
         ctxs, st = current_samples(), settings()
-        _fast[_fast_key(ctxs, st, stage, positional, scores, positions)] = (
-            ctxs, st, operation, plan.length if check else None)
+        fast[_fast_key(ctxs, st, stage, start, scores, positions)] = (
+            ctxs, st, operation, (plan.length, start) if check else None)
     return operation(scores, index)
 
 
 # The warm path. What the full path checks and builds depends only on what the key holds (sample contexts
-# and settings by identity — both are interned by value —, stage, shapes, dtypes, devices), so once a call
-# with a key has passed it, later ones go straight to the prepared operation: a dict lookup and one or two
-# kernels, little Python (at ranking sites the GPU is often idle, waiting for the host). Keys hold id()s; each
-# entry keeps its contexts and settings alive, so an id in a key cannot be reused by another object.
-_fast: dict = {}
+# and settings by identity — both are interned by value —, stage, start, shapes, dtypes, devices), so once a
+# call with a key has passed it, later ones go straight to the prepared operation: a dict lookup and one or
+# two kernels, little Python (at ranking sites the GPU is often idle, waiting for the host, and each Python
+# call there costs microseconds of cold-cache host time: debias and mask_padding inline the lookup). Keys hold
+# id()s; each entry keeps its contexts and settings alive, so an id in a key cannot be reused by another object.
+_fast: dict = {}       # debias
+_fast_pad: dict = {}   # mask_padding
 _fast_caps: dict = {}
 _MAX_FAST = 1024
 
 
-def _fast_key(ctxs, st, stage, positional, scores, positions):
-    return (id(ctxs), id(st), stage, positional, scores.dtype, scores.device, scores.shape,
+def _fast_key(ctxs, st, stage, start, scores, positions):
+    """What debias and mask_padding look up (they build the same tuple inline)."""
+    return (id(ctxs), id(st), stage, start, scores.dtype, scores.device, scores.shape,
             None if positions is None else (positions.dtype, positions.device, positions.shape))
 
 
-def _fast_apply(scores, positions, stage: int, positional: bool, st):
-    """The prepared result, or None when this call must take the full path."""
-    ctxs = _samples_var.get()
-    try:
-        entry = _fast.get(_fast_key(ctxs, st, stage, positional, scores, positions))
-    except AttributeError:  # not tensors: the full path says what is wrong
-        return None
-    if entry is None:
-        return None
-    _cache.hits += 1
-    if entry[3] is not None:  # value checks (CPU tensors, or DEBIAS_CHECK=1)
-        check_finite(scores)
-        if positions is not None:
-            check_range(positions, entry[3])
-    return entry[2](scores, positions)
+def _check_values(entry, scores, positions) -> None:
+    """The fast path's value checks (CPU tensors, or DEBIAS_CHECK=1)."""
+    check_finite(scores)
+    if positions is not None:
+        check_range(positions, *entry[3])
 
 
-def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: int | None = None) -> torch.Tensor:
+def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: int | None = None,
+           start: int | None = None) -> torch.Tensor:
     """Debiased ranking scores (positional weight and/or padding suppression, by mode).
 
     scores:    float tensor [N] or [B, N] over the visual tokens being ranked, any device.
@@ -224,6 +238,9 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: in
                is taken here. Mode ``off`` returns exactly that mean; otherwise a singleton ``mean_dim`` (one
                text query, as at inference) is dropped as a view instead — same values, the mean of one value
                being that value — so debiasing adds no kernel to the site: the multiply-add replaces the mean.
+    start:     positions are counted from ``start`` (host int): pass the tokens' sequence indices and the
+               sequence index of the span's first token, instead of ``indices − start`` (a kernel, in every mode).
+               Values must lie in start..start+L−1 (no −1).
     Returns float32 (float64 if given) of the same shape; in mode ``off``, ``scores`` itself (with ``mean_dim``:
     upstream's ``torch.mean``).
     """
@@ -234,16 +251,32 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: in
         scores = _mean(scores, mean_dim, st.mode == "off")
     rec = _recorder_var.get()
     if rec is not None:
-        rec.append(stage, scores, positions.long() if type(positions) is TrackedPositions else positions)
+        rec.append(stage, scores, _raster(positions, start))
     if st.mode == "off":
         return scores
-    if type(positions) is TrackedPositions:
+    if type(positions) is TrackedPositions and start is None:
         out = positions._debiased(scores, stage, st, True)
         if out is not None:
             return out
         positions = positions.long()
-    out = _fast_apply(scores, positions, stage, st.positional, st)
-    return _apply(scores, positions, stage, st.positional, "debias") if out is None else out
+    try:
+        entry = _fast.get((id(_samples_var.get()), id(st), stage, start, scores.dtype, scores.device, scores.shape,
+                           None if positions is None else (positions.dtype, positions.device, positions.shape)))
+    except AttributeError:  # not tensors: the full path says what is wrong
+        entry = None
+    if entry is None:
+        return _apply(scores, positions, stage, st.positional, "debias", start, _fast)
+    _cache.hits += 1
+    if entry[3] is not None:
+        _check_values(entry, scores, positions)
+    return entry[2](scores, positions)
+
+
+def _raster(positions, start):
+    """What the recorder gets: plain positions over the raster."""
+    if type(positions) is TrackedPositions:
+        return positions.long()
+    return positions if start is None or positions is None else torch.as_tensor(positions) - start
 
 
 def _mean(scores, dim, exact: bool):
@@ -259,19 +292,28 @@ def _mean(scores, dim, exact: bool):
                           f"reduces") from None
 
 
-def mask_padding(scores: torch.Tensor, positions=None) -> torch.Tensor:
+def mask_padding(scores: torch.Tensor, positions=None, *, start: int | None = None) -> torch.Tensor:
     """Padding suppression alone (−inf on padding tokens; no positional weight), for scores that are
-    not attention, e.g. TokenCarve's SVD information score. Same shapes and modes as ``debias``."""
+    not attention, e.g. TokenCarve's SVD information score. Same shapes, modes and ``start`` as ``debias``."""
     st = _config._settings or settings()
     if not st.suppress_padding:
         return scores
-    if type(positions) is TrackedPositions:
+    if type(positions) is TrackedPositions and start is None:
         out = positions._debiased(scores, 0, st, False)
         if out is not None:
             return out
         positions = positions.long()
-    out = _fast_apply(scores, positions, 0, False, st)
-    return _apply(scores, positions, 0, False, "mask_padding") if out is None else out
+    try:
+        entry = _fast_pad.get((id(_samples_var.get()), id(st), 0, start, scores.dtype, scores.device, scores.shape,
+                               None if positions is None else (positions.dtype, positions.device, positions.shape)))
+    except AttributeError:
+        entry = None
+    if entry is None:
+        return _apply(scores, positions, 0, False, "mask_padding", start, _fast_pad)
+    _cache.hits += 1
+    if entry[3] is not None:
+        _check_values(entry, scores, positions)
+    return entry[2](scores, positions)
 
 
 def keep_cap(k, *, sample: int | None = None) -> int:

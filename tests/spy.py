@@ -12,9 +12,11 @@ class Spy(TorchFunctionMode):
     def ops(self) -> list:
         return [name for name, _ in self.calls]
 
+    GATHERS = {"take", "index_select", "gather", "embedding", "take_along_dim"}
+
     def tensor_indexing(self) -> list:
-        """The calls that index with a tensor (a gather), e.g. ``t[:, i]`` or ``t[i]``."""
-        return [(name, args) for name, args in self.calls if name == "__getitem__" and any(
+        """The calls that gather by a tensor of indices: ``t[:, i]``, ``t[i]``, ``take``, ``index_select``, ..."""
+        return [(name, args) for name, args in self.calls if name in self.GATHERS or name == "__getitem__" and any(
             isinstance(a, torch.Tensor) for a in (args[1] if isinstance(args[1], tuple) else (args[1],)))]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
