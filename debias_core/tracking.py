@@ -3,7 +3,7 @@ their debias weights and padding bias so that a later stage's ranking call needs
 
 PyramidDrop ranks three times per prefill; at stage s it ranks the survivors of stage s−1 and ``debias``
 needs their original raster positions. Tracked as a plain long tensor, each call gathers the weight and
-padding tables at those positions before its multiply-add: two kernel launches. Its ranking sites run
+padding tables at those positions before its multiply-add (two ``take``s): three kernel launches. Its ranking sites run
 just after a host–device sync (upstream indexes with a boolean mask), while the GPU waits for the host, so
 every launch there is latency. ``positions(n)`` returns instead one float32 table [2 + S, n] — the
 positions, their padding bias and their weight under each of the trend's S stage trends — and indexing it
