@@ -203,8 +203,8 @@ def _apply(scores, positions, stage: int, positional: bool, needed_for: str, sta
 
 # The warm path. What the full path checks and builds depends only on what the key holds (sample contexts
 # and settings by identity — both are interned by value —, stage, start, shapes, dtypes, devices), so once a
-# call with a key has passed it, later ones go straight to the prepared operation: a dict lookup and one or
-# two kernels, little Python (at ranking sites the GPU is often idle, waiting for the host, and each Python
+# call with a key has passed it, later ones go straight to the prepared operation: a dict lookup and one to
+# three kernels, little Python (at ranking sites the GPU is often idle, waiting for the host, and each Python
 # call there costs microseconds of cold-cache host time: debias and mask_padding inline the lookup). Keys hold
 # id()s; each entry keeps its contexts and settings alive, so an id in a key cannot be reused by another object.
 _fast: dict = {}       # debias
