@@ -123,7 +123,7 @@ class _Plan:
     def _per_row(self, scores, index):
         rows = index.expand(self.bias.shape[0], -1) if index.dim() == 1 or index.shape[0] == 1 else index
         bias = self.bias.gather(1, rows.remainder(self.length + 1))  # gather does not wrap −1 as indexing does
-        return torch.addcmul(bias, scores, self.weight[index])
+        return torch.addcmul(bias, scores, self.weight.take(index))  # take, as on the one-table path
 
 
 _plans: dict = {}
@@ -184,7 +184,9 @@ def _positions(positions, scores, length: int, check: bool, start=None):
     return positions  # −1 indexes the tables' last, neutral slot
 
 
-def _apply(scores, positions, stage: int, positional: bool, needed_for: str, start, fast: dict):
+def _apply(scores, positions, stage: int, positional: bool, needed_for: str, start, fast: dict, key):
+    """The full path: validate, build (or find) the plan, run it; and store the prepared operation under
+    ``key`` (the fast-path key the caller looked up) when the positions needed no conversion."""
     _check_scores(scores)
     plan = _plan(scores, needed_for, stage, positional)
     check = checks_values(plan.st, scores.device)
@@ -192,12 +194,10 @@ def _apply(scores, positions, stage: int, positional: bool, needed_for: str, sta
         check_finite(scores)
     index = _positions(positions, scores, plan.length, check, start)
     operation = plan.operation(scores, index, start)
-    if index is positions:  # validated: later calls with this key take the fast path
+    if index is positions and key is not None:  # validated: later calls with this key take the fast path
         if len(fast) >= _MAX_FAST:
             fast.clear()
-        ctxs, st = current_samples(), settings()
-        fast[_fast_key(ctxs, st, stage, start, scores, positions)] = (
-            ctxs, st, operation, (plan.length, start) if check else None)
+        fast[key] = (current_samples(), settings(), operation, (plan.length, start) if check else None)
     return operation(scores, index)
 
 
@@ -211,12 +211,6 @@ _fast: dict = {}       # debias
 _fast_pad: dict = {}   # mask_padding
 _fast_caps: dict = {}
 _MAX_FAST = 1024
-
-
-def _fast_key(ctxs, st, stage, start, scores, positions):
-    """What debias and mask_padding look up (they build the same tuple inline)."""
-    return (id(ctxs), id(st), stage, start, scores.dtype, scores.device, scores.shape,
-            None if positions is None else (positions.dtype, positions.device, positions.shape))
 
 
 def _check_values(entry, scores, positions) -> None:
@@ -259,13 +253,14 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: in
         if out is not None:
             return out
         positions = positions.long()
-    try:
-        entry = _fast.get((id(_samples_var.get()), id(st), stage, start, scores.dtype, scores.device, scores.shape,
-                           None if positions is None else (positions.dtype, positions.device, positions.shape)))
+    try:  # the fast-path key: contexts and settings by identity, stage, start, shapes, dtypes, devices
+        key = (id(_samples_var.get()), id(st), stage, start, scores.dtype, scores.device, scores.shape,
+               None if positions is None else (positions.dtype, positions.device, positions.shape))
     except AttributeError:  # not tensors: the full path says what is wrong
-        entry = None
+        key = None
+    entry = _fast.get(key)
     if entry is None:
-        return _apply(scores, positions, stage, st.positional, "debias", start, _fast)
+        return _apply(scores, positions, stage, st.positional, "debias", start, _fast, key)
     _cache.hits += 1
     if entry[3] is not None:
         _check_values(entry, scores, positions)
@@ -303,13 +298,14 @@ def mask_padding(scores: torch.Tensor, positions=None, *, start: int | None = No
         if out is not None:
             return out
         positions = positions.long()
-    try:
-        entry = _fast_pad.get((id(_samples_var.get()), id(st), 0, start, scores.dtype, scores.device, scores.shape,
-                               None if positions is None else (positions.dtype, positions.device, positions.shape)))
+    try:  # the same key as debias's, in mask_padding's own cache
+        key = (id(_samples_var.get()), id(st), 0, start, scores.dtype, scores.device, scores.shape,
+               None if positions is None else (positions.dtype, positions.device, positions.shape))
     except AttributeError:
-        entry = None
+        key = None
+    entry = _fast_pad.get(key)
     if entry is None:
-        return _apply(scores, positions, 0, False, "mask_padding", start, _fast_pad)
+        return _apply(scores, positions, 0, False, "mask_padding", start, _fast_pad, key)
     _cache.hits += 1
     if entry[3] is not None:
         _check_values(entry, scores, positions)
