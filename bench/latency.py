@@ -211,7 +211,7 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
             out = fn(*args, **kwargs)
             host_s.append(time.perf_counter() - t)
             end.record()
-            events.append((start, end, call))
+            events.append((start, end, call, kwargs.get("stage", 0) if call == "debias" else None))
             return out
         return wrapper
 
@@ -236,8 +236,8 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
         out = timed_positions(*args, **kwargs)
         return TimedLongPositions(out) if isinstance(out, torch.Tensor) else out
 
-    per_mode = {m: {"share_pct": [], "gpu_us": [], "host_us": [], "calls": [], "timed": [], "by_call": {}}
-                for m in ("off", "full")}
+    per_mode = {m: {"share_pct": [], "gpu_us": [], "host_us": [], "calls": [], "timed": [], "by_call": {},
+                    "by_stage": {}} for m in ("off", "full")}
     try:
         for n, fn in originals.items():
             setattr(debias_core, n, timed(fn))
@@ -254,19 +254,24 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
                     adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=1)
                     _sync(device)
                     wall_ms = (time.perf_counter() - t0) * 1e3
-                inside_ms = sum(a.elapsed_time(b) for a, b, _ in events)
+                inside_ms = sum(a.elapsed_time(b) for a, b, _, _ in events)
                 if i >= 3:  # warm-up
                     q = per_mode[mode]
                     q["share_pct"].append(100 * inside_ms / wall_ms)
                     q["gpu_us"].append(inside_ms * 1e3)
                     q["host_us"].append(sum(host_s) * 1e6)
-                    q["calls"].append(sum(n in ("debias", "mask_padding") for _, _, n in events))
+                    q["calls"].append(sum(n in ("debias", "mask_padding") for _, _, n, _ in events))
                     q["timed"].append(len(events))
                     per_call: dict = {}
-                    for a, b, n in events:
+                    per_stage: dict = {}
+                    for a, b, n, stage in events:
                         per_call[n] = per_call.get(n, 0.0) + a.elapsed_time(b) * 1e3
+                        if stage is not None:
+                            per_stage[stage] = per_stage.get(stage, 0.0) + a.elapsed_time(b) * 1e3
                     for n, us in per_call.items():
                         q["by_call"].setdefault(n, []).append(us)
+                    for stage, us in per_stage.items():
+                        q["by_stage"].setdefault(stage, []).append(us)
         if profile:
             debias_core.configure(mode="full", trend=trend, method=tm)
             profiled = _profile_prefill(prep, originals)
@@ -286,7 +291,10 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
                "timed_per_prefill": {"full": med(full["timed"]), "off": med(off["timed"])},
                # GPU-timeline µs per prefill by call (index/__getitem__: re-indexing long/tracked positions)
                "by_call_us_median": {m: {n: round(med(v), 1) for n, v in per_mode[m]["by_call"].items()}
-                                     for m in ("full", "off")}}
+                                     for m in ("full", "off")},
+               # the debias calls alone, by ranking stage (GPU-timeline µs per prefill)
+               "debias_by_stage_us_median": {m: {str(st): round(med(v), 1) for st, v in per_mode[m]["by_stage"].items()}
+                                             for m in ("full", "off")}}
     return {"method": name, **({"profile": profiled} if profile else {}), "in_situ": in_situ}
 
 

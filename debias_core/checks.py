@@ -33,3 +33,19 @@ def check_range(positions: torch.Tensor, length: int, start: int | None = None) 
             where = (f"the visual span 0..{length - 1} (−1 marks a merged token)" if start is None else
                      f"the visual span {start}..{last} (positions counted from start={start})")
             raise DebiasError(f"position {lo if lo < first else hi} is outside {where}")
+
+
+def check_no_padding(positions: torch.Tensor, valid: list, start: int | None = None) -> None:
+    """No position is padding (``debias(..., padding=False)``). ``valid``: per sample context, host bool [L]
+    or None (no padding); positions [N] hold for every context, [B, N] row by row (already range-checked)."""
+    p = positions.detach().to("cpu", torch.long).reshape(-1, positions.shape[-1]).numpy() - (start or 0)
+    for row, v in enumerate(valid):
+        if v is None:
+            continue
+        q = p[row if p.shape[0] > 1 else 0]
+        q = q[q >= 0]  # −1: a merged token, never padding
+        bad = q[~v[q]]
+        if bad.size:
+            raise DebiasError(f"position {int(bad[0])} is padding (sample {row}), but padding=False says the ranked "
+                              f"tokens hold none: pass padding=False only for the survivors of a stage that "
+                              f"suppressed padding and capped its keep count with keep_cap")

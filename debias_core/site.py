@@ -38,10 +38,10 @@ from . import config as _config
 from .config import SUPPRESSING_MODES, settings
 from .context import _active as _samples_var
 from .context import current_samples, required_samples
-from .checks import check_finite, check_range, checks_values
+from .checks import check_finite, check_no_padding, check_range, checks_values
 from .errors import DebiasError
 from .recorder import _active as _recorder_var
-from .tables import bias_table, cache as _cache, n_valid, upload, weight_table
+from .tables import bias_table, cache as _cache, n_valid, upload, valid_host, weight_table
 from .tracking import TrackedPositions, _tracked
 
 
@@ -72,9 +72,9 @@ class _Plan:
     ``bias`` [B, L+1]. Slot L (reached by position −1) is neutral. debiased = bias + scores · weight, with
     bias −inf on padding and 0 elsewhere (an addition, so a zero score on padding is −inf, not NaN)."""
 
-    __slots__ = ("st", "ctxs", "length", "table", "weight", "bias", "shifted")
+    __slots__ = ("st", "ctxs", "length", "table", "weight", "bias", "shifted", "unbiased")
 
-    def __init__(self, st, ctxs, stage: int, positional: bool, device, dtype):
+    def __init__(self, st, ctxs, stage: int, positional: bool, padded: bool, device, dtype):
         self.st, self.ctxs, self.length = st, ctxs, ctxs[0].span_length
         length = self.length
         if positional:
@@ -82,7 +82,8 @@ class _Plan:
         else:
             weight = _cache.get(("ones", length, device, dtype),
                                 lambda: torch.ones(length + 1, dtype=dtype, device=device))
-        biases = [bias_table(c, st, device, dtype) for c in ctxs] if st.suppress_padding else [None]
+        biases = [bias_table(c, st, device, dtype) for c in ctxs] if st.suppress_padding and padded else [None]
+        self.unbiased = all(b is None for b in biases)  # no padding to suppress: gathered positions need no bias
         zeros = _cache.get(("zeros", length, device, dtype), lambda: torch.zeros(length + 1, dtype=dtype, device=device))
         biases = [zeros if b is None else b for b in biases]
         if all(b is biases[0] for b in biases):
@@ -112,6 +113,9 @@ class _Plan:
                 table = self.shifted[start] = torch.cat([self.table[:, -1:].expand(-1, start), self.table[:, :-1]], 1)
         if table is not None:
             weight, bias = table.unbind()  # contiguous rows
+            if self.unbiased:  # the bias is all zeros: one take less; adding a broadcast zero keeps the result
+                zero = bias[-1]  # bit for bit (0 + s·w turns −0.0 into +0.0, as the gathered zeros did)
+                return lambda s, i: torch.addcmul(zero, s, weight.take(i))
 
             def take_fma(s, i):
                 # two `take`s (which wrap −1 onto the neutral last slot) cost the host less than one 2-row
@@ -130,12 +134,13 @@ _plans: dict = {}
 _MAX_PLANS = 256  # plans are keyed by value (same geometry → same plan); the oldest are dropped beyond this
 
 
-def _plan(scores, needed_for: str, stage: int, positional: bool) -> _Plan:
+def _plan(scores, needed_for: str, stage: int, positional: bool, padded: bool = True) -> _Plan:
     """The plan for these settings, sample contexts (by value: a later sample with the same image size and
-    geometry reuses it), stage, device and dtype; built, and everything validated, on first use only."""
+    geometry reuses it), stage, device and dtype; built, and everything validated, on first use only.
+    ``padded``: False when the ranked tokens hold no padding (``debias(..., padding=False)``)."""
     st = settings()
     ctxs = current_samples()
-    key = (id(st), ctxs, stage, positional, scores.device, scores.dtype == torch.float64, scores.dim(),
+    key = (id(st), ctxs, stage, positional, padded, scores.device, scores.dtype == torch.float64, scores.dim(),
            scores.shape[0])
     plan = _plans.get(key)
     if plan is not None and plan.st is st:
@@ -149,7 +154,7 @@ def _plan(scores, needed_for: str, stage: int, positional: bool) -> _Plan:
     if any(c.span_length != ctxs[0].span_length for c in ctxs):
         raise DebiasError(f"samples in one batch have different visual span lengths {[c.span_length for c in ctxs]}")
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    plan = _Plan(st, ctxs, stage, positional, scores.device, dtype)
+    plan = _Plan(st, ctxs, stage, positional, padded, scores.device, dtype)
     if len(_plans) >= _MAX_PLANS:
         _plans.pop(next(iter(_plans)))
     _plans[key] = plan
@@ -184,21 +189,36 @@ def _positions(positions, scores, length: int, check: bool, start=None):
     return positions  # −1 indexes the tables' last, neutral slot
 
 
-def _apply(scores, positions, stage: int, positional: bool, needed_for: str, start, fast: dict, key):
+def _apply(scores, positions, stage: int, positional: bool, needed_for: str, start, fast: dict, key,
+           padded: bool = True):
     """The full path: validate, build (or find) the plan, run it; and store the prepared operation under
     ``key`` (the fast-path key the caller looked up) when the positions needed no conversion."""
     _check_scores(scores)
-    plan = _plan(scores, needed_for, stage, positional)
+    if padded is not True and padded is not False:
+        raise DebiasError(f"padding={padded!r} must be True or False (False: the ranked tokens hold no padding, "
+                          f"e.g. the survivors of a padding-suppressed, capped stage)")
+    plan = _plan(scores, needed_for, stage, positional, padded)
     check = checks_values(plan.st, scores.device)
     if check:
         check_finite(scores)
     index = _positions(positions, scores, plan.length, check, start)
+    claimed = None  # padding=False in a suppressing mode: the validity the checks hold the positions to
+    if not padded and plan.st.suppress_padding:
+        claimed = [valid_host(c, plan.st.pad_threshold, plan.st.exact_geometry) for c in plan.ctxs]
+        claimed = None if all(v is None for v in claimed) else claimed
+        if check and claimed is not None:
+            check_no_padding(_positions_or_raster(index, scores), claimed, start)
     operation = plan.operation(scores, index, start)
     if index is positions and key is not None:  # validated: later calls with this key take the fast path
         if len(fast) >= _MAX_FAST:
             fast.clear()
-        fast[key] = (current_samples(), settings(), operation, (plan.length, start) if check else None)
+        fast[key] = (current_samples(), settings(), operation, (plan.length, start, claimed) if check else None)
     return operation(scores, index)
+
+
+def _positions_or_raster(index, scores):
+    """``index``, or the raster positions 0..N−1 that None stands for."""
+    return torch.arange(scores.shape[-1]) if index is None else index
 
 
 # The warm path. What the full path checks and builds depends only on what the key holds (sample contexts
@@ -216,12 +236,15 @@ _MAX_FAST = 1024
 def _check_values(entry, scores, positions) -> None:
     """The fast path's value checks (CPU tensors, or DEBIAS_CHECK=1)."""
     check_finite(scores)
+    length, start, claimed = entry[3]
     if positions is not None:
-        check_range(positions, *entry[3])
+        check_range(positions, length, start)
+    if claimed is not None:
+        check_no_padding(_positions_or_raster(positions, scores), claimed, start)
 
 
 def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: int | None = None,
-           start: int | None = None) -> torch.Tensor:
+           start: int | None = None, padding: bool = True) -> torch.Tensor:
     """Debiased ranking scores (positional weight and/or padding suppression, by mode).
 
     scores:    float tensor [N] or [B, N] over the visual tokens being ranked, any device.
@@ -235,8 +258,12 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: in
     start:     positions are counted from ``start`` (host int): pass the tokens' sequence indices and the
                sequence index of the span's first token, instead of ``indices − start`` (a kernel, in every mode).
                Values must lie in start..start+L−1 (no −1).
-    Returns float32 (float64 if given) of the same shape; in mode ``off``, ``scores`` itself (with ``mean_dim``:
-    upstream's ``torch.mean``).
+    padding:   False when the ranked tokens hold no padding — a later stage ranking the survivors of a stage
+               whose padding was suppressed and whose keep count was capped (``keep_cap``): the call applies the
+               positional weight only (one gather less at long positions; mode ``pad`` returns ``scores``).
+               The claim is checked where values are (CPU tensors, DEBIAS_CHECK=1): a padding position is an error.
+    Returns float32 (float64 if given) of the same shape; in mode ``off`` (and ``pad`` with ``padding=False``),
+    ``scores`` itself (with ``mean_dim``: upstream's ``torch.mean``).
     """
     # The hot path inlines settings() and the context lookups: at sites where the GPU waits for the host, each
     # Python call costs microseconds of cold-cache host time, i.e. latency.
@@ -246,21 +273,21 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: in
     rec = _recorder_var.get()
     if rec is not None:
         rec.append(stage, scores, _raster(positions, start))
-    if st.mode == "off":
+    if st.mode == "off" or (padding is False and not st.positional):
         return scores
     if type(positions) is TrackedPositions and start is None:
-        out = positions._debiased(scores, stage, st, True)
+        out = positions._debiased(scores, stage, st, True) if padding is True else None
         if out is not None:
             return out
         positions = positions.long()
-    try:  # the fast-path key: contexts and settings by identity, stage, start, shapes, dtypes, devices
-        key = (id(_samples_var.get()), id(st), stage, start, scores.dtype, scores.device, scores.shape,
+    try:  # the fast-path key: contexts and settings by identity, stage, start, padding, shapes, dtypes, devices
+        key = (id(_samples_var.get()), id(st), stage, start, padding, scores.dtype, scores.device, scores.shape,
                None if positions is None else (positions.dtype, positions.device, positions.shape))
     except AttributeError:  # not tensors: the full path says what is wrong
         key = None
     entry = _fast.get(key)
     if entry is None:
-        return _apply(scores, positions, stage, st.positional, "debias", start, _fast, key)
+        return _apply(scores, positions, stage, st.positional, "debias", start, _fast, key, padding)
     _cache.hits += 1
     if entry[3] is not None:
         _check_values(entry, scores, positions)

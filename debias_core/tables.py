@@ -49,8 +49,12 @@ def valid_host(ctx: SampleContext, threshold: float, exact: bool) -> np.ndarray 
     if ctx.image_size is None or ctx.preprocess != "pad":
         return None
     key = ("valid-host", ctx.image_size, ctx.grid, ctx.resolution, threshold, exact)
-    return cache.get(key, lambda: valid_mask(
-        pad_fractions(ctx.image_size, grid=ctx.grid, resolution=ctx.resolution, exact=exact), threshold).reshape(-1))
+
+    def build():
+        valid = valid_mask(pad_fractions(ctx.image_size, grid=ctx.grid, resolution=ctx.resolution, exact=exact),
+                           threshold).reshape(-1)
+        return None if valid.all() else valid  # e.g. a square image: no bias to add, no gather for it
+    return cache.get(key, build)
 
 
 def n_valid(ctx: SampleContext, threshold: float, exact: bool) -> int:

@@ -45,8 +45,8 @@ if os.environ.get("EVAL_PROBE_OUT"):
                             "span_start": ctx.span_start, "mode": debias_core.settings().mode})
             yield ctx
 
-    def debias(scores, positions=None, *, stage=0, mean_dim=None, start=None):
-        out = _debias(scores, positions, stage=stage, mean_dim=mean_dim, start=start)
+    def debias(scores, positions=None, *, stage=0, mean_dim=None, **kwargs):  # kwargs: start, padding, ...
+        out = _debias(scores, positions, stage=stage, mean_dim=mean_dim, **kwargs)
         # untouched: upstream's value itself (with mean_dim: exactly upstream's torch.mean, a new tensor)
         upstream = scores if mean_dim is None else torch.mean(scores, dim=mean_dim)
         _events.append({"event": "debias", "stage": stage, "n": int(out.shape[-1]),
