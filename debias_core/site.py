@@ -6,7 +6,9 @@
 (Where the site's scores are ``torch.mean(x, dim=d)``, ``debias(x, positions, mean_dim=d)`` takes that mean
 itself, so that debiasing adds no kernel: PyramidDrop. Where the site has sequence indices of the ranked tokens,
 ``debias(scores, indices, start=s0)`` takes positions ``indices − s0`` from a table shifted by ``s0``: no
-subtraction kernel, in mode off none at all: HiMAP, iLLaVA.)
+subtraction kernel, in mode off none at all: HiMAP, iLLaVA. A later stage ranking the survivors of a stage
+that suppressed padding and capped its count passes ``padding=False``: no survivor is padding, so the call
+applies the positional weight only and gathers no bias: HiMAP's stage 2.)
 
 Mode ``off`` returns ``scores`` itself and ``k`` unchanged (upstream behaviour). Otherwise:
   pos:  s̃_i = s_i · w(p_i)                 (w = f(0)/f(p), the positional trend's weight)
@@ -17,7 +19,8 @@ Computed in float32 (float64 stays float64). Positions −1 mark merged/cluster 
 Performance contract: the weight and padding tables (tables.py) are built once per (trend, stage, span
 length, dtype, device) and (geometry, image size, threshold, device), then cached on that device, and
 combined once per sample into a plan; a call is one fused multiply-add (``addcmul``), plus two ``take``s when
-positions are given as a long tensor (none for ``positions(n)[kept]``, which carry their table rows:
+positions are given as a long tensor — one when there is no padding to suppress (``padding=False``, an image
+without padding, mode pos) — (none for ``positions(n)[kept]``, which carry their table rows:
 tracking.py). After the first call with given contexts, settings, stage, shapes, dtypes and devices, later
 such calls skip every check and lookup but one dict access (the "fast path": ranking sites often run while
 the GPU waits for the host, so host time there is latency). No file I/O, no host–device sync: tables reach
@@ -262,6 +265,7 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: in
                whose padding was suppressed and whose keep count was capped (``keep_cap``): the call applies the
                positional weight only (one gather less at long positions; mode ``pad`` returns ``scores``).
                The claim is checked where values are (CPU tensors, DEBIAS_CHECK=1): a padding position is an error.
+               Tracked positions carry their bias at no cost: with them the flag changes nothing but mode pad.
     Returns float32 (float64 if given) of the same shape; in mode ``off`` (and ``pad`` with ``padding=False``),
     ``scores`` itself (with ``mean_dim``: upstream's ``torch.mean``).
     """
@@ -276,7 +280,7 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: in
     if st.mode == "off" or (padding is False and not st.positional):
         return scores
     if type(positions) is TrackedPositions and start is None:
-        out = positions._debiased(scores, stage, st, True) if padding is True else None
+        out = positions._debiased(scores, stage, st, True)  # carried bias: free, so padding=False changes nothing
         if out is not None:
             return out
         positions = positions.long()

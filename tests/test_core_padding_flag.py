@@ -181,3 +181,17 @@ def test_cuda_equals_cpu_and_never_synchronises():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(got.cpu(), want)
+
+
+def test_tracked_positions_stay_one_addcmul():
+    """Tracked positions carry their (zero) bias: padding=False keeps their one-kernel path, no long() gather."""
+    dc.configure(mode="full", trend="paper:himap/gqa", method="himap")
+    kept = _survivors()
+    s = _scores(len(kept), torch.float16)
+    with dc.sample(image_size=SIZE, span_start=S0):
+        p = dc.positions(576)[kept]
+        dc.debias(s, p, stage=1, padding=False)
+        with Spy() as spy:
+            out = dc.debias(s, p, stage=1, padding=False)
+    assert [op for op in spy.ops if op in COMPUTING | {"long", "to"}] == ["__getitem__", "__getitem__", "addcmul"], spy.ops
+    assert torch.isfinite(out).all()
