@@ -205,11 +205,12 @@ def _apply(scores, positions, stage: int, positional: bool, needed_for: str, sta
     if check:
         check_finite(scores)
     index = _positions(positions, scores, plan.length, check, start)
-    claimed = None  # padding=False in a suppressing mode: the validity the checks hold the positions to
-    if not padded and plan.st.suppress_padding:
+    claimed = None  # padding=False in a suppressing mode, where values are checked: the validity to hold them to
+    if check and not padded and plan.st.suppress_padding:
         claimed = [valid_host(c, plan.st.pad_threshold, plan.st.exact_geometry) for c in plan.ctxs]
-        claimed = None if all(v is None for v in claimed) else claimed
-        if check and claimed is not None:
+        if all(v is None for v in claimed):
+            claimed = None
+        else:
             check_no_padding(_positions_or_raster(index, scores), claimed, start)
     operation = plan.operation(scores, index, start)
     if index is positions and key is not None:  # validated: later calls with this key take the fast path
@@ -225,7 +226,7 @@ def _positions_or_raster(index, scores):
 
 
 # The warm path. What the full path checks and builds depends only on what the key holds (sample contexts
-# and settings by identity — both are interned by value —, stage, start, shapes, dtypes, devices), so once a
+# and settings by identity — both are interned by value —, stage, start, padding, shapes, dtypes, devices), so once a
 # call with a key has passed it, later ones go straight to the prepared operation: a dict lookup and one to
 # three kernels, little Python (at ranking sites the GPU is often idle, waiting for the host, and each Python
 # call there costs microseconds of cold-cache host time: debias and mask_padding inline the lookup). Keys hold
@@ -329,7 +330,7 @@ def mask_padding(scores: torch.Tensor, positions=None, *, start: int | None = No
         if out is not None:
             return out
         positions = positions.long()
-    try:  # the same key as debias's, in mask_padding's own cache
+    try:  # debias's key less its padding flag, in mask_padding's own cache
         key = (id(_samples_var.get()), id(st), 0, start, scores.dtype, scores.device, scores.shape,
                None if positions is None else (positions.dtype, positions.device, positions.shape))
     except AttributeError:
