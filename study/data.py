@@ -60,6 +60,7 @@ LLAVA_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 LONG_SIDE_RANGE = (336, 768)          # pixels, inclusive
 OBJECT_UNITS_RANGE = (28.0, 56.0)     # object side in pixels of the 336-px padded square
+GLYPH_OBJECT_MIN_UNITS = 34.0         # objects carrying a glyph are at least this big, so the glyph stays readable
 OBJECTS_PER_IMAGE = (2, 6)            # inclusive
 GLYPH_PROBABILITY = 0.75            # per object of a GLYPH_SHAPES shape; ~0.45 of all objects carry a glyph
 PHOTO_PROBABILITY = 0.3               # share of photo backgrounds when photos are available
@@ -73,7 +74,7 @@ _GLYPH_SCALE = {"circle": 0.6, "square": 0.58, "diamond": 0.48}
 _SPLIT_TAG = 1
 _STREAM_TAG = 2
 _MAX_RENDER_TRIES = 30
-_MAX_PLACE_TRIES = 60
+_MAX_PLACE_TRIES = 40
 
 Box = tuple[int, int, int, int]
 
@@ -225,7 +226,8 @@ def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
         return Image.fromarray(small.astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
     if kind == 2:  # mild cloudy noise around a tone plus a little fine grain
         base = _tone(rng)
-        clouds = base + rng.normal(0, 14, (max(2, height // 48), max(2, width // 48), 3))
+        cells = (max(2, height // 48), max(2, width // 48))
+        clouds = base + rng.normal(0, 12, (*cells, 1)) + rng.normal(0, 5, (*cells, 3))   # mostly brightness
         image = np.asarray(Image.fromarray(np.clip(clouds, 0, 255).astype(np.uint8)).resize(
             size, Image.Resampling.BICUBIC), dtype=np.int16)
         grain = rng.integers(-6, 7, (height, width, 1), dtype=np.int16)
@@ -297,23 +299,35 @@ def _draw_object(image: Image.Image, obj: dict, corner: tuple[int, int], side: i
     return corner[0] + x0, corner[1] + y0, corner[0] + x1, corner[1] + y1
 
 
-def _place(rng: np.random.Generator, size: tuple[int, int], sides: list[int]) -> list[tuple[int, int, int]]:
-    """Non-overlapping squares (x, y, side) uniformly over the image, separated by a margin; shrinks what won't fit."""
+def _place(rng: np.random.Generator, size: tuple[int, int], sides: list[int],
+           min_sides: list[int]) -> list[tuple[int, int, int] | None]:
+    """Non-overlapping squares (x, y, side), uniform over the image and a margin apart, one per wanted side.
+
+    An object that finds no room at its side is retried at its minimum side, then left out (None); in practice only
+    in thin strips (4:1, 1:4) with many objects.
+    """
     width, height = size
     margin = max(3, round(8 * max(size) / REFERENCE_RESOLUTION))   # ~ 8 px of the 336-px square
     edge = 2
     placed: list[tuple[int, int, int]] = []
-    for side in sides:
-        for _ in range(_MAX_PLACE_TRIES):
+    result: list[tuple[int, int, int] | None] = []
+    for wanted, smallest in zip(sides, min_sides):
+        spot = None
+        for side in (wanted, smallest):
             side = min(side, width - 2 * edge, height - 2 * edge)
-            x = int(rng.integers(edge, width - side - edge + 1))
-            y = int(rng.integers(edge, height - side - edge + 1))
-            if all(x + side + margin <= px or px + ps + margin <= x or y + side + margin <= py or py + ps + margin <= y
-                   for px, py, ps in placed):
-                placed.append((x, y, side))
+            for _ in range(_MAX_PLACE_TRIES):
+                x = int(rng.integers(edge, width - side - edge + 1))
+                y = int(rng.integers(edge, height - side - edge + 1))
+                if all(x + side + margin <= px or px + ps + margin <= x or y + side + margin <= py
+                       or py + ps + margin <= y for px, py, ps in placed):
+                    spot = (x, y, side)
+                    break
+            if spot is not None:
                 break
-            side = max(8, round(side * 0.97))
-    return placed
+        if spot is not None:
+            placed.append(spot)
+        result.append(spot)
+    return result
 
 
 def _render(rng: np.random.Generator) -> _Scene:
@@ -321,18 +335,25 @@ def _render(rng: np.random.Generator) -> _Scene:
     image = _background(rng, size)
     count = int(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))
     scale = max(size) / REFERENCE_RESOLUTION
-    sides = [max(8, round(rng.uniform(*OBJECT_UNITS_RANGE) * scale)) for _ in range(count)]
     combos = rng.choice(len(COLORS) * len(SHAPES), size=count, replace=False)   # colour/shape pairs unique per image
     color_names = list(COLORS)
-    objects = []
-    for (x, y, side), combo in zip(_place(rng, size, sides), combos):
+    objects, sides, min_sides = [], [], []
+    for combo in combos:
         shape = SHAPES[combo % len(SHAPES)]
-        glyph_draw = rng.random()
-        glyph = GLYPHS[int(rng.integers(len(GLYPHS)))]
+        glyph_draw, glyph = rng.random(), GLYPHS[int(rng.integers(len(GLYPHS)))]
         has_glyph = shape in GLYPH_SHAPES and glyph_draw < GLYPH_PROBABILITY
-        obj = {"shape": shape, "color": color_names[combo // len(SHAPES)], "glyph": glyph if has_glyph else None}
+        low = GLYPH_OBJECT_MIN_UNITS if has_glyph else OBJECT_UNITS_RANGE[0]
+        sides.append(max(8, round(rng.uniform(low, OBJECT_UNITS_RANGE[1]) * scale)))
+        min_sides.append(max(8, round(low * scale)))
+        objects.append({"shape": shape, "color": color_names[combo // len(SHAPES)],
+                        "glyph": glyph if has_glyph else None})
+    spots = _place(rng, size, sides, min_sides)
+    while sum(spot is not None for spot in spots) < OBJECTS_PER_IMAGE[0]:   # never seen; keeps the 2-object floor
+        spots = _place(rng, size, sides, min_sides)
+    kept = [(obj, spot) for obj, spot in zip(objects, spots) if spot is not None]
+    for obj, (x, y, side) in kept:
         obj["box"] = _draw_object(image, obj, (x, y), side)
-        objects.append(obj)
+    objects = [obj for obj, _ in kept]
     return _Scene(image=image, objects=objects, aspect=aspect)
 
 
