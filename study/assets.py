@@ -130,7 +130,8 @@ def export_assets(dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     from_packages = _assets_dir() is None
     written = [dest / FONT_NAME]
-    shutil.copyfile(font_path(), written[0])
+    if font_path().resolve() != written[0].resolve():
+        shutil.copyfile(font_path(), written[0])
     for index, path in enumerate(photo_files()):
         # A numeric prefix keeps the exported order equal to the source order (photo choice is seeded by index).
         target = dest / (f"{index:02d}_{path.stem}.jpg" if from_packages else path.name)

@@ -1,15 +1,17 @@
 """Grounded synthetic VQA for the study model: images of simple coloured shapes with known pixel boxes.
 
-Every question is decided by the pixels of one or two objects whose boxes are recorded (``Item.evidence``), so the
-visual patches a pruning method keeps can be scored against the patches that hold the answer ("evidence recall").
+Every question is decided by the pixels of objects whose boxes are recorded (``Item.evidence``: the queried object, the
+two compared objects, or the distractors of a "no" existence question), so the visual patches a pruning method keeps
+can be scored against the patches that hold the answer ("evidence recall").
 
 Geometry follows LLaVA-1.5 with ``image_aspect_ratio="pad"``: an image of size (w, h) is pasted into a square of side
 S = max(w, h) at offset floor((S - w) / 2), floor((S - h) / 2) (``expand2square``), then resized to 336 px and cut into
 a 24 x 24 grid of 14-px patches read in raster order. ``evidence_patches`` and ``row_band`` map boxes through exactly that.
 
 Images: one of ``ASPECTS`` with long side in [336, 768] px, a plain, gradient, noisy or photographic background, and 2..6
-non-overlapping objects (a shape of ``SHAPES`` filled with a colour of ``COLORS``, half of them with a glyph of ``GLYPHS``
-on top). Objects span 28..56 px per side once the padded square is resized to 336 px, i.e. 2..4 patches.
+non-overlapping objects (a shape of ``SHAPES`` filled with a colour of ``COLORS``, colour/shape pairs unique per image;
+three quarters of the circles, squares and diamonds carry a letter of ``GLYPHS``). Objects span 28..56 px per side
+once the padded square is resized to 336 px, i.e. 2..4 patches (glyph carriers 34..56).
 
 Determinism: everything is drawn from a ``numpy.random.Generator``; a split's image i uses the seed sequence
 (split tag, seed, i) and a training stream uses (stream tag, seed, worker), so streams and splits never share images.
@@ -62,7 +64,7 @@ LONG_SIDE_RANGE = (336, 768)          # pixels, inclusive
 OBJECT_UNITS_RANGE = (28.0, 56.0)     # object side in pixels of the 336-px padded square
 GLYPH_OBJECT_MIN_UNITS = 34.0         # objects carrying a glyph are at least this big, so the glyph stays readable
 OBJECTS_PER_IMAGE = (2, 6)            # inclusive
-GLYPH_PROBABILITY = 0.75            # per object of a GLYPH_SHAPES shape; ~0.45 of all objects carry a glyph
+GLYPH_PROBABILITY = 0.75              # per object of a GLYPH_SHAPES shape; ~0.45 of all objects carry a glyph
 PHOTO_PROBABILITY = 0.3               # share of photo backgrounds when photos are available
 REFERENCE_RESOLUTION = 336
 STREAM_QUESTIONS_PER_IMAGE = 2
