@@ -7,6 +7,7 @@ those packages (the GPU box) gets them from a folder made by ``export_assets(des
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import io
 import os
@@ -118,6 +119,15 @@ def background_photos() -> list[Image.Image]:
     May be empty: the generator then uses synthetic backgrounds only.
     """
     return list(_load_photos(tuple(photo_files()), _assets_dir() is None))
+
+
+def photos_fingerprint() -> str:
+    """sha256 over the background photos' pixels: equal wherever the same photos are in use (packages or export)."""
+    digest = hashlib.sha256()
+    for photo in background_photos():
+        digest.update(f"{photo.size}".encode())
+        digest.update(photo.tobytes())
+    return digest.hexdigest()
 
 
 def export_assets(dest: Path) -> list[Path]:

@@ -190,6 +190,12 @@ def _photos(assets_env: str | None) -> tuple[Image.Image, ...]:
     return tuple(assets.background_photos())
 
 
+@functools.lru_cache(maxsize=4)
+def _photos_fingerprint(assets_env: str | None) -> str:
+    del assets_env  # the cache key, as for _photos
+    return assets.photos_fingerprint()
+
+
 def _sample_size(rng: np.random.Generator) -> tuple[str, tuple[int, int]]:
     names = list(ASPECT_WEIGHTS)
     aspect = names[rng.choice(len(names), p=list(ASPECT_WEIGHTS.values()))]
@@ -549,7 +555,7 @@ def _sha256(path: Path) -> str:
 
 
 def _manifest_key(manifest: dict) -> dict:
-    keys = ("split", "seed", "n_questions", "questions_per_image", "generator_version")
+    keys = ("split", "seed", "n_questions", "questions_per_image", "generator_version", "photos_sha256")
     return {key: manifest.get(key) for key in keys}
 
 
@@ -580,7 +586,8 @@ def generate_split(split: str, out_dir: Path, *, n_questions: int, seed: int | N
 
     Files: images/<split>_<image index:06d>.png; questions.jsonl ({"question_id", "image", "text", "category"}, text
     ending in LLaVA's single-word suffix, category = family); answers.jsonl ({"question_id", "answer"}); items.jsonl
-    (every Item field); manifest.json (split, seed, sizes, generator version, sha256 of items.jsonl). Question ids are
+    (every Item field); manifest.json (split, seed, sizes, generator version, sha256 of the background photos'
+    pixels, sha256 of items.jsonl). Question ids are
     f"{split}_{question index:06d}". The folder appears only when complete (written under a temporary name and
     renamed); an existing folder with the same parameters is reused, any other is refused with ``SplitError``.
     """
@@ -593,7 +600,8 @@ def generate_split(split: str, out_dir: Path, *, n_questions: int, seed: int | N
         raise ValueError(f"error: n_questions={n_questions} and questions_per_image={questions_per_image} must be >= 1")
     out_dir = Path(out_dir)
     wanted = {"split": split, "seed": int(seed), "n_questions": int(n_questions),
-              "questions_per_image": int(questions_per_image), "generator_version": GENERATOR_VERSION}
+              "questions_per_image": int(questions_per_image), "generator_version": GENERATOR_VERSION,
+              "photos_sha256": _photos_fingerprint(os.environ.get(assets.ASSETS_ENV))}
     if out_dir.exists():
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()

@@ -321,6 +321,7 @@ def test_split_files_are_llava_format(split_500):
     manifest = json.loads((split_500 / "manifest.json").read_text())
     assert manifest["split"] == "eval" and manifest["seed"] == data.SPLIT_SEEDS["eval"]
     assert manifest["n_questions"] == 500 and manifest["generator_version"] == data.GENERATOR_VERSION
+    assert manifest["photos_sha256"] == assets.photos_fingerprint()
     assert manifest["items_sha256"] == hashlib.sha256((split_500 / "items.jsonl").read_bytes()).hexdigest()
     assert len(list((split_500 / "images").glob("*.png"))) == manifest["n_images"] == 167
 
@@ -352,7 +353,7 @@ def test_generate_split_is_atomic(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []          # neither the folder nor a partial one is left
 
 
-def test_generate_split_reuses_identical_and_refuses_different(tmp_path):
+def test_generate_split_reuses_identical_and_refuses_different(tmp_path, monkeypatch):
     out = tmp_path / "calib"
     data.generate_split("calib", out, n_questions=4, questions_per_image=2, progress=False)
     stamp = (out / "manifest.json").stat().st_mtime_ns
@@ -362,6 +363,11 @@ def test_generate_split_reuses_identical_and_refuses_different(tmp_path):
         data.generate_split("calib", out, n_questions=5, questions_per_image=2, progress=False)
     with pytest.raises(data.SplitError, match="holds a different split"):
         data.generate_split("calib", out, n_questions=4, questions_per_image=2, seed=9, progress=False)
+    # the same parameters drawn over other background photos are a different split too
+    monkeypatch.setattr(data, "_photos_fingerprint", lambda _: "0" * 64)
+    with pytest.raises(data.SplitError, match="holds a different split"):
+        data.generate_split("calib", out, n_questions=4, questions_per_image=2, progress=False)
+    monkeypatch.undo()
     (out / "items.jsonl").write_text("tampered\n")
     with pytest.raises(data.SplitError, match="incomplete or changed"):
         data.generate_split("calib", out, n_questions=4, questions_per_image=2, progress=False)
@@ -411,7 +417,9 @@ def test_exported_assets_reproduce_the_same_images(tmp_path, monkeypatch):
         pytest.skip("no package photos installed here: photo backgrounds not compared")
     seeds = range(30)      # ~30 % photo backgrounds: about nine of them
     here = [data.make_items(np.random.default_rng(seed), "x.png", 1)[0].tobytes() for seed in seeds]
+    fingerprint_here = assets.photos_fingerprint()
     assets.export_assets(tmp_path / "assets")
     monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "assets"))
     there = [data.make_items(np.random.default_rng(seed), "x.png", 1)[0].tobytes() for seed in seeds]
     assert here == there
+    assert assets.photos_fingerprint() == fingerprint_here
