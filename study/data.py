@@ -568,9 +568,11 @@ def _reuse_or_refuse(out_dir: Path, wanted: dict) -> Path:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise SplitError(f"error: {manifest_path} is unreadable ({error}); {fix}") from None
-    if _manifest_key(manifest) != wanted:
-        raise SplitError(f"error: {out_dir} holds a different split {_manifest_key(manifest)}, not the requested "
-                         f"{wanted}; {fix}")
+    found = _manifest_key(manifest)
+    if found != wanted:
+        differences = ", ".join(f"{key}={found[key]!r} (requested {wanted[key]!r})" for key in wanted
+                                if found[key] != wanted[key])
+        raise SplitError(f"error: {out_dir} holds a different split: {differences}; {fix}")
     items_path = out_dir / "items.jsonl"
     complete = (items_path.is_file() and _sha256(items_path) == manifest.get("items_sha256")
                 and all((out_dir / name).is_file() for name in ("questions.jsonl", "answers.jsonl"))
@@ -606,7 +608,10 @@ def generate_split(split: str, out_dir: Path, *, n_questions: int, seed: int | N
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         else:
-            return _reuse_or_refuse(out_dir, wanted)
+            _reuse_or_refuse(out_dir, wanted)
+            if progress:
+                print(f"{split}: reusing the identical split in {out_dir}", file=sys.stderr, flush=True)
+            return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     if partial.exists():
