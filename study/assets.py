@@ -7,7 +7,9 @@ those packages (the GPU box) gets them from a folder made by ``export_assets(des
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import io
 import os
 import shutil
 from pathlib import Path
@@ -89,11 +91,24 @@ def photo_files() -> list[Path]:
     return [path for path in found if path.is_file()]
 
 
-@functools.lru_cache(maxsize=1)
-def _load_photos(paths: tuple[Path, ...]) -> tuple[Image.Image, ...]:
+def _export_jpeg(path: Path) -> bytes:
+    """A package photo as ``export_assets`` stores it: long side <= 640 px, JPEG quality 90."""
+    with Image.open(path) as image:
+        photo = image.convert("RGB")
+    photo.thumbnail((EXPORT_LONG_SIDE, EXPORT_LONG_SIDE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=EXPORT_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_photos(paths: tuple[Path, ...], from_packages: bool) -> tuple[Image.Image, ...]:
     photos = []
     for path in paths:
-        with Image.open(path) as image:
+        # Package photos go through the export's downscale + JPEG step, so a machine using an exported folder
+        # (STUDY_ASSETS) draws the very same background pixels (same Pillow version assumed).
+        source = io.BytesIO(_export_jpeg(path)) if from_packages else path
+        with Image.open(source) as image:
             photos.append(image.convert("RGB"))
     return tuple(photos)
 
@@ -103,24 +118,36 @@ def background_photos() -> list[Image.Image]:
 
     May be empty: the generator then uses synthetic backgrounds only.
     """
-    return list(_load_photos(tuple(photo_files())))
+    return list(_load_photos(tuple(photo_files()), _assets_dir() is None))
+
+
+def photos_fingerprint() -> str:
+    """sha256 over the background photos' pixels: equal wherever the same photos are in use (packages or export)."""
+    digest = hashlib.sha256()
+    for photo in background_photos():
+        digest.update(f"{photo.size}".encode())
+        digest.update(photo.tobytes())
+    return digest.hexdigest()
 
 
 def export_assets(dest: Path) -> list[Path]:
     """Copy the font and the photos (long side <= 640 px, JPEG q90) into ``dest``; returns the files written.
 
-    Use the folder on a machine without matplotlib/scikit-image/scikit-learn via ``STUDY_ASSETS=dest``.
+    Use the folder on a machine without matplotlib/scikit-image/scikit-learn via ``STUDY_ASSETS=dest``; images
+    generated there equal those generated here.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    from_packages = _assets_dir() is None
     written = [dest / FONT_NAME]
-    shutil.copyfile(font_path(), written[0])
+    if font_path().resolve() != written[0].resolve():
+        shutil.copyfile(font_path(), written[0])
     for index, path in enumerate(photo_files()):
-        with Image.open(path) as image:
-            photo = image.convert("RGB")
-        photo.thumbnail((EXPORT_LONG_SIDE, EXPORT_LONG_SIDE), Image.Resampling.LANCZOS)
         # A numeric prefix keeps the exported order equal to the source order (photo choice is seeded by index).
-        target = dest / f"{index:02d}_{path.stem}.jpg"
-        photo.save(target, "JPEG", quality=EXPORT_JPEG_QUALITY)
+        target = dest / (f"{index:02d}_{path.stem}.jpg" if from_packages else path.name)
+        if from_packages:
+            target.write_bytes(_export_jpeg(path))
+        elif path.resolve() != target.resolve():
+            shutil.copyfile(path, target)
         written.append(target)
     return written

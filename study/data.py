@@ -1,15 +1,17 @@
 """Grounded synthetic VQA for the study model: images of simple coloured shapes with known pixel boxes.
 
-Every question is decided by the pixels of one or two objects whose boxes are recorded (``Item.evidence``), so the
-visual patches a pruning method keeps can be scored against the patches that hold the answer ("evidence recall").
+Every question is decided by the pixels of objects whose boxes are recorded (``Item.evidence``: the queried object, the
+two compared objects, or the distractors of a "no" existence question), so the visual patches a pruning method keeps
+can be scored against the patches that hold the answer ("evidence recall").
 
 Geometry follows LLaVA-1.5 with ``image_aspect_ratio="pad"``: an image of size (w, h) is pasted into a square of side
 S = max(w, h) at offset floor((S - w) / 2), floor((S - h) / 2) (``expand2square``), then resized to 336 px and cut into
 a 24 x 24 grid of 14-px patches read in raster order. ``evidence_patches`` and ``row_band`` map boxes through exactly that.
 
 Images: one of ``ASPECTS`` with long side in [336, 768] px, a plain, gradient, noisy or photographic background, and 2..6
-non-overlapping objects (a shape of ``SHAPES`` filled with a colour of ``COLORS``, half of them with a glyph of ``GLYPHS``
-on top). Objects span 28..56 px per side once the padded square is resized to 336 px, i.e. 2..4 patches.
+non-overlapping objects (a shape of ``SHAPES`` filled with a colour of ``COLORS``, colour/shape pairs unique per image;
+three quarters of the circles, squares and diamonds carry a letter of ``GLYPHS``). Objects span 28..56 px per side
+once the padded square is resized to 336 px, i.e. 2..4 patches (glyph carriers 34..56).
 
 Determinism: everything is drawn from a ``numpy.random.Generator``; a split's image i uses the seed sequence
 (split tag, seed, i) and a training stream uses (stream tag, seed, worker), so streams and splits never share images.
@@ -60,8 +62,9 @@ LLAVA_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 LONG_SIDE_RANGE = (336, 768)          # pixels, inclusive
 OBJECT_UNITS_RANGE = (28.0, 56.0)     # object side in pixels of the 336-px padded square
+GLYPH_OBJECT_MIN_UNITS = 34.0         # objects carrying a glyph are at least this big, so the glyph stays readable
 OBJECTS_PER_IMAGE = (2, 6)            # inclusive
-GLYPH_PROBABILITY = 0.75            # per object of a GLYPH_SHAPES shape; ~0.45 of all objects carry a glyph
+GLYPH_PROBABILITY = 0.75              # per object of a GLYPH_SHAPES shape; ~0.45 of all objects carry a glyph
 PHOTO_PROBABILITY = 0.3               # share of photo backgrounds when photos are available
 REFERENCE_RESOLUTION = 336
 STREAM_QUESTIONS_PER_IMAGE = 2
@@ -73,7 +76,7 @@ _GLYPH_SCALE = {"circle": 0.6, "square": 0.58, "diamond": 0.48}
 _SPLIT_TAG = 1
 _STREAM_TAG = 2
 _MAX_RENDER_TRIES = 30
-_MAX_PLACE_TRIES = 60
+_MAX_PLACE_TRIES = 40
 
 Box = tuple[int, int, int, int]
 
@@ -187,6 +190,12 @@ def _photos(assets_env: str | None) -> tuple[Image.Image, ...]:
     return tuple(assets.background_photos())
 
 
+@functools.lru_cache(maxsize=4)
+def _photos_fingerprint(assets_env: str | None) -> str:
+    del assets_env  # the cache key, as for _photos
+    return assets.photos_fingerprint()
+
+
 def _sample_size(rng: np.random.Generator) -> tuple[str, tuple[int, int]]:
     names = list(ASPECT_WEIGHTS)
     aspect = names[rng.choice(len(names), p=list(ASPECT_WEIGHTS.values()))]
@@ -225,7 +234,8 @@ def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
         return Image.fromarray(small.astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
     if kind == 2:  # mild cloudy noise around a tone plus a little fine grain
         base = _tone(rng)
-        clouds = base + rng.normal(0, 14, (max(2, height // 48), max(2, width // 48), 3))
+        cells = (max(2, height // 48), max(2, width // 48))
+        clouds = base + rng.normal(0, 12, (*cells, 1)) + rng.normal(0, 5, (*cells, 3))   # mostly brightness
         image = np.asarray(Image.fromarray(np.clip(clouds, 0, 255).astype(np.uint8)).resize(
             size, Image.Resampling.BICUBIC), dtype=np.int16)
         grain = rng.integers(-6, 7, (height, width, 1), dtype=np.int16)
@@ -297,23 +307,35 @@ def _draw_object(image: Image.Image, obj: dict, corner: tuple[int, int], side: i
     return corner[0] + x0, corner[1] + y0, corner[0] + x1, corner[1] + y1
 
 
-def _place(rng: np.random.Generator, size: tuple[int, int], sides: list[int]) -> list[tuple[int, int, int]]:
-    """Non-overlapping squares (x, y, side) uniformly over the image, separated by a margin; shrinks what won't fit."""
+def _place(rng: np.random.Generator, size: tuple[int, int], sides: list[int],
+           min_sides: list[int]) -> list[tuple[int, int, int] | None]:
+    """Non-overlapping squares (x, y, side), uniform over the image and a margin apart, one per wanted side.
+
+    An object that finds no room at its side is retried at its minimum side, then left out (None); in practice only
+    in thin strips (4:1, 1:4) with many objects.
+    """
     width, height = size
     margin = max(3, round(8 * max(size) / REFERENCE_RESOLUTION))   # ~ 8 px of the 336-px square
     edge = 2
     placed: list[tuple[int, int, int]] = []
-    for side in sides:
-        for _ in range(_MAX_PLACE_TRIES):
+    result: list[tuple[int, int, int] | None] = []
+    for wanted, smallest in zip(sides, min_sides):
+        spot = None
+        for side in (wanted, smallest):
             side = min(side, width - 2 * edge, height - 2 * edge)
-            x = int(rng.integers(edge, width - side - edge + 1))
-            y = int(rng.integers(edge, height - side - edge + 1))
-            if all(x + side + margin <= px or px + ps + margin <= x or y + side + margin <= py or py + ps + margin <= y
-                   for px, py, ps in placed):
-                placed.append((x, y, side))
+            for _ in range(_MAX_PLACE_TRIES):
+                x = int(rng.integers(edge, width - side - edge + 1))
+                y = int(rng.integers(edge, height - side - edge + 1))
+                if all(x + side + margin <= px or px + ps + margin <= x or y + side + margin <= py
+                       or py + ps + margin <= y for px, py, ps in placed):
+                    spot = (x, y, side)
+                    break
+            if spot is not None:
                 break
-            side = max(8, round(side * 0.97))
-    return placed
+        if spot is not None:
+            placed.append(spot)
+        result.append(spot)
+    return result
 
 
 def _render(rng: np.random.Generator) -> _Scene:
@@ -321,18 +343,25 @@ def _render(rng: np.random.Generator) -> _Scene:
     image = _background(rng, size)
     count = int(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))
     scale = max(size) / REFERENCE_RESOLUTION
-    sides = [max(8, round(rng.uniform(*OBJECT_UNITS_RANGE) * scale)) for _ in range(count)]
     combos = rng.choice(len(COLORS) * len(SHAPES), size=count, replace=False)   # colour/shape pairs unique per image
     color_names = list(COLORS)
-    objects = []
-    for (x, y, side), combo in zip(_place(rng, size, sides), combos):
+    objects, sides, min_sides = [], [], []
+    for combo in combos:
         shape = SHAPES[combo % len(SHAPES)]
-        glyph_draw = rng.random()
-        glyph = GLYPHS[int(rng.integers(len(GLYPHS)))]
+        glyph_draw, glyph = rng.random(), GLYPHS[int(rng.integers(len(GLYPHS)))]
         has_glyph = shape in GLYPH_SHAPES and glyph_draw < GLYPH_PROBABILITY
-        obj = {"shape": shape, "color": color_names[combo // len(SHAPES)], "glyph": glyph if has_glyph else None}
+        low = GLYPH_OBJECT_MIN_UNITS if has_glyph else OBJECT_UNITS_RANGE[0]
+        sides.append(max(8, round(rng.uniform(low, OBJECT_UNITS_RANGE[1]) * scale)))
+        min_sides.append(max(8, round(low * scale)))
+        objects.append({"shape": shape, "color": color_names[combo // len(SHAPES)],
+                        "glyph": glyph if has_glyph else None})
+    spots = _place(rng, size, sides, min_sides)
+    while sum(spot is not None for spot in spots) < OBJECTS_PER_IMAGE[0]:   # never seen; keeps the 2-object floor
+        spots = _place(rng, size, sides, min_sides)
+    kept = [(obj, spot) for obj, spot in zip(objects, spots) if spot is not None]
+    for obj, (x, y, side) in kept:
         obj["box"] = _draw_object(image, obj, (x, y), side)
-        objects.append(obj)
+    objects = [obj for obj, _ in kept]
     return _Scene(image=image, objects=objects, aspect=aspect)
 
 
@@ -526,7 +555,7 @@ def _sha256(path: Path) -> str:
 
 
 def _manifest_key(manifest: dict) -> dict:
-    keys = ("split", "seed", "n_questions", "questions_per_image", "generator_version")
+    keys = ("split", "seed", "n_questions", "questions_per_image", "generator_version", "photos_sha256")
     return {key: manifest.get(key) for key in keys}
 
 
@@ -539,9 +568,11 @@ def _reuse_or_refuse(out_dir: Path, wanted: dict) -> Path:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise SplitError(f"error: {manifest_path} is unreadable ({error}); {fix}") from None
-    if _manifest_key(manifest) != wanted:
-        raise SplitError(f"error: {out_dir} holds a different split {_manifest_key(manifest)}, not the requested "
-                         f"{wanted}; {fix}")
+    found = _manifest_key(manifest)
+    if found != wanted:
+        differences = ", ".join(f"{key}={found[key]!r} (requested {wanted[key]!r})" for key in wanted
+                                if found[key] != wanted[key])
+        raise SplitError(f"error: {out_dir} holds a different split: {differences}; {fix}")
     items_path = out_dir / "items.jsonl"
     complete = (items_path.is_file() and _sha256(items_path) == manifest.get("items_sha256")
                 and all((out_dir / name).is_file() for name in ("questions.jsonl", "answers.jsonl"))
@@ -557,7 +588,8 @@ def generate_split(split: str, out_dir: Path, *, n_questions: int, seed: int | N
 
     Files: images/<split>_<image index:06d>.png; questions.jsonl ({"question_id", "image", "text", "category"}, text
     ending in LLaVA's single-word suffix, category = family); answers.jsonl ({"question_id", "answer"}); items.jsonl
-    (every Item field); manifest.json (split, seed, sizes, generator version, sha256 of items.jsonl). Question ids are
+    (every Item field); manifest.json (split, seed, sizes, generator version, sha256 of the background photos'
+    pixels, sha256 of items.jsonl). Question ids are
     f"{split}_{question index:06d}". The folder appears only when complete (written under a temporary name and
     renamed); an existing folder with the same parameters is reused, any other is refused with ``SplitError``.
     """
@@ -570,12 +602,16 @@ def generate_split(split: str, out_dir: Path, *, n_questions: int, seed: int | N
         raise ValueError(f"error: n_questions={n_questions} and questions_per_image={questions_per_image} must be >= 1")
     out_dir = Path(out_dir)
     wanted = {"split": split, "seed": int(seed), "n_questions": int(n_questions),
-              "questions_per_image": int(questions_per_image), "generator_version": GENERATOR_VERSION}
+              "questions_per_image": int(questions_per_image), "generator_version": GENERATOR_VERSION,
+              "photos_sha256": _photos_fingerprint(os.environ.get(assets.ASSETS_ENV))}
     if out_dir.exists():
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         else:
-            return _reuse_or_refuse(out_dir, wanted)
+            _reuse_or_refuse(out_dir, wanted)
+            if progress:
+                print(f"{split}: reusing the identical split in {out_dir}", file=sys.stderr, flush=True)
+            return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     if partial.exists():

@@ -236,18 +236,38 @@ def _image_hashes(images):
     return {hashlib.sha256(image.tobytes()).hexdigest() for image in images}
 
 
-def test_splits_and_training_workers_share_no_image():
-    per_split = {name: _image_hashes(data.make_items(data.split_image_rng(seed, i), "x.png", 1)[0] for i in range(6))
-                 for name, seed in data.SPLIT_SEEDS.items()}
-    streams = [data.training_stream(data.SPLIT_SEEDS["train"], worker) for worker in (0, 1)]
-    per_worker = [_image_hashes(next(stream)[0] for _ in range(12)) for stream in streams]
+def test_splits_and_training_workers_share_no_image(monkeypatch):
+    """Every image a stream renders (yielded or still buffered) differs from every split's images and other workers'."""
+    count = data.STREAM_QUESTIONS_PER_IMAGE     # same call as the stream makes, so equal seeds would give equal images
+    per_split = {name: _image_hashes(data.make_items(data.split_image_rng(seed, i), "x.png", count)[0]
+                                     for i in range(4)) for name, seed in data.SPLIT_SEEDS.items()}
+    rendered = []
+    original = data.make_items
+
+    def recording(rng, name, n):
+        image, items = original(rng, name, n)
+        rendered.append(image)
+        return image, items
+
+    monkeypatch.setattr(data, "make_items", recording)
+    per_worker, first_yields_by_worker = [], []
+    for worker in (0, 1):
+        rendered.clear()
+        stream = data.training_stream(data.SPLIT_SEEDS["train"], worker)
+        first_yields = [next(stream)[0] for _ in range(4)]
+        assert _image_hashes(first_yields) <= _image_hashes(rendered)
+        per_worker.append(_image_hashes(rendered))
+        first_yields_by_worker.append(first_yields)
     groups = list(per_split.values()) + per_worker
     for i, first in enumerate(groups):
         for second in groups[i + 1:]:
             assert not first & second
     # and the stream itself is reproducible
+    rendered.clear()
     again = data.training_stream(data.SPLIT_SEEDS["train"], 0)
-    assert _image_hashes(next(again)[0] for _ in range(12)) == per_worker[0]
+    assert [image.tobytes() for image, _, _ in (next(again) for _ in range(4))] == [
+        image.tobytes() for image in first_yields_by_worker[0]]
+    assert _image_hashes(rendered) == per_worker[0]
 
 
 def test_training_stream_yields_single_word_answers():
@@ -301,6 +321,7 @@ def test_split_files_are_llava_format(split_500):
     manifest = json.loads((split_500 / "manifest.json").read_text())
     assert manifest["split"] == "eval" and manifest["seed"] == data.SPLIT_SEEDS["eval"]
     assert manifest["n_questions"] == 500 and manifest["generator_version"] == data.GENERATOR_VERSION
+    assert manifest["photos_sha256"] == assets.photos_fingerprint()
     assert manifest["items_sha256"] == hashlib.sha256((split_500 / "items.jsonl").read_bytes()).hexdigest()
     assert len(list((split_500 / "images").glob("*.png"))) == manifest["n_images"] == 167
 
@@ -332,7 +353,7 @@ def test_generate_split_is_atomic(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []          # neither the folder nor a partial one is left
 
 
-def test_generate_split_reuses_identical_and_refuses_different(tmp_path):
+def test_generate_split_reuses_identical_and_refuses_different(tmp_path, monkeypatch):
     out = tmp_path / "calib"
     data.generate_split("calib", out, n_questions=4, questions_per_image=2, progress=False)
     stamp = (out / "manifest.json").stat().st_mtime_ns
@@ -342,6 +363,11 @@ def test_generate_split_reuses_identical_and_refuses_different(tmp_path):
         data.generate_split("calib", out, n_questions=5, questions_per_image=2, progress=False)
     with pytest.raises(data.SplitError, match="holds a different split"):
         data.generate_split("calib", out, n_questions=4, questions_per_image=2, seed=9, progress=False)
+    # the same parameters drawn over other background photos are a different split too
+    monkeypatch.setattr(data, "_photos_fingerprint", lambda _: "0" * 64)
+    with pytest.raises(data.SplitError, match="holds a different split"):
+        data.generate_split("calib", out, n_questions=4, questions_per_image=2, progress=False)
+    monkeypatch.undo()
     (out / "items.jsonl").write_text("tampered\n")
     with pytest.raises(data.SplitError, match="incomplete or changed"):
         data.generate_split("calib", out, n_questions=4, questions_per_image=2, progress=False)
@@ -382,3 +408,18 @@ def test_missing_assets_folder_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="DejaVuSans-Bold.ttf is missing"):
         assets.font_path()
     assert assets.background_photos() == []
+
+
+def test_exported_assets_reproduce_the_same_images(tmp_path, monkeypatch):
+    """A machine with only the exported folder draws byte-identical images (photo backgrounds included)."""
+    monkeypatch.delenv(assets.ASSETS_ENV, raising=False)
+    if not assets.background_photos():
+        pytest.skip("no package photos installed here: photo backgrounds not compared")
+    seeds = range(30)      # ~30 % photo backgrounds: about nine of them
+    here = [data.make_items(np.random.default_rng(seed), "x.png", 1)[0].tobytes() for seed in seeds]
+    fingerprint_here = assets.photos_fingerprint()
+    assets.export_assets(tmp_path / "assets")
+    monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "assets"))
+    there = [data.make_items(np.random.default_rng(seed), "x.png", 1)[0].tobytes() for seed in seeds]
+    assert here == there
+    assert assets.photos_fingerprint() == fingerprint_here
