@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .answers import read_answers
 from .benchmarks import Benchmark, get_benchmark
-from .common import THIRD_PARTY, EvalError, populate_hint, populated, slug
+from .common import THIRD_PARTY, EvalError, populate_hint, populated, slug, third_party_dir
 from . import runinfo
 
 
@@ -44,9 +44,9 @@ from . import runinfo
 def llava_tools() -> dict:
     """{"pythonpath": [...], "eval_dir": Path, "scripts_dir": Path | None, "source": str}."""
     if populated("LLaVA"):
-        root = THIRD_PARTY / "LLaVA"
+        root = third_party_dir("LLaVA")   # the submodule, or the exported tree EVAL_THIRD_PARTY names
         return {"pythonpath": [str(root)], "eval_dir": root / "llava" / "eval", "scripts_dir": root / "scripts",
-                "source": "third_party/LLaVA"}
+                "source": "third_party/LLaVA" if root == THIRD_PARTY / "LLaVA" else str(root)}
     try:
         version = md.version("llava-torch")
     except md.PackageNotFoundError:

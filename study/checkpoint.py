@@ -74,6 +74,12 @@ def llava_state(llm_state: dict, trained: dict, config: dict, dtype) -> dict:
     state = {k: torch.as_tensor(v).to(dtype).contiguous() for k, v in merged.items()}
     if "lm_head.weight" not in state:  # SmolLM2 ties lm_head to the embedding; saved untied, as llava-v1.5 is
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    # RoPE frequencies (base ROPE_THETA), saved as the released llava-v1.5 checkpoints save them: transformers 4.31
+    # keeps them as persistent buffers, and a loader that finds them missing reports the model as untrained.
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    inv_freq = 1.0 / (M.ROPE_THETA ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    for i in range(config["num_hidden_layers"]):
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
     for k, v in trained.items():
         if k.startswith("projector."):
             state[f"model.mm_projector.{k[10:]}"] = v.to(dtype).contiguous()
