@@ -187,3 +187,37 @@ def test_a_wrong_fast_path_would_be_caught(monkeypatch):
     monkeypatch.setattr(site._Plan, "operation", weight_only)
     with pytest.raises(AssertionError):
         _check_call(call, "cpu")
+
+
+# ------------------------------------------------------------------------------- the one cache and its bound
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(call=calls())
+def test_a_tiny_cache_bound_changes_no_result(monkeypatch, call):
+    """With room for 3 entries per region the cache empties itself in the middle of building plans, shifted
+    tables and warm entries: every call must still equal the reference, and no region may exceed the bound."""
+    from debias_core.tables import Cache, cache
+    monkeypatch.setattr(Cache, "LIMIT", 3)
+    if call["form"] == "tracked":
+        call = dict(call, merged=False, position_rows="1-D")
+    _check_call(call, "cpu")
+    assert max(len(region) for region in cache.regions()) <= 3
+
+
+def test_every_region_is_bounded_and_clear_empties_all(monkeypatch):
+    from debias_core.tables import Cache, cache
+    monkeypatch.setattr(Cache, "LIMIT", 8)
+    dc.configure(mode="full", trend=TREND, method="pdrop")
+    s = torch.rand(300)
+    sizes = [(640, 200 + 7 * i) for i in range(40)]                  # 40 distinct geometries
+    for size in sizes:
+        with dc.sample(image_size=size, span_start=35):
+            dc.debias(s, torch.arange(300))
+            dc.debias(s, torch.arange(300) + 35, start=35, stage=1)
+            dc.mask_padding(s)
+            dc.keep_cap(300)
+            dc.debias(s, dc.positions(LENGTH)[torch.arange(300)], stage=1)
+    assert all(len(region) <= 8 for region in cache.regions()) and cache.size() > 0, [len(r) for r in cache.regions()]
+    dc.clear_cache()
+    assert cache.size() == 0 and dc.cache_info() == {"hits": 0, "misses": 0, "size": 0}
