@@ -24,6 +24,7 @@ SERIES_FILE = re.compile(r"^(\d{4})-(.+)\.patch$")
 FULL_INDEX = re.compile(r"^index [0-9a-f]{40}\.\.[0-9a-f]{40}( [0-7]{6})?$")
 DATE = re.compile(r"^Date: \w{3}, \d{1,2} \w{3} \d{4} \d{2}:\d{2}:\d{2} [+-]\d{4}$")
 RENAME = re.compile(r"^(similarity index|dissimilarity index|rename from|rename to|copy from|copy to) ")
+OUTSIDE_POINTER = re.compile(r"UPSTREAM\.md|\.\./shared|\bissues? #?\d", re.IGNORECASE)
 PRIVATE_API = re.compile(r"debias_core\.(\w+\.)*_\w+|from debias_core\.\w+ import")
 BUDGET_ROW = re.compile(r"^\|\s*`?([\w.-]+)`?\s*\|\s*`([\w-]+):`\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|")
 MIME_HEADERS = {"MIME-Version: 1.0", "Content-Type: text/plain; charset=UTF-8",  # a message with non-ASCII text
@@ -139,6 +140,10 @@ def check_message(patch: Patch, budget: Budget | None) -> list:
     if len(words) < BODY_MIN_WORDS:
         problems.append(f"message body has {len(words)} words: say what the patch changes and why, and what "
                         f"DEBIAS=off does (at least {BODY_MIN_WORDS} words)")
+    pointer = next((line for line in patch.body if OUTSIDE_POINTER.search(line)), None)
+    if pointer is not None:
+        problems.append(f"message points outside the repository ({pointer.strip()[:60]}): say it in the message, "
+                        f"and cite an upstream bug as a `Bug: <url>` trailer")
     added = [line for line in patch.diff if line.startswith("+") and not line.startswith("+++")]
     private = [line for line in added if PRIVATE_API.search(line)]
     if private:

@@ -109,6 +109,16 @@ def test_a_body_without_why_is_caught(copy):
     assert r.returncode == 1 and "message body has 2 words" in r.stdout, r.stdout
 
 
+@pytest.mark.parametrize("pointer", ["see upstream issue #114.", "details in UPSTREAM.md §2.", "as ../shared/notes say."])
+def test_a_pointer_outside_the_repository_is_caught(copy, pointer):
+    path = one(copy, "PyramidDrop", 3)
+    text = path.read_text()
+    head, rest = text.split("\n\n", 1)
+    path.write_text(f"{head}\n\n{pointer}\n{rest}")
+    r = run(root=copy)
+    assert r.returncode == 1 and "message points outside the repository" in r.stdout, r.stdout
+
+
 def test_private_api_is_caught(copy):
     edit(one(copy, "FastV"), "topk(debias_core.keep_cap(", "topk(debias_core.site._keep_cap(")
     r = run(root=copy)
