@@ -216,7 +216,10 @@ def run_job(job: Job, out: Path, model: Path, data: Path, envs: Envs, *, limit: 
         raise StudyError(f"{job.name}: python -m eval.run exited {r.returncode}; see {folder / 'driver.log'}")
     run_dir = Path(r.stdout.strip().splitlines()[-1])
     record_out = {"job": asdict(job), "run_dir": str(run_dir), "seconds": round(time.time() - t0, 1)}
-    record_out.update(measure(job, run_dir, record, split))
+    try:
+        record_out.update(measure(job, run_dir, record, split))
+    except Exception as e:  # noqa: BLE001 - the answers stay; the run is reported as failed, not lost
+        raise StudyError(f"{job.name}: measuring the run failed ({type(e).__name__}: {e}); answers in {run_dir}")
     done.write_text(json.dumps(record_out, indent=1))
     return record_out
 
@@ -266,7 +269,9 @@ def _method_args(method: str, given: dict) -> dict:
     return spec
 
 
-def run_all(jobs: list[Job], out: Path, model: Path, data: Path, envs: Envs, *, limit, parallel: int) -> list[dict]:
+def run_all(jobs: list[Job], out: Path, model: Path, data: Path, envs: Envs, *, limit,
+            parallel: int) -> tuple[list[dict], list[str]]:
+    """Run the jobs (``parallel`` at once); returns the done records and one line per failed run."""
     from tqdm import tqdm
 
     results, failures = [], []
@@ -280,9 +285,7 @@ def run_all(jobs: list[Job], out: Path, model: Path, data: Path, envs: Envs, *, 
                     failures.append(str(e))
                     print(f"failed: {e}", file=sys.stderr)
                 bar.update(1)
-    if failures:
-        raise StudyError(f"{len(failures)} run(s) failed; first: {failures[0]}")
-    return results
+    return results, failures
 
 
 def calibrate_trends(results: list[dict], out: Path) -> Path:
@@ -383,15 +386,25 @@ def study(a) -> int:
     if a.carry is None and methods:
         envs.trees = export_trees(out / "trees", methods)
 
-    cal = run_all(calibration_jobs(methods, s0), out, a.model, data, envs, limit=None, parallel=a.parallel)
+    cal, failed = run_all(calibration_jobs(methods, s0), out, a.model, data, envs, limit=None, parallel=a.parallel)
+    for line in failed:   # a method that cannot even run its calibration is left out, and the report says why
+        method = line.split(":", 1)[0].split("/")[-1]
+        skipped[method] = line
+        methods.remove(method)
     trends = calibrate_trends(cal, out)
     if a.stop_after == "calibration":
         return 0
     if skipped.get("fastv"):
         controls = []
     jobs = plan(methods, budgets, modes, controls, s0, trends, calibrated=not a.no_calibrated)
-    results = run_all(jobs, out, a.model, data, envs, limit=None, parallel=a.parallel)
-    if a.stop_after == "runs":
-        return 0
-    write_report(out, results, data / "eval", trends=trends, skipped=skipped, settings=vars(a), model=a.model)
+    results, failed = run_all(jobs, out, a.model, data, envs, limit=None, parallel=a.parallel)
+    for line in failed:
+        skipped[line.split(":", 1)[0]] = line
+    if a.stop_after != "runs":
+        path = write_report(out, results, data / "eval", trends=trends, skipped=skipped, settings=vars(a),
+                            model=a.model)
+        print(path)
+    if failed:
+        print(f"error: {len(failed)} run(s) failed; first: {failed[0]}", file=sys.stderr)
+        return 1
     return 0
