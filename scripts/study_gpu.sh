@@ -25,7 +25,7 @@ case ${1:-} in
       --val-every 250 --save-every 100000 2>&1 | tee "$out/train.log" | grep -v '^train:' || true
     cp outputs/train/trained.safetensors outputs/train/train.json "$out"/
     py -m study assemble --trained outputs/train/trained.safetensors --out "$model" --force
-    py -m study data --split eval --out outputs/study/data/eval --n "${N_EVAL:-1000}" >/dev/null
+    py -m study data --split eval --out outputs/study/data/eval --n "${N_EVAL:-600}" >/dev/null
     EVAL_THIRD_PARTY=$PWD/$carry/trees py -m eval.run --method llava --benchmark study \
       --data-dir outputs/study/data/eval --model-path "$model" --answers-dir outputs/unpruned --device cuda \
       --max-new-tokens 8 --workers 4 2>&1 | tail -3

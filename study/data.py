@@ -466,6 +466,12 @@ def _ask_relpos(rng: np.random.Generator, objects: list[dict]) -> tuple[str, str
 
 
 def make_items(rng: np.random.Generator, image_name: str, n_questions: int) -> tuple[Image.Image, list[Item]]:
+    """One image and ``n_questions`` distinct questions about it (see ``_make_items``)."""
+    image, items, _ = _make_items(rng, image_name, n_questions)
+    return image, items
+
+
+def _make_items(rng: np.random.Generator, image_name: str, n_questions: int) -> tuple[Image.Image, list[Item], list]:
     """One image and ``n_questions`` distinct questions about it (families drawn with ``FAMILY_WEIGHTS``).
 
     The families are drawn first and the image is re-rendered until it allows that many distinct questions of each,
@@ -496,7 +502,7 @@ def make_items(rng: np.random.Generator, image_name: str, n_questions: int) -> t
         items.append(Item(question_id=f"{stem}#{k}", image=image_name, question=question, answer=answer,
                           family=family, aspect=scene.aspect, image_size=scene.image.size,
                           evidence=tuple(tuple(int(v) for v in box) for box in evidence)))
-    return scene.image, items
+    return scene.image, items, scene.objects
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -508,8 +514,10 @@ def _check_seed(name: str, value: int) -> None:
         raise ValueError(f"error: {name}={value!r} must be a non-negative integer")
 
 
-def training_stream(seed: int, worker: int = 0) -> Iterator[tuple[Image.Image, str, str]]:
-    """Endless (image, question, answer) samples; the question has no LLaVA answer-format suffix.
+def training_stream(seed: int, worker: int = 0, *, with_objects: bool = False) -> Iterator[tuple]:
+    """Endless (image, question, answer) samples; the question has no LLaVA answer-format suffix. With
+    ``with_objects``, (image, question, answer, objects): the image's object list as ``render_image`` gives it
+    (for dense auxiliary targets while training; the samples are the same).
 
     Each image carries two questions; a small shuffle buffer spreads them apart. Different ``worker`` values (and
     every written split) draw from independent seed sequences, so no two streams share an image.
@@ -517,10 +525,11 @@ def training_stream(seed: int, worker: int = 0) -> Iterator[tuple[Image.Image, s
     _check_seed("seed", seed)
     _check_seed("worker", worker)
     rng = np.random.default_rng(np.random.SeedSequence([_STREAM_TAG, int(seed), int(worker)]))
-    buffer: list[tuple[Image.Image, str, str]] = []
+    buffer: list[tuple] = []
     while True:
-        image, items = make_items(rng, "", STREAM_QUESTIONS_PER_IMAGE)
-        buffer.extend((image, item.question, item.answer) for item in items)
+        image, items, objects = _make_items(rng, "", STREAM_QUESTIONS_PER_IMAGE)
+        extra = (objects,) if with_objects else ()
+        buffer.extend((image, item.question, item.answer, *extra) for item in items)
         while len(buffer) >= STREAM_SHUFFLE_BUFFER:
             index = int(rng.integers(len(buffer)))
             buffer[index], buffer[-1] = buffer[-1], buffer[index]

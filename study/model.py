@@ -79,8 +79,9 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base, self.scale = base, spec.scale
         base.weight.requires_grad_(False)
-        self.lora_a = nn.Parameter(torch.empty(spec.rank, base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, spec.rank))
+        device = base.weight.device
+        self.lora_a = nn.Parameter(torch.empty(spec.rank, base.in_features, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, spec.rank, device=device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x):
@@ -150,30 +151,38 @@ class StudyVLM(nn.Module):
         super().__init__()
         self.llm, self.vision, self.projector = llm, vision, projector
 
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [B, 3, 336, 336] -> visual tokens [B, 576, H_llm] (select layer -2, patches only)."""
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, 336, 336] -> vision features [B, 576, H_vision] (select layer -2, patches only)."""
         out = self.vision(pixels.to(self.vision.dtype), output_hidden_states=True)
-        return self.projector(out.hidden_states[-2][:, 1:].to(self.projector[0].weight.dtype))
+        return out.hidden_states[-2][:, 1:]
 
-    def embed(self, prefix: torch.Tensor, pixels: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, 336, 336] -> visual tokens [B, 576, H_llm]."""
+        return self.projector(self.patch_features(pixels).to(self.projector[0].weight.dtype))
+
+    def embed(self, prefix: torch.Tensor, pixels: torch.Tensor, suffix: torch.Tensor, features=None) -> torch.Tensor:
         """prefix [P] long, pixels [B, 3, R, R], suffix [B, T] long -> inputs_embeds [B, P + 576 + T, H]."""
         table = self.llm.get_input_embeddings()
         b = suffix.shape[0]
-        image = self.image_features(pixels)
+        if features is None:
+            features = self.patch_features(pixels)
+        image = self.projector(features.to(self.projector[0].weight.dtype))
         head = table(prefix)[None].expand(b, -1, -1)
         return torch.cat([head, image.to(head.dtype), table(suffix)], dim=1)
 
-    def hidden(self, prefix, pixels, suffix, suffix_mask):
+    def hidden(self, prefix, pixels, suffix, suffix_mask, features=None):
         """Last hidden states [B, P + 576 + T, H] (right padding masked out)."""
-        embeds = self.embed(prefix, pixels, suffix)
+        embeds = self.embed(prefix, pixels, suffix, features)
         lead = embeds.shape[1] - suffix.shape[1]
         mask = torch.cat([suffix_mask.new_ones(suffix.shape[0], lead), suffix_mask], dim=1)
         return self.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
-    def loss(self, prefix, pixels, suffix, suffix_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, prefix, pixels, suffix, suffix_mask, labels, return_features: bool = False):
         """Mean next-token cross-entropy over answer tokens (labels [B, T], -100 elsewhere); also the share of
-        answers whose every token is predicted right (teacher-forced exact match) [B] bool."""
-        h = self.hidden(prefix, pixels, suffix, suffix_mask)
+        answers whose every token is predicted right (teacher-forced exact match) [B] bool; with
+        ``return_features`` also the vision features [B, 576, H_vision] (for auxiliary losses)."""
+        features = self.patch_features(pixels)
+        h = self.hidden(prefix, pixels, suffix, suffix_mask, features)
         lead = h.shape[1] - suffix.shape[1]
         # position j of the suffix is predicted from position lead + j - 1
         pred_h = h[:, lead - 1: h.shape[1] - 1]
@@ -183,6 +192,8 @@ class StudyVLM(nn.Module):
         loss = nn.functional.cross_entropy(logits, target)
         right = torch.ones_like(labels, dtype=torch.bool)
         right[sel] = logits.argmax(-1) == target
+        if return_features:
+            return loss, right.all(dim=1), features
         return loss, right.all(dim=1)
 
     @torch.no_grad()

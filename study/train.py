@@ -70,6 +70,44 @@ def pad_and_process(image, processor) -> torch.Tensor:
     return processor.preprocess(square, return_tensors="pt")["pixel_values"][0]
 
 
+def patch_targets(objects, image_size, grid: int = 24, resolution: int = 336) -> torch.Tensor:
+    """long [grid², 3]: per patch (raster order, after LLaVA's padding) the colour, shape and glyph class of the
+    object whose box holds the patch centre (0 = no object / no glyph). Auxiliary targets for the vision tower."""
+    from .data import COLORS, GLYPHS, SHAPES, pad_offset
+
+    colors, shapes = list(COLORS), list(SHAPES)
+    dx, dy = pad_offset(image_size)
+    side = max(image_size)
+    centres = (torch.arange(grid, dtype=torch.float64) + 0.5) * side / grid       # padded-square pixels
+    out = torch.zeros(grid, grid, 3, dtype=torch.long)
+    for obj in objects:
+        x0, y0, x1, y1 = obj["box"]
+        cols = (centres >= x0 + dx) & (centres < x1 + dx)
+        rows = (centres >= y0 + dy) & (centres < y1 + dy)
+        cell = rows[:, None] & cols[None, :]
+        out[cell, 0] = colors.index(obj["color"]) + 1
+        out[cell, 1] = shapes.index(obj["shape"]) + 1
+        out[cell, 2] = GLYPHS.index(obj["glyph"]) + 1 if obj["glyph"] else 0
+    return out.reshape(grid * grid, 3)
+
+
+class AuxHeads(torch.nn.Module):
+    """Linear read-outs of colour, shape and glyph per patch from the features the projector sees (training only;
+    not part of the checkpoint). They give the vision tower, trained from scratch, a dense signal early on."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        from .data import COLORS, GLYPHS, SHAPES
+
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(width, len(COLORS) + 1), torch.nn.Linear(width, len(SHAPES) + 1),
+                                          torch.nn.Linear(width, len(GLYPHS) + 1)])
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """features [B, 576, width], targets [B, 576, 3] -> mean cross-entropy over the three read-outs."""
+        return sum(torch.nn.functional.cross_entropy(h(features).flatten(0, 1).float(), targets[..., i].flatten())
+                   for i, h in enumerate(self.heads)) / 3
+
+
 class Stream(torch.utils.data.IterableDataset):
     """(pixels [3, 336, 336], suffix ids [T], labels [T]) from study.data.training_stream, one stream per worker."""
 
@@ -82,23 +120,26 @@ class Stream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         processor = image_processor()
-        for image, question, answer in training_stream(self.seed, worker):
+        for image, question, answer, objects in training_stream(self.seed, worker, with_objects=True):
             ids = M.prompt_ids(self.tokenizer, question)
             suffix = ids[self.prefix_len + 1:]
             target = M.answer_ids(self.tokenizer, answer)
             yield (pad_and_process(image, processor), torch.tensor(suffix + target),
-                   torch.tensor([-100] * len(suffix) + target))
+                   torch.tensor([-100] * len(suffix) + target), patch_targets(objects, image.size))
 
 
 def collate(batch, pad_id: int):
+    """-> pixels [B, 3, R, R], suffix [B, T] (right-padded), mask [B, T], labels [B, T], patch targets [B, 576, 3]"""
     pixels = torch.stack([b[0] for b in batch])
     t = max(len(b[1]) for b in batch)
     suffix = torch.full((len(batch), t), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), t), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), t), dtype=torch.long)
-    for i, (_, s, l) in enumerate(batch):
+    for i, b in enumerate(batch):
+        s, l = b[1], b[2]
         suffix[i, :len(s)], labels[i, :len(l)], mask[i, :len(s)] = s, l, 1
-    return pixels, suffix, mask, labels
+    targets = torch.stack([b[3] for b in batch]) if len(batch[0]) > 3 else None
+    return pixels, suffix, mask, labels, targets
 
 
 def validation_batches(tokenizer, prefix_len: int, n: int, batch: int, seed: int):
@@ -216,12 +257,12 @@ def load_resume(folder: Path, vlm, wrapped, opt):
 # ------------------------------------------------------------------------------------------------ train
 
 SETTINGS_THAT_MATTER = ("llm_source", "batch", "lr_vision", "lr_lora", "seed", "lora_rank", "lora_alpha", "minutes",
-                        "max_steps", "rope_theta")
+                        "max_steps", "rope_theta", "aux_weight")
 
 
 def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float = 6.0, max_steps: int | None = None,
-          batch: int = 64, lr_vision: float = 1e-3, lr_lora: float = 4e-4, seed: int = 0, device: str = "cpu",
-          workers: int = 0, warmup_steps: int = 30, save_every: int = 200, val_every: int = 200, val_n: int = 256,
+          batch: int = 64, lr_vision: float = 5e-4, lr_lora: float = 6e-4, seed: int = 0, device: str = "cpu",
+          workers: int = 0, warmup_steps: int = 60, aux_weight: float = 1.0, save_every: int = 200, val_every: int = 200, val_n: int = 256,
           log=print) -> dict:
     """Train and write DIR/trained.safetensors + DIR/train.json; returns the train.json record."""
     from safetensors.torch import save_file
@@ -231,7 +272,7 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
     if (out / TRAINED).exists():
         raise FileExistsError(f"{out / TRAINED} exists: training there finished; choose another --out")
     spec = M.LoraSpec()
-    settings = dict(llm_source=llm_source, batch=batch, lr_vision=lr_vision, lr_lora=lr_lora, seed=seed,
+    settings = dict(llm_source=llm_source, batch=batch, lr_vision=lr_vision, lr_lora=lr_lora, seed=seed, aux_weight=aux_weight,
                     lora_rank=spec.rank, lora_alpha=spec.alpha, minutes=minutes, max_steps=max_steps,
                     rope_theta=M.ROPE_THETA, vision=M.VISION, lora_targets=list(M.LORA_TARGETS))
     torch.manual_seed(seed)
@@ -246,8 +287,9 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
     prefix_len = prefix_ids.index(M.IMAGE_TOKEN_INDEX)
     prefix = torch.tensor(prefix_ids[:prefix_len], device=device)
 
-    groups = [{"params": list(vlm.vision.parameters()) + list(vlm.projector.parameters()), "lr": lr_vision,
-               "weight_decay": 0.05},
+    aux = AuxHeads(M.VISION["hidden_size"]).to(device)
+    groups = [{"params": list(vlm.vision.parameters()) + list(vlm.projector.parameters()) + list(aux.parameters()),
+               "lr": lr_vision, "weight_decay": 0.05},
               {"params": [p for m in wrapped.values() for p in (m.lora_a, m.lora_b)], "lr": lr_lora,
                "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.98))
@@ -276,28 +318,33 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
 
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr, desc="train")
     while total is None or step < total:
-        pixels, suffix, mask, labels = (x.to(device, non_blocking=True) for x in next(it))
+        pixels, suffix, mask, labels, targets = (x.to(device, non_blocking=True) for x in next(it))
         frac = step / total if total else 0.0
         for g, base in zip(opt.param_groups, base_lrs):
             warm = min(1.0, (step + 1) / warmup_steps)
             g["lr"] = base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         with amp:
-            loss, right = vlm.loss(prefix, pixels, suffix, mask, labels)
+            loss, right, features = vlm.loss(prefix, pixels, suffix, mask, labels, return_features=True)
+            aux_loss = aux.loss(features, targets)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + aux_weight * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         step += 1
         bar.update(1)
         if step % 10 == 0:
-            history.append({"step": step, "loss": round(float(loss), 4), "train_exact": float(right.float().mean()),
-                            "seconds": round(time.time() - t0, 1)})
+            history.append({"step": step, "loss": round(float(loss), 4), "aux_loss": round(float(aux_loss), 4),
+                            "train_exact": float(right.float().mean()), "seconds": round(time.time() - t0, 1)})
             bar.set_postfix(loss=f"{float(loss):.3f}", exact=f"{float(right.float().mean()):.2f}")
+        if total is None and step == 10:
+            if cuda:
+                torch.cuda.synchronize()
+            t10 = time.time()
         if total is None and step == warmup_steps:
             if cuda:
                 torch.cuda.synchronize()
-            per_step = (time.time() - t0) / step
-            total = max(step + 1, int(minutes * 60 / per_step))
+            per_step = (time.time() - t10) / (step - 10)
+            total = max(step + 1, int((minutes * 60 - (time.time() - t0)) / per_step) + step)
             bar.total = total
             bar.refresh()
             log(f"{per_step * 1000:.0f} ms/step -> {total} steps in {minutes} min")
@@ -332,7 +379,7 @@ def validate(vlm, prefix, batches, device, amp) -> float:
     """Teacher-forced exact match on the answer (= greedy exact match: every argmax equals the answer token)."""
     vlm.eval()
     right = n = 0
-    for pixels, suffix, mask, labels in batches:
+    for pixels, suffix, mask, labels, _ in batches:
         with amp:
             _, ok = vlm.loss(prefix, pixels.to(device), suffix.to(device), mask.to(device), labels.to(device))
         right += int(ok.sum())
