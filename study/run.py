@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -224,8 +225,17 @@ def run_job(job: Job, out: Path, model: Path, data: Path, envs: Envs, *, limit: 
     return record_out
 
 
+_MEASURE = threading.Lock()
+
+
 def measure(job: Job, run_dir: Path, record: Path, split: Path) -> dict:
-    """Per-question correctness and, for pruning runs, kept-token metrics."""
+    """Per-question correctness and, for pruning runs, kept-token metrics. Runs one at a time: recomputing a
+    ranking configures debias_core, whose settings are process-wide (runs measured concurrently would mix them)."""
+    with _MEASURE:
+        return _measure(job, run_dir, record, split)
+
+
+def _measure(job: Job, run_dir: Path, record: Path, split: Path) -> dict:
     from debias_core.calibrate import Recording
     from eval.answers import read_answers
     from eval.scoring import answer_normalizer, exact_match, read_answer_key

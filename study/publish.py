@@ -1,0 +1,36 @@
+"""``python -m study publish RUN --command "..."``: copy a training run's weights into study/weights/ with a manifest
+(sha256, the command, data seeds, git sha, the training summary) so that ``python -m study assemble`` can check them."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from .checkpoint import ROOT, WEIGHTS, sha256
+
+
+def publish(run: Path, *, command: str) -> Path:
+    run = Path(run)
+    trained, record = run / "trained.safetensors", run / "train.json"
+    for f in (trained, record):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} does not exist; publish the --out folder of a finished python -m study train")
+    train = json.loads(record.read_text())
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(trained, WEIGHTS / "trained.safetensors")
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    history = train.get("history", [])
+    manifest = {
+        "files": {"trained.safetensors": {"sha256": sha256(WEIGHTS / "trained.safetensors"),
+                                          "bytes": (WEIGHTS / "trained.safetensors").stat().st_size}},
+        "command": command, "git_sha_at_publish": git,
+        "data": {"training_stream_seed": "study.train.TRAIN_SEED + 100000 * seed (+ step on resume)",
+                 "validation_seed": "study.train.VALIDATION_SEED + seed", "splits": "study.data.SPLIT_SEEDS"},
+        "training": {"settings": train.get("settings"), "steps": train.get("steps"), "seconds": train.get("seconds"),
+                     "device": train.get("device"), "torch": train.get("torch"),
+                     "final_val_exact": train.get("final_val_exact"),
+                     "validation": [h for h in history if "val_exact" in h]},
+    }
+    (WEIGHTS / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return WEIGHTS
