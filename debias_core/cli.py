@@ -38,8 +38,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 def run_main(body, argv_parser, argv=None, *, catch=(DebiasError,)) -> int:
     """Parse, run ``body(args)``; a bad input (``catch``) or Ctrl-C becomes one ``error:`` line and exit 2 / 130."""
+    from .config import check_env
+
     args = argv_parser.parse_args(argv)
     try:
+        check_env()  # a typo in DEBIAS* is reported here too, not only where a library call reads it
         return body(args)
     except catch as e:
         print(f"error: {e}", file=sys.stderr)

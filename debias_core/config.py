@@ -103,7 +103,8 @@ def _env(env, name: str) -> str | None:
     return value.strip() if value is not None and value.strip() else None
 
 
-def from_env(env=os.environ) -> Settings:
+def env_pad_threshold(env=os.environ) -> float | None:
+    """DEBIAS_PAD_THRESHOLD as a number in [0, 1], or None when unset; DebiasError naming a bad value."""
     thr = _env(env, "DEBIAS_PAD_THRESHOLD")
     if thr is not None:
         try:
@@ -114,10 +115,28 @@ def from_env(env=os.environ) -> Settings:
         if not 0.0 <= thr <= 1.0:  # also NaN
             raise DebiasError(f"DEBIAS_PAD_THRESHOLD={env.get('DEBIAS_PAD_THRESHOLD')!r}: pad threshold {thr} must be "
                               f"a number in [0, 1], e.g. 0.5 (unset it for the method's paper threshold)")
-    mode = (_env(env, "DEBIAS") or "off").lower()
+    return thr
+
+
+def check_env(env=os.environ) -> tuple:
+    """The DEBIAS* variables' syntax, checked without resolving DEBIAS_TREND: (mode, threshold or None,
+    geometry, checks, method or None). Command-line tools call it so a typo is reported even where the
+    variables are not used."""
+    thr = env_pad_threshold(env)
+    mode = _check_mode((_env(env, "DEBIAS") or "off").lower())
     geometry = (_env(env, "DEBIAS_GEOMETRY") or "exact").lower()
+    if geometry not in ("exact", "official"):
+        raise DebiasError(f"geometry {env.get('DEBIAS_GEOMETRY')!r} is unknown; use exact or official (env DEBIAS_GEOMETRY)")
     checks = parse_flag(_env(env, "DEBIAS_CHECK") or "0", "DEBIAS_CHECK")
-    return _build(mode, _env(env, "DEBIAS_TREND"), _env(env, "DEBIAS_METHOD"), thr, geometry, checks)
+    method = _env(env, "DEBIAS_METHOD")
+    if method is not None:
+        method_name(method)
+    return mode, thr, geometry, checks, method
+
+
+def from_env(env=os.environ) -> Settings:
+    mode, thr, geometry, checks, method = check_env(env)
+    return _build(mode, _env(env, "DEBIAS_TREND"), method, thr, geometry, checks)
 
 
 def settings() -> Settings:
