@@ -244,7 +244,7 @@ def check_positive_means(positions, y) -> None:
     bad = ~(y > 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DebiasError(f"mean score at position {int(np.asarray(positions)[i])} is {y[i]!r} "
+        raise DebiasError(f"mean score at position {int(np.asarray(positions)[i])} is {float(y[i])!r} "
                           f"({int(bad.sum())} of {y.size} positions ≤ 0): an exponential trend a·exp(b·i) is "
                           f"positive everywhere and cannot describe it; fit positive mean scores (attention "
                           f"weights), or leave those positions out")
