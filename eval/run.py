@@ -234,12 +234,17 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def _configure(mode: str, trend: str | None, adapter):
-    """debias_core settings of one run: the method's pad threshold unless DEBIAS_PAD_THRESHOLD overrides it."""
+    """debias_core settings of one run, from the flags and the DEBIAS* environment only (never from earlier
+    settings of this process): the method's paper pad threshold unless DEBIAS_PAD_THRESHOLD overrides it."""
     import debias_core
-    from debias_core.config import env_pad_threshold
+    from debias_core.config import check_env
+    from debias_core.presets import pad_threshold as paper_pad_threshold
 
-    return debias_core.configure(mode=mode, trend=trend, method=adapter.trend_method,
-                                 pad_threshold=env_pad_threshold())
+    _, threshold, geometry, checks, _ = check_env()
+    if threshold is None:
+        threshold = paper_pad_threshold(adapter.trend_method)
+    return debias_core.configure(mode=mode, trend=trend, method=adapter.trend_method, pad_threshold=threshold,
+                                 geometry=geometry, checks=checks)
 
 
 def check_options(args) -> None:
@@ -310,6 +315,7 @@ def _generate_all(args, adapter, bench, todo, log, loaded, max_new, info, total,
                desc=f"{adapter.name}/{bench.key}/{info['mode']}")
     t0 = time.time()
     with contextlib.ExitStack() as stack:
+        stack.callback(bar.close)  # also on Ctrl-C or an error: the error line then starts a line of its own
         if session is not None:
             stack.enter_context(session)
         for n, (i, size, pixels, ids) in enumerate(loader, 1):
@@ -326,7 +332,6 @@ def _generate_all(args, adapter, bench, todo, log, loaded, max_new, info, total,
             bar.update(1)
             if session is not None and (n % 50 == 0 or n == len(todo)):
                 session.save(_record_path(args))  # rewritten as it grows: a killed run keeps what it recorded
-    bar.close()
     rate = len(todo) / max(time.time() - t0, 1e-9)
     sys.stderr.write(f"answered {len(todo)} questions ({rate:.2f} samples/s)\n")
 
