@@ -9,11 +9,12 @@ no merge.jsonl written; 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from debias_core.cli import OneLineParser
+from debias_core.config import check_env
+from debias_core.errors import DebiasError
 
 from .answers import merge
 from .benchmarks import get_benchmark
@@ -40,8 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None, help="default: the one recorded in run.json")
     args = p.parse_args(argv)
     try:
+        check_env()  # a typo in DEBIAS* is reported by every tool, not only where it is read
         print(merge_run(args.run_dir, args.data_dir))
-    except EvalError as e:
+    except (EvalError, DebiasError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

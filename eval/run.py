@@ -84,10 +84,14 @@ def resolve_debias(mode_arg: str | None, trend_arg: str | None, adapter, bench) 
     """Mode and trend from flags, then environment, then the paper default for (method, benchmark)."""
     from debias_core.presets import method_name
 
-    mode = (mode_arg or os.environ.get("DEBIAS") or "off").strip().lower()
+    from debias_core.presets import resolve_trend
+
+    mode = (mode_arg or (os.environ.get("DEBIAS") or "").strip() or "off").strip().lower()  # empty = unset
     if mode not in DEBIAS_MODES:
         raise EvalError(f"debias mode {mode!r} is unknown; use one of {', '.join(DEBIAS_MODES)}")
-    trend = trend_arg or os.environ.get("DEBIAS_TREND") or None
+    trend = trend_arg or (os.environ.get("DEBIAS_TREND") or "").strip() or None
+    if trend is not None:
+        resolve_trend(trend)  # a bad --trend is an error in every mode, never silently unused
     if mode in ("pos", "full") and trend is None:
         m = adapter.trend_method
         if m is None:

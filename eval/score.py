@@ -9,11 +9,11 @@ answers file, missing benchmark data — as one ``error: ...`` line on stderr pe
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from debias_core.cli import OneLineParser
+from debias_core.config import check_env
 from debias_core.errors import DebiasError
 
 from .common import EvalError
@@ -34,6 +34,11 @@ def main(argv=None) -> int:
     g.add_argument("--answers-dir", type=Path)
     p.add_argument("--data-dir", default=None, help="default: the one recorded in each run.json")
     args = p.parse_args(argv)
+    try:
+        check_env()  # a typo in DEBIAS* is reported by every tool, not only where it is read
+    except DebiasError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     runs = [args.run_dir] if args.run_dir else sorted(m.parent for m in args.answers_dir.rglob("merge.jsonl"))
     if not runs:
         print(f"error: no merged run (merge.jsonl) under {args.answers_dir}", file=sys.stderr)

@@ -117,8 +117,8 @@ def test_fit_whose_trend_would_leave_float32_is_refused():
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mode=st.sampled_from(["off", "pad", "pos", "full"]),
        trend=st.one_of(
-           st.tuples(st.just("exp"), st.floats(-0.16, 0.16), st.integers(576, 700)),
-           st.tuples(st.just("table"), st.integers(0, 2 ** 31), st.floats(0.0, 30.0))),
+           st.tuples(st.just("exp"), st.floats(-0.3, 0.3), st.integers(576, 700)),   # about half are refused
+           st.tuples(st.just("table"), st.integers(0, 2 ** 31), st.floats(0.0, 90.0))),
        size=st.tuples(st.integers(1, 3000), st.integers(1, 3000)),
        threshold=st.sampled_from([0.01, 0.5, 1.0]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
@@ -132,7 +132,7 @@ def test_no_mode_turns_finite_scores_into_nan_or_inf(mode, trend, size, threshol
             assume(False)   # refused (weights outside float32): nothing to debias with
     else:
         rng = np.random.default_rng(trend[1])
-        decades = rng.uniform(-trend[2] / 2, trend[2] / 2, 576)      # values spanning up to 30 decades
+        decades = rng.uniform(-trend[2] / 2, trend[2] / 2, 576)      # values spanning up to 90 decades
         try:
             t = TableTrend(10.0 ** decades)
         except dc.DebiasError:

@@ -105,6 +105,7 @@ def _bad_trend(tmp_path):
     (["--device", "cuda:7"], {}, ["--device cuda:7"]),
     (["--mode", "full", "--trend", "paper:nope/gqa"], {}, ["method 'nope' is unknown"]),
     (["--mode", "full", "--trend", "paper:himap/nope"], {}, ["benchmark 'nope' has no paper preset"]),
+    (["--mode", "off", "--trend", "paper:nope/gqa"], {}, ["method 'nope' is unknown"]),   # unused, still wrong
     (["--mode", "full", "--trend", "BAD_TREND"], {}, ["steep.json", "b = -1.0", "0..575"]),
     ([], {"DEBIAS_CHECK": "maybe"}, ["DEBIAS_CHECK='maybe'", "yes/no"]),
     ([], {"DEBIAS_PAD_THRESHOLD": "nan"}, ["DEBIAS_PAD_THRESHOLD='nan'"]),
@@ -157,6 +158,8 @@ def test_malformed_answers_file_stops_run_merge_and_score(tiny, pad_run, tmp_pat
 def test_score_and_merge_of_a_non_run_are_one_line(tmp_path, capsys, monkeypatch):
     code, lines = _main(score_cli, ["--run-dir", str(tmp_path / "nope")], capsys, monkeypatch)
     _refused(code, lines, "nope/run.json does not exist")
+    code, lines = _main(score_cli, ["--run-dir", str(tmp_path)], capsys, monkeypatch, {"DEBIAS_CHECK": "maybe"})
+    _refused(code, lines, "DEBIAS_CHECK='maybe'")
     (tmp_path / "run.json").write_text("{not json")
     code, lines = _main(merge_cli, ["--run-dir", str(tmp_path)], capsys, monkeypatch)
     _refused(code, lines, "run.json is not a readable run file")
