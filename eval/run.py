@@ -82,9 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_debias(mode_arg: str | None, trend_arg: str | None, adapter, bench) -> tuple[str, str | None]:
     """Mode and trend from flags, then environment, then the paper default for (method, benchmark)."""
-    from debias_core.presets import method_name
-
-    from debias_core.presets import resolve_trend
+    from debias_core.presets import method_name, resolve_trend
 
     mode = (mode_arg or (os.environ.get("DEBIAS") or "").strip() or "off").strip().lower()  # empty = unset
     if mode not in DEBIAS_MODES:
