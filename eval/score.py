@@ -47,9 +47,10 @@ def main(argv=None) -> int:
     for rd in runs:
         try:
             print(_show(score_run(rd, args.data_dir)))
-        except (EvalError, DebiasError) as e:
+        except (EvalError, DebiasError, OSError) as e:  # OSError: e.g. a run folder that cannot be written
             failed.append(rd)
-            print(f"error: {e}" if args.run_dir else f"error: {rd}: {e}", file=sys.stderr)
+            msg = f"{e.filename or rd}: {e.strerror or e}; score.json was not written" if isinstance(e, OSError) else e
+            print(f"error: {msg}" if args.run_dir else f"error: {rd}: {msg}", file=sys.stderr)
         except KeyboardInterrupt:
             print(f"error: interrupted (Ctrl-C) while scoring {rd}; rerun to score it", file=sys.stderr)
             return 130

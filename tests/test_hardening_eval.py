@@ -165,6 +165,15 @@ def test_score_and_merge_of_a_non_run_are_one_line(tmp_path, capsys, monkeypatch
     _refused(code, lines, "run.json is not a readable run file")
 
 
+def test_score_that_cannot_write_its_result_is_one_line(tmp_path, capsys, monkeypatch):
+    def unwritable(run_dir, data_dir=None):   # what writing score.json into a read-only run folder raises
+        raise PermissionError(13, "Permission denied", str(run_dir / "score.json"))
+
+    monkeypatch.setattr(score_cli, "score_run", unwritable)
+    code, lines = _main(score_cli, ["--run-dir", str(tmp_path)], capsys, monkeypatch)
+    _refused(code, lines, f"{tmp_path}/score.json: Permission denied; score.json was not written")
+
+
 def test_exit_codes_and_resume_rules_are_in_help(capsys):
     for main in (driver.main, score_cli.main, merge_cli.main):
         with pytest.raises(SystemExit) as e:
