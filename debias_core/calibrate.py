@@ -22,6 +22,12 @@ sidecar) are left out; Ā_i = mean over rows that hold position i; the trend f(i
 least-squares fit of Ā (``debias_core.fit_exponential``). The naive alternative f(i) = Ā_i (a table
 trend) is reported beside it, and both are scored on held-out rows (split-half r²) because the table
 fits its own data perfectly. One stage → an exponential trend; several → a staged trend (one per stage).
+Mean scores ≤ 0 at an observed position are refused (an exponential is positive everywhere), and so is a fit
+whose weights leave float32's range over the span (debias_core.trend validates every trend).
+
+Command-line exit status: 0 done (the trend file is written last, atomically); 2 bad input — an unreadable or
+foreign recording, a bad option value, data an exponential cannot describe, an unwritable output path — as one
+``error: ...`` line on stderr, with no --out, --table-out or --report written; 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -33,16 +39,18 @@ import math
 import os
 import subprocess
 import sys
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DebiasError
-from .geometry import pad_fractions, valid_mask
+from .geometry import check_threshold, pad_fractions, valid_mask
 from .presets import METHODS, method_name, pad_threshold as paper_pad_threshold
 from .recorder import Recorder, recording
-from .trend import ExponentialTrend, StagedTrend, TableTrend, Trend, fit_exponential, fit_exponential_at
+from .trend import (ExponentialTrend, StagedTrend, TableTrend, Trend, check_positive_means, fit_exponential,
+                    fit_exponential_at, write_json_atomic)
 
 SIDECAR_SUFFIX = ".samples.json"
 
@@ -166,9 +174,9 @@ class Recording:
             if not p.is_file():
                 raise DebiasError(f"recording {str(p)!r} does not exist; make one with the eval driver's --record "
                                   f"FILE (or debias_core.calibrate.RecordingSession)")
-            rec = Recorder.load(p)
+            rec = _load_rows(p)
             side = sidecar_path(p)
-            side_data = json.loads(side.read_text()) if side.is_file() else None
+            side_data = _load_sidecar(side) if side.is_file() else None
             offset = len(samples)
             for st in rec.stages:
                 have = merged.count(st)
@@ -191,6 +199,28 @@ class Recording:
             row_sample[st] = row_sample[st] + [-1] * (merged.count(st) - len(row_sample[st]))
         meta = metas[0] if len(metas) == 1 else {"parts": metas} if metas else {}
         return cls(merged, samples, row_sample, meta, sources)
+
+
+def _load_rows(path: Path) -> Recorder:
+    """``Recorder.load`` with a clear error for a file it did not write (not .npz, torn, pickled, other keys)."""
+    try:
+        return Recorder.load(path)
+    except (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+        raise DebiasError(f"recording {str(path)!r} is not a .npz written by debias_core's Recorder.save "
+                          f"({type(e).__name__}: {e}); record it again with the eval driver's --record FILE.npz") from None
+
+
+def _load_sidecar(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DebiasError(f"sidecar {str(path)!r} is not JSON ({e}); delete it (the rows are then used without "
+                          f"their image sizes) or record again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("samples", []), list) \
+            or not isinstance(data.get("row_sample", {}), dict):
+        raise DebiasError(f"sidecar {str(path)!r} is not a RecordingSession sidecar (expected an object with "
+                          f"'samples' and 'row_sample'); delete it or record again")
+    return data
 
 
 def as_recording(source) -> Recording:
@@ -268,12 +298,14 @@ def fit_loglinear(mean: np.ndarray) -> ExponentialTrend:
     like ``fit_exponential``'s, for comparison."""
     mean = np.asarray(mean, dtype=np.float64)
     n = mean.size
-    ok = np.isfinite(mean) & (mean > 0)
-    if ok.sum() < 2:
-        raise DebiasError("fewer than two positions have a positive mean score; cannot fit log Ā_i")
+    ok = np.isfinite(mean)
+    check_positive_means(np.flatnonzero(ok), mean[ok])
     x = np.flatnonzero(ok).astype(np.float64)
     b, log_a = np.polyfit(x, np.log(mean[ok]), 1)
-    t = ExponentialTrend(a=float(math.exp(log_a)), b=float(b), n=n)
+    try:
+        t = ExponentialTrend(a=float(math.exp(log_a)), b=float(b), n=n)
+    except DebiasError as e:
+        raise DebiasError(f"the fitted trend is unusable: {e}") from None
     t.r2 = float(r2_on(t.values(np.arange(n)), mean))
     return t
 
@@ -481,10 +513,13 @@ def trend_json(trend: Trend) -> dict:
 
 
 def write_trend(trend: Trend, path) -> Path:
+    """Write the trend JSON atomically (creating the folder); an unwritable path is a DebiasError naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(trend_json(trend), indent=1, allow_nan=False) + "\n")
-    return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DebiasError(f"cannot create the folder of {str(path)!r}: {e.strerror or e}; pick a writable --out") from None
+    return write_json_atomic(path, trend_json(trend))
 
 
 # ------------------------------------------------------------------------------ no transductive fit
@@ -521,9 +556,13 @@ def _parse_stages(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m debias_core.calibrate",
-                                description="Fit positional trends from recorded raw ranking scores (.npz from "
-                                            "debias_core.recording / the eval driver's --record).")
+    from .cli import EXIT_CODES, OneLineParser
+
+    p = OneLineParser(prog="python -m debias_core.calibrate",
+                      description="Fit positional trends from recorded raw ranking scores (.npz from "
+                                  "debias_core.recording / the eval driver's --record).",
+                      epilog=EXIT_CODES.replace("nothing written", "no --out, --table-out or --report written"),
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recordings", nargs="+", help="one or more .npz recordings (their .samples.json sidecars are read)")
     p.add_argument("--model", required=True, help="model the scores came from, e.g. llava-v1.5-7b (provenance)")
     p.add_argument("--method", required=True, help=f"ranking method ({', '.join(METHODS)} or another name)")
@@ -546,42 +585,60 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
+def _check_writable(option: str, path) -> None:
+    """Refuse an output path whose folder cannot be created or written, before anything is computed."""
+    folder = Path(path).resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise DebiasError(f"{option} {str(path)!r} cannot be written ({folder} is not a writable folder); "
+                          f"pick another path")
+
+
+def _run(args) -> int:
+    if args.length is not None and args.length < 2:
+        raise DebiasError(f"--length {args.length} must be ≥ 2 (number of visual positions, 576 for LLaVA-1.5)")
+    if args.pad_threshold is not None:
+        check_threshold(args.pad_threshold)
+    for option in ("out", "table_out", "report"):
+        if getattr(args, option):
+            _check_writable("--" + option.replace("_", "-"), getattr(args, option))
+    if args.method.lower() in METHODS or args.method.lower() in ("pyramiddrop", "sparsevlms"):
+        method = method_name(args.method)
+    else:
+        method = args.method
+    rec = Recording.load(args.recordings)
+    report: dict = {}
+    trend = calibrate(rec, model=args.model, method=method, stages=args.stages, length=args.length,
+                      exclude_padding=not args.include_padding, pad_threshold=args.pad_threshold,
+                      calibration_set=args.calibration_set, benchmark=args.benchmark, fit=args.fit,
+                      report=report)
+    table = None
+    if args.table_out:  # computed before anything is written: a refused table leaves no trend file behind
+        st0 = min(report["stages"])
+        mean = mean_scores_by_stage(rec, stages=[st0], length=args.length, exclude_padding=not args.include_padding,
+                                    pad_threshold=_method_threshold(method, args.pad_threshold))[st0]
+        table = table_from(mean)
+    for st, d in report["stages"].items():
+        ho = d["held_out_r2"]
+        print(f"stage {st}: {d['n_samples']} samples ({d['n_rows']} rows), {d['positions_observed']}/{d['positions']} "
+              f"positions; f(i) = {d['a']:.6g}·exp({d['b']:.6g}·i), r² = {d['r2']:.4f}, "
+              f"end/start = {d['end_start_ratio']:.3f}; held-out r²: exponential {_fmt(ho['exponential'])}, "
+              f"naive table {_fmt(ho['table'])}; padding {d['padding']}")
+    if args.report:
+        write_json_atomic(args.report, report)
+    if table is not None:
+        write_json_atomic(args.table_out, table.to_json(), indent=None)
+        print(f"wrote {args.table_out}: naive table trend of stage {min(report['stages'])}")
+    write_trend(trend, args.out)  # last: a trend file exists only when the whole command succeeded
+    print(f"wrote {args.out}  (DEBIAS_TREND=calibrated:{args.out})")
+    return 0
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.length is not None and args.length < 2:
-            raise DebiasError(f"--length {args.length} must be ≥ 2 (number of visual positions, 576 for LLaVA-1.5)")
-        if args.method.lower() in METHODS or args.method.lower() in ("pyramiddrop", "sparsevlms"):
-            method = method_name(args.method)
-        else:
-            method = args.method
-        rec = Recording.load(args.recordings)
-        report: dict = {}
-        trend = calibrate(rec, model=args.model, method=method, stages=args.stages, length=args.length,
-                          exclude_padding=not args.include_padding, pad_threshold=args.pad_threshold,
-                          calibration_set=args.calibration_set, benchmark=args.benchmark, fit=args.fit,
-                          report=report)
-        write_trend(trend, args.out)
-        for st, d in report["stages"].items():
-            ho = d["held_out_r2"]
-            print(f"stage {st}: {d['n_samples']} samples ({d['n_rows']} rows), {d['positions_observed']}/{d['positions']} "
-                  f"positions; f(i) = {d['a']:.6g}·exp({d['b']:.6g}·i), r² = {d['r2']:.4f}, "
-                  f"end/start = {d['end_start_ratio']:.3f}; held-out r²: exponential {_fmt(ho['exponential'])}, "
-                  f"naive table {_fmt(ho['table'])}; padding {d['padding']}")
-        if args.table_out:
-            st0 = min(report["stages"])
-            mean = mean_scores_by_stage(rec, stages=[st0], length=args.length, exclude_padding=not args.include_padding,
-                                        pad_threshold=_method_threshold(method, args.pad_threshold))[st0]
-            table = table_from(mean)
-            Path(args.table_out).write_text(json.dumps(table.to_json()) + "\n")
-            print(f"wrote {args.table_out}: naive table trend of stage {st0}")
-        if args.report:
-            Path(args.report).write_text(json.dumps(report, indent=1, default=float) + "\n")
-        print(f"wrote {args.out}  (DEBIAS_TREND=calibrated:{args.out})")
-        return 0
-    except DebiasError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from .cli import run_main
+
+    return run_main(_run, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
-"""``python -m debias_core`` — weights, padmask, fit, show."""
+"""``python -m debias_core`` — weights, padmask, fit, show.
+
+Exit status: 0 done; 2 bad input (an argument, a preset name, a trend or scores file, an environment value such
+as DEBIAS_CHECK, an unwritable --out), reported as one ``error: ...`` line on stderr that names the value and
+the fix, with nothing written; 130 interrupted (Ctrl-C). Output files are written atomically, only once
+everything they depend on was checked.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -12,6 +21,64 @@ from .errors import DebiasError
 from .geometry import check_threshold, pad_fractions, valid_mask
 from .presets import preset_names, resolve_trend
 from .trend import ExponentialTrend, fit_exponential, save_trend
+
+
+EXIT_CODES = """exit status:
+  0    done
+  2    bad input: one line "error: ..." on stderr naming the value and the fix; nothing written
+  130  interrupted (Ctrl-C)"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one ``error: ...`` line (exit 2), like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (usage: {self.prog} --help)\n")
+
+
+def run_main(body, argv_parser, argv=None, *, catch=(DebiasError,)) -> int:
+    """Parse, run ``body(args)``; a bad input (``catch``) or Ctrl-C becomes one ``error:`` line and exit 2 / 130."""
+    from .config import check_env
+
+    args = argv_parser.parse_args(argv)
+    try:
+        check_env()  # a typo in DEBIAS* is reported here too, not only where a library call reads it
+        return body(args)
+    except catch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); no output was completed, rerun the command", file=sys.stderr)
+        return 130
+
+
+def _save_npy(path, array) -> None:
+    """``np.save`` via a temporary file and a rename; an unwritable path is a DebiasError naming it."""
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise DebiasError(f"--out {str(path)!r} must end in .npy (np.save would append it)")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    try:
+        np.save(tmp, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise DebiasError(f"cannot write {str(path)!r}: {e.strerror or e}; pick a writable --out") from None
+
+
+def _load_scores(path) -> np.ndarray:
+    try:
+        scores = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DebiasError(f"--scores {path!r} does not exist; save the recorded scores with np.save "
+                          f"(float [n] or [rows, n])") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise DebiasError(f"--scores {path!r} is not a .npy array of numbers ({e}); save it with np.save, "
+                          f"without pickle") from None
+    if not np.issubdtype(scores.dtype, np.number) or np.iscomplexobj(scores):
+        raise DebiasError(f"--scores {path!r} holds {scores.dtype} values; it must hold real numbers")
+    return scores
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -27,7 +94,7 @@ def cmd_weights(args) -> int:
     if args.n < 1:
         raise DebiasError(f"--n {args.n} must be ≥ 1 (number of visual positions; LLaVA-1.5: 576)")
     w = resolve_trend(args.preset).weights(args.n)
-    np.save(args.out, w.astype(np.float64), allow_pickle=False)
+    _save_npy(args.out, w.astype(np.float64))
     print(f"wrote {args.out}: {w.size} float64 weights, w[0]={w[0]:.6g}, w[-1]={w[-1]:.6g}")
     return 0
 
@@ -48,7 +115,7 @@ def cmd_padmask(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    scores = np.load(args.scores, allow_pickle=False)
+    scores = _load_scores(args.scores)
     trend = fit_exponential(scores)
     trend.provenance = {"scores": args.scores, "rows": int(scores.shape[0]) if scores.ndim == 2 else 1}
     save_trend(trend, args.out)
@@ -74,7 +141,8 @@ def cmd_show(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m debias_core", description=__doc__)
+    p = OneLineParser(prog="python -m debias_core", description=__doc__.split("\n\n")[0], epilog=EXIT_CODES,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("weights", help="write a paper preset's per-position weight vector (float64 .npy)")
@@ -105,12 +173,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except DebiasError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda args: args.func(args), build_parser(), argv)

@@ -6,6 +6,10 @@
     DEBIAS_PAD_THRESHOLD=<0..1>     overrides it
     DEBIAS_GEOMETRY=exact|official  official = the authors' unfloored pad offset
     DEBIAS_CHECK=1                  value checks (NaN scores, position range) on GPU tensors too (syncs)
+
+Values are read strictly: modes and geometry case-insensitively; DEBIAS_CHECK takes 1/0, true/false, on/off,
+yes/no (any case); an empty variable counts as unset. Anything else raises DebiasError naming the variable,
+its value and what it accepts — a typo never silently selects a default.
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ def _build(mode, trend, method, threshold, geometry, checks, spec=None) -> Setti
         raise DebiasError(f"geometry {geometry!r} is unknown; use exact or official (env DEBIAS_GEOMETRY)")
     if method is not None:
         method_name(method)  # unknown method: clear error even when the threshold is given explicitly
+    checks = parse_flag(checks, "checks")
     resolved = resolve_trend(trend) if trend not in (None, "") else None
     if mode in ("pos", "full") and resolved is None:
         raise DebiasError(f"mode {mode!r} needs a positional trend: set DEBIAS_TREND to a preset "
@@ -75,16 +80,63 @@ def _build(mode, trend, method, threshold, geometry, checks, spec=None) -> Setti
 _interned: dict = {}
 
 
-def from_env(env=os.environ) -> Settings:
-    thr = env.get("DEBIAS_PAD_THRESHOLD")
+TRUE_WORDS = ("1", "true", "on", "yes")
+FALSE_WORDS = ("0", "false", "off", "no")
+
+
+def parse_flag(value, name: str = "DEBIAS_CHECK") -> bool:
+    """A boolean setting: a bool, or 1/0, true/false, on/off, yes/no in any case; anything else is an error."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise DebiasError(f"{name}={value!r} is not a yes/no value; use one of {', '.join(TRUE_WORDS)} (on) or "
+                      f"{', '.join(FALSE_WORDS)} (off)")
+
+
+def _env(env, name: str) -> str | None:
+    """The variable's value stripped, or None when unset or empty."""
+    value = env.get(name)
+    return value.strip() if value is not None and value.strip() else None
+
+
+def env_pad_threshold(env=os.environ) -> float | None:
+    """DEBIAS_PAD_THRESHOLD as a number in [0, 1], or None when unset; DebiasError naming a bad value."""
+    thr = _env(env, "DEBIAS_PAD_THRESHOLD")
     if thr is not None:
         try:
             thr = float(thr)
         except ValueError:
-            raise DebiasError(f"DEBIAS_PAD_THRESHOLD={thr!r} is not a number in [0, 1]") from None
-    return _build(env.get("DEBIAS", "off").strip().lower() or "off", env.get("DEBIAS_TREND") or None,
-                  env.get("DEBIAS_METHOD") or None, thr, env.get("DEBIAS_GEOMETRY", "exact"),
-                  env.get("DEBIAS_CHECK", "0") not in ("", "0", "false"))
+            raise DebiasError(f"DEBIAS_PAD_THRESHOLD={thr!r} is not a number in [0, 1]; e.g. 0.5 "
+                              f"(unset it for the method's paper threshold)") from None
+        if not 0.0 <= thr <= 1.0:  # also NaN
+            raise DebiasError(f"DEBIAS_PAD_THRESHOLD={env.get('DEBIAS_PAD_THRESHOLD')!r}: pad threshold {thr} must be "
+                              f"a number in [0, 1], e.g. 0.5 (unset it for the method's paper threshold)")
+    return thr
+
+
+def check_env(env=os.environ) -> tuple:
+    """The DEBIAS* variables' syntax, checked without resolving DEBIAS_TREND: (mode, threshold or None,
+    geometry, checks, method or None). Command-line tools call it so a typo is reported even where the
+    variables are not used."""
+    thr = env_pad_threshold(env)
+    mode = _check_mode((_env(env, "DEBIAS") or "off").lower())
+    geometry = (_env(env, "DEBIAS_GEOMETRY") or "exact").lower()
+    if geometry not in ("exact", "official"):
+        raise DebiasError(f"geometry {env.get('DEBIAS_GEOMETRY')!r} is unknown; use exact or official (env DEBIAS_GEOMETRY)")
+    checks = parse_flag(_env(env, "DEBIAS_CHECK") or "0", "DEBIAS_CHECK")
+    method = _env(env, "DEBIAS_METHOD")
+    if method is not None:
+        method_name(method)
+    return mode, thr, geometry, checks, method
+
+
+def from_env(env=os.environ) -> Settings:
+    mode, thr, geometry, checks, method = check_env(env)
+    return _build(mode, _env(env, "DEBIAS_TREND"), method, thr, geometry, checks)
 
 
 def settings() -> Settings:

@@ -7,6 +7,10 @@ truncates such a tail before appending, and the restarted run skips every ``ques
 Chunks follow LLaVA's ``split_list``/``get_chunk``: chunk size ceil(len / N), contiguous and in order
 (``<N>_<k>.jsonl``); ``merge`` writes ``merge.jsonl`` in question-file order and checks that every question
 is answered exactly once.
+
+A line that is not a JSON object, or (eval.run's files) lacks ``question_id``, is an error naming the file and
+line: such a file was not written by eval.run, and guessing which questions it answers could mix or lose
+answers.
 """
 from __future__ import annotations
 
@@ -42,28 +46,34 @@ def chunk_file(run_dir: Path, n: int, k: int) -> Path:
     return Path(run_dir) / f"{n}_{k}.jsonl"
 
 
-def read_answers(path: Path, *, repair: bool = False) -> list[dict]:
-    """Complete answer lines of ``path``. A torn last line (no newline, or not JSON) is dropped, and with
-    ``repair`` truncated off the file. A bad line elsewhere is an error naming it."""
+def read_answers(path: Path, *, repair: bool = False, id_field: str | None = None) -> list[dict]:
+    """Complete answer lines of ``path`` (JSON objects). A torn last line (no newline, or not JSON) is dropped,
+    and with ``repair`` truncated off the file. A bad line elsewhere, a complete line that is not a JSON
+    object, or (with ``id_field``) one without that field is an error naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
-    rows, good_end, pos = [], 0, 0
+    rows, good_end, pos, lineno = [], 0, 0, 0
     while pos < len(data):
+        lineno += 1
         nl = data.find(b"\n", pos)
         end = len(data) if nl < 0 else nl + 1
         line = data[pos:end]
         try:
             row = json.loads(line) if nl >= 0 and line.strip() else None
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
             row = None
         if row is None and line.strip():
             if end < len(data):
-                raise EvalError(f"{path}: line {len(rows) + 1} is not a complete JSON answer; the file was edited "
+                raise EvalError(f"{path}: line {lineno} is not a complete JSON answer; the file was edited "
                                 f"or corrupted (delete that line to resume)")
             break  # torn tail from a killed run
         if row is not None:
+            if not isinstance(row, dict) or (id_field is not None and id_field not in row):
+                what = "not a JSON object" if not isinstance(row, dict) else f"an answer without {id_field!r}"
+                raise EvalError(f"{path}: line {lineno} is {what}; the file was not written by this tool "
+                                f"or was edited (fix or delete that line, or delete the file to answer again)")
             rows.append(row)
         good_end, pos = end, end
     if repair and good_end < len(data):
@@ -79,7 +89,7 @@ class AnswerLog:
         self.path = Path(path)
         self.fsync = fsync
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = read_answers(self.path, repair=True)
+        rows = read_answers(self.path, repair=True, id_field="question_id")
         self.done: set[str] = set()
         for r in rows:
             key = qid_key(r["question_id"])
@@ -122,7 +132,7 @@ def merge(run_dir: Path, question_ids: list, num_chunks: int) -> Path:
         if not path.exists():
             raise EvalError(f"chunk file {path} is missing: run chunk {k} of {num_chunks} "
                             f"(python -m eval.run ... --num-chunks {num_chunks} --chunk-idx {k})")
-        for row in read_answers(path):
+        for row in read_answers(path, id_field="question_id"):
             key = qid_key(row["question_id"])
             if key in by_key:
                 raise EvalError(f"question_id {row['question_id']!r} is answered in two chunk files of {run_dir}")

@@ -67,6 +67,42 @@ def slug(text: str) -> str:
     return s or "x"
 
 
+def check_writable(option: str, path, *, is_file: bool = False) -> None:
+    """Refuse an output folder (or, ``is_file``, an output file's folder) that cannot be created or written: a
+    file in the way, a read-only file system, no permission. Checked before anything is computed; creates nothing."""
+    target = Path(path).expanduser().resolve()
+    folder = target.parent if is_file else target
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise EvalError(f"{option} {path} cannot be created: {folder} is a file, not a folder; pick another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EvalError(f"{option} {path} cannot be written: {folder} is not writable (permissions or a read-only "
+                        f"file system); pick another path")
+
+
+def check_device(spec: str) -> None:
+    """Refuse a --device that torch cannot parse or that this machine does not have (cuda without a usable GPU,
+    cuda:<k> beyond the visible devices), before anything is loaded or written."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise EvalError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:<index>") from None
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise EvalError(f"--device {spec!r}: the driver runs on cpu or cuda[:<index>], not {device.type}")
+    if not torch.cuda.is_available():
+        raise EvalError(f"--device {spec}: no usable CUDA device here (torch.cuda.is_available() is False; torch "
+                        f"{torch.__version__}); use --device cpu or run on a machine with a GPU")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise EvalError(f"--device {spec}: this machine shows {count} CUDA device(s) (cuda:0..cuda:{count - 1}, "
+                        f"after CUDA_VISIBLE_DEVICES); pick one of them")
+
+
 def populate_hint(name: str) -> str:
     return (f"git submodule update --init third_party/{name} "
             f"(offline: ../shared/tools/populate-third-party {name})")

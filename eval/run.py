@@ -7,8 +7,25 @@ adapter's greedy ``generate`` and appends the answer (LLaVA jsonl, metadata: met
 
 Debias settings: ``--mode`` (else env DEBIAS, else off), ``--trend`` (else env DEBIAS_TREND, else the paper's
 preset for this method and benchmark; ``calibrated:<file>`` for a fitted one); the pad threshold follows the
-method (DEBIAS_METHOD). Resume: rerun the same command. Chunks: ``--num-chunks N --chunk-idx k``, then
+method (DEBIAS_METHOD) unless DEBIAS_PAD_THRESHOLD overrides it. Chunks: ``--num-chunks N --chunk-idx k``, then
 ``python -m eval.merge --run-dir DIR`` (a single-chunk run merges itself).
+
+Resume: rerun the same command; answered questions are skipped. The run folder's run.json records every setting
+that can change an answer — benchmark, question file and the SHA-256 of its bytes, method and its arguments,
+budget, debias mode, trend and the SHA-256 of the trend file (of a preset's parameters), pad threshold and
+geometry (modes pad/full), checkpoint path and base, conv mode, max new tokens, --limit and --num-chunks
+(eval/runinfo.py) — and a resume or another chunk under a different value of any of them is refused with the
+differing settings, old and new values: use another --answers-dir, or delete that folder's answer files and
+run.json to start over.
+
+Exit status (also in --help):
+  0    every run asked for is answered (and merged when single-chunk)
+  2    bad input — an unknown method, benchmark, mode or preset; a bad environment value (DEBIAS*,
+       e.g. DEBIAS_CHECK=maybe); an impossible option (--max-new-tokens 0, --num-chunks 0, --chunk-idx out
+       of range); a device this machine lacks; a missing checkpoint or dataset; an unwritable --answers-dir or
+       --record; a malformed answers file; a resume under other settings — as one ``error: ...`` line on stderr
+       naming the value and the fix. All of these are checked before the model is loaded or anything is written.
+  130  interrupted (Ctrl-C): every answer written so far is complete and kept; rerun the same command to resume.
 """
 from __future__ import annotations
 
@@ -20,18 +37,20 @@ import time
 import uuid
 from pathlib import Path
 
-from .answers import AnswerLog, chunk_file, get_chunk, merge
+from .answers import AnswerLog, chunk_file, get_chunk, merge, read_answers
 from .benchmarks import REGISTRY, get_benchmark
-from .common import ROOT, EvalError, check_model_path
+from .common import ROOT, EvalError, check_device, check_model_path, check_writable
 from .methods import get_adapter, method_names, parse_method_args
 from . import runinfo
+from debias_core.cli import OneLineParser
+from debias_core.errors import DebiasError
 
 DEBIAS_MODES = ("off", "pad", "pos", "full")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m eval.run", description=__doc__.split("\n")[0],
+                      epilog=__doc__[__doc__.index("Resume:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, help=f"one of {', '.join(method_names())}")
     p.add_argument("--benchmark", required=True, help=f"one or more (comma-separated) of {', '.join(REGISTRY)}")
     p.add_argument("--model-path", required=True, help="checkpoint folder or hub id (liuhaotian/llava-v1.5-7b)")
@@ -63,12 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_debias(mode_arg: str | None, trend_arg: str | None, adapter, bench) -> tuple[str, str | None]:
     """Mode and trend from flags, then environment, then the paper default for (method, benchmark)."""
-    from debias_core.presets import method_name
+    from debias_core.presets import method_name, resolve_trend
 
-    mode = (mode_arg or os.environ.get("DEBIAS") or "off").strip().lower()
+    mode = (mode_arg or (os.environ.get("DEBIAS") or "").strip() or "off").strip().lower()  # empty = unset
     if mode not in DEBIAS_MODES:
         raise EvalError(f"debias mode {mode!r} is unknown; use one of {', '.join(DEBIAS_MODES)}")
-    trend = trend_arg or os.environ.get("DEBIAS_TREND") or None
+    trend = trend_arg or (os.environ.get("DEBIAS_TREND") or "").strip() or None
+    if trend is not None:
+        resolve_trend(trend)  # a bad --trend is an error in every mode, never silently unused
     if mode in ("pos", "full") and trend is None:
         m = adapter.trend_method
         if m is None:
@@ -143,42 +164,51 @@ def run(args: argparse.Namespace) -> list[Path]:
     if model_name.startswith("checkpoint-"):
         model_name = Path(args.model_path.rstrip("/")).parent.name + "_" + model_name
 
-    plans = []  # everything is checked before the model is loaded
+    check_options(args)
+    plans = []  # everything is checked before the model is loaded or anything is written
     for bench in benches:
         samples = load_samples_checked(bench, args)
-        get_chunk(samples, args.num_chunks, args.chunk_idx)  # validates the chunk arguments
+        question_file = bench.questions_path(args.data_dir)
+        question_sha = runinfo.file_sha256(question_file)
         for m in modes:
             mode, trend = resolve_debias(m, args.trend, adapter, bench)
-            debias_core.configure(mode=mode, trend=trend, method=adapter.trend_method)
+            st = _configure(mode, trend, adapter)
             rdir = runinfo.run_dir(args.answers_dir, model_name, bench.key, adapter.name, adapter.budget(), mode,
                                    trend)
-            plans.append((bench, samples, mode, trend, debias_core.settings().pad_threshold, rdir))
+            pads = st.suppress_padding  # threshold and geometry change answers only where padding is suppressed
+            info = {
+                "benchmark": bench.key, "method": adapter.name, "method_args": adapter.args,
+                "budget": adapter.budget(), "mode": mode, "trend": trend, "trend_sha256": runinfo.trend_sha256(trend),
+                "pad_threshold": st.pad_threshold if pads else None,
+                "geometry": ("exact" if st.exact_geometry else "official") if pads else None,
+                "model_path": args.model_path, "model_base": args.model_base, "model_name": model_name,
+                "conv_mode": args.conv_mode, "max_new_tokens": args.max_new_tokens or bench.max_new_tokens,
+                "limit": args.limit, "question_file": str(question_file), "question_sha256": question_sha,
+                "data_dir": str(args.data_dir), "num_chunks": args.num_chunks,
+                "note": ("plain LLaVA has no ranking site: the debias mode cannot change its answers"
+                         if adapter.trend_method is None and mode != "off" else None),
+            }
+            runinfo.check_same_run(rdir / "run.json", info)  # a resume under other settings stops here
+            read_answers(chunk_file(rdir, args.num_chunks, args.chunk_idx), id_field="question_id")
+            plans.append((bench, samples, mode, trend, info, rdir))
     if args.record is not None:
         if len(plans) != 1:
             raise EvalError(f"--record takes one benchmark and one mode (got {len(benches)} benchmark(s) x "
                             f"{len(modes)} mode(s)); record the calibration set alone, usually with --mode off")
         if args.record.suffix != ".npz":
             raise EvalError(f"--record {args.record} must end in .npz")
+        check_writable("--record", args.record, is_file=True)
+    check_writable("--answers-dir", args.answers_dir)
     if args.check_only:
         return [p[-1] for p in plans]
 
     device = args.device or _default_device()
     adapter.activate()
     loaded, dirs = None, []
-    for bench, samples, mode, trend, threshold, rdir in plans:
-        debias_core.configure(mode=mode, trend=trend, method=adapter.trend_method)
+    for bench, samples, mode, trend, info, rdir in plans:
+        _configure(mode, trend, adapter)
         chunk = get_chunk(samples, args.num_chunks, args.chunk_idx)
-        max_new = args.max_new_tokens or bench.max_new_tokens
-        info = {
-            "benchmark": bench.key, "method": adapter.name, "method_args": adapter.args,
-            "budget": adapter.budget(), "mode": mode, "trend": trend, "pad_threshold": threshold,
-            "model_path": args.model_path, "model_base": args.model_base, "model_name": model_name,
-            "conv_mode": args.conv_mode, "max_new_tokens": max_new, "limit": args.limit,
-            "question_file": str(bench.questions_path(args.data_dir)), "data_dir": str(args.data_dir),
-            "num_chunks": args.num_chunks,
-            "note": ("plain LLaVA has no ranking site: the debias mode cannot change its answers"
-                     if adapter.trend_method is None and mode != "off" else None),
-        }
+        max_new = info["max_new_tokens"]
         runinfo.write_or_check(rdir / "run.json", info)
         path = chunk_file(rdir, args.num_chunks, args.chunk_idx)
         log = AnswerLog(path, fsync=args.fsync)
@@ -203,6 +233,33 @@ def run(args: argparse.Namespace) -> list[Path]:
             merge(rdir, [s.question_id for s in samples], 1)
         dirs.append(rdir)
     return dirs
+
+
+def _configure(mode: str, trend: str | None, adapter):
+    """debias_core settings of one run, from the flags and the DEBIAS* environment only (never from earlier
+    settings of this process): the method's paper pad threshold unless DEBIAS_PAD_THRESHOLD overrides it."""
+    import debias_core
+    from debias_core.config import check_env
+    from debias_core.presets import pad_threshold as paper_pad_threshold
+
+    _, threshold, geometry, checks, _ = check_env()
+    if threshold is None:
+        threshold = paper_pad_threshold(adapter.trend_method)
+    return debias_core.configure(mode=mode, trend=trend, method=adapter.trend_method, pad_threshold=threshold,
+                                 geometry=geometry, checks=checks)
+
+
+def check_options(args) -> None:
+    """Numeric options and the device, before anything is loaded or written."""
+    for option, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--num-chunks", args.num_chunks, 1),
+                                 ("--limit", args.limit, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            raise EvalError(f"{option} {value} must be ≥ {least}")
+    if not 0 <= args.chunk_idx < args.num_chunks:
+        raise EvalError(f"--chunk-idx {args.chunk_idx} is outside 0..{args.num_chunks - 1} for --num-chunks "
+                        f"{args.num_chunks}")
+    if args.device is not None:
+        check_device(args.device)
 
 
 def load_samples_checked(bench, args):
@@ -260,6 +317,7 @@ def _generate_all(args, adapter, bench, todo, log, loaded, max_new, info, total,
                desc=f"{adapter.name}/{bench.key}/{info['mode']}")
     t0 = time.time()
     with contextlib.ExitStack() as stack:
+        stack.callback(bar.close)  # also on Ctrl-C or an error: the error line then starts a line of its own
         if session is not None:
             stack.enter_context(session)
         for n, (i, size, pixels, ids) in enumerate(loader, 1):
@@ -276,7 +334,6 @@ def _generate_all(args, adapter, bench, todo, log, loaded, max_new, info, total,
             bar.update(1)
             if session is not None and (n % 50 == 0 or n == len(todo)):
                 session.save(_record_path(args))  # rewritten as it grows: a killed run keeps what it recorded
-    bar.close()
     rate = len(todo) / max(time.time() - t0, 1e-9)
     sys.stderr.write(f"answered {len(todo)} questions ({rate:.2f} samples/s)\n")
 
@@ -285,9 +342,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         dirs = run(args)
-    except EvalError as e:
+    except (EvalError, DebiasError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # past the checks: e.g. the disk filled up or a folder vanished mid-run
+        print(f"error: {e.filename or ''}: {e.strerror or e}; every answer written so far is kept, fix that and "
+              f"rerun the same command to resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); every answer written so far is complete and kept: rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
     for d in dirs:
         print(d)
     return 0

@@ -2,12 +2,19 @@
 
 Writes DIR/score.json (see eval.scoring for which LLaVA tool scores which benchmark). With --answers-dir,
 runs that fail to score are listed at the end and the exit status is non-zero; the others are still scored.
+
+Exit status: 0 every run scored; 2 bad input — a folder that is not a merged run, a malformed run.json or
+answers file, missing benchmark data — as one ``error: ...`` line on stderr per run that could not be scored
+(with --answers-dir, a last line counts them), and no score.json written for that run; 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from debias_core.cli import OneLineParser
+from debias_core.config import check_env
+from debias_core.errors import DebiasError
 
 from .common import EvalError
 from .scoring import score_run
@@ -20,12 +27,18 @@ def _show(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m eval.score", description=__doc__.split("\n")[0],
+                      epilog=__doc__[__doc__.index("Exit status"):])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run-dir", type=Path)
     g.add_argument("--answers-dir", type=Path)
     p.add_argument("--data-dir", default=None, help="default: the one recorded in each run.json")
     args = p.parse_args(argv)
+    try:
+        check_env()  # a typo in DEBIAS* is reported by every tool, not only where it is read
+    except DebiasError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     runs = [args.run_dir] if args.run_dir else sorted(m.parent for m in args.answers_dir.rglob("merge.jsonl"))
     if not runs:
         print(f"error: no merged run (merge.jsonl) under {args.answers_dir}", file=sys.stderr)
@@ -34,11 +47,16 @@ def main(argv=None) -> int:
     for rd in runs:
         try:
             print(_show(score_run(rd, args.data_dir)))
-        except EvalError as e:
+        except (EvalError, DebiasError, OSError) as e:  # OSError: e.g. a run folder that cannot be written
             failed.append(rd)
-            print(f"error: {rd}: {e}", file=sys.stderr)
-    if failed:
+            msg = f"{e.filename or rd}: {e.strerror or e}; score.json was not written" if isinstance(e, OSError) else e
+            print(f"error: {msg}" if args.run_dir else f"error: {rd}: {msg}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(f"error: interrupted (Ctrl-C) while scoring {rd}; rerun to score it", file=sys.stderr)
+            return 130
+    if failed and len(runs) > 1:
         print(f"{len(failed)} of {len(runs)} runs not scored (see errors above)", file=sys.stderr)
+    if failed:
         return 2
     return 0
 

@@ -36,7 +36,7 @@ def test_fit_on_exact_data_is_exact_and_r2_is_one():
 
 def test_r2_reports_goodness_of_fit():
     clean = fit_exponential(synthetic(1.0, 0.002, rows=64, noise=0.01))
-    noisy = fit_exponential(synthetic(1.0, 0.002, rows=1, noise=0.5))
+    noisy = fit_exponential(synthetic(1.0, 0.002, rows=1, noise=0.25))  # still positive, as attention is
     assert clean.r2 > 0.95 and noisy.r2 < clean.r2
 
 
