@@ -28,8 +28,10 @@ Default (users with internet and NVIDIA GPUs):
   3. one Python 3.10 environment per envs/<NAME>.txt (envs/analysis.txt excepted: scripts/analyze_llm.sh
      builds .venv-analysis itself): conda if available (conda create -p envs/conda-<NAME> python=3.10),
      else python3.10 -m venv envs/venv-<NAME>; pip install --upgrade pip; pip install -r envs/<NAME>.txt
-     (lines for flash-attn or deepspeed are installed afterwards with --no-build-isolation, since they
-     build against the installed torch; flash-attn's build prerequisites are checked first), then
+     (lines marked "# no-deps: <why>" then follow with --no-deps; lines for flash-attn or deepspeed come
+     last with --no-build-isolation, since they build against the installed torch; flash-attn's build
+     prerequisites are checked first, and a line marked "# optional: <why>" is skipped when they are
+     missing), then
      pip install -e . (debias_core). An `-e third_party/...` package whose checkout tracks its own
      *.egg-info (iLLaVA's transformers fork) is installed, not editable, from a temporary copy, so that
      nothing is written into the submodule. An environment whose stamp matches its list, pyproject.toml
@@ -219,7 +221,7 @@ if ((do_sub)); then
     fi
     if ! run git submodule update --init --recursive -- "$path"; then
       pt_err "could not fetch $url for $path (remote unreachable?): the tests that need $path will skip."
-      pt_err "  Retry later, or populate it from a local git snapshot: ../shared/tools/populate-third-party $path=<git dir>"
+      pt_err "  Retry later, or check it out at its pin from a local clone of $url (git -C $path checkout <pin>)"
       fail "submodule $path not fetched from $url"
     fi
   done
@@ -279,8 +281,16 @@ flash_attn_prereqs() {
   fi
 }
 
-# optional_line LINE: a requirement line marked "# optional: <why>" (installed when it can be, else skipped).
+# optional_why LINE: the reason after "# optional:" on a requirement line (installed when it can be, else
+# skipped with that reason); fails for other lines.
 optional_why() { [[ $1 =~ \#[[:space:]]*optional:[[:space:]]*(.*)$ ]] && printf '%s' "${BASH_REMATCH[1]}"; }
+
+# requirement LINE: the line without its comment and surrounding blanks.
+requirement() {
+  local line=${1%%#*}
+  line=${line#"${line%%[![:space:]]*}"}
+  printf '%s' "${line%"${line##*[![:space:]]}"}"
+}
 
 # localize_editables REQ OUT: REQ with every `-e third_party/<path>` whose checkout tracks *.egg-info files
 # replaced by a plain install of a temporary copy of <path> (an editable or in-tree build would rewrite those
@@ -296,7 +306,9 @@ localize_editables() {
         pt_say "($path tracks its own *.egg-info: installed from a copy, not editable; re-run setup.sh after re-applying its patches)"
         run mkdir -p "$copy"
         run cp -a "$path/." "$copy/"
-        printf '%s\n' "$copy" >> "$out"
+        local comment=''
+        [[ $line =~ [[:space:]](#.*)$ ]] && comment="  ${BASH_REMATCH[1]}"
+        printf '%s%s\n' "$copy" "$comment" >> "$out"
         continue
       fi
     fi
@@ -336,14 +348,22 @@ build_user_env() {  # build_user_env NAME
   run "$py" -m pip install --upgrade pip || return 1
   local list="$PT_TMP/$name.txt"
   localize_editables "$req" "$list"
-  # flash-attn and deepspeed compile against the torch already installed: install them last, without isolation.
-  local late_re='^[[:space:]]*(flash[-_]attn|deepspeed)([^A-Za-z0-9_.-]|$)'
-  if grep -qiE "$late_re" "$list"; then
-    local main="$PT_TMP/$name.main.txt" late="$PT_TMP/$name.late.txt" line why
-    grep -viE "$late_re" "$list" > "$main" || true
-    grep -iE "$late_re" "$list" > "$late" || true
-    pt_say "(envs/$name.txt minus its flash-attn/deepspeed lines, then those lines: $(tr '\n' ' ' < "$late"))"
-    run "$py" -m pip install -r "$main" || return 1
+  # Lines marked "# no-deps: <why>" (a package whose own pins this list overrides, e.g. torch) are installed
+  # after the rest with --no-deps. flash-attn and deepspeed compile against the torch already installed: they
+  # come last, without build isolation.
+  local late_re='^[[:space:]]*(flash[-_]attn|deepspeed)([^A-Za-z0-9_.-]|$)' nodeps_re='#[[:space:]]*no-deps:'
+  local main="$PT_TMP/$name.main.txt" late="$PT_TMP/$name.late.txt" nodeps="$PT_TMP/$name.nodeps.txt" line why
+  local -a words
+  grep -viE "$late_re" "$list" | grep -vE "$nodeps_re" > "$main" || true
+  grep -viE "$late_re" "$list" | grep -E "$nodeps_re" > "$nodeps" || true
+  grep -iE "$late_re" "$list" > "$late" || true
+  run "$py" -m pip install -r "$main" || return 1
+  while IFS= read -r line; do
+    read -ra words <<<"$(requirement "$line")"
+    run "$py" -m pip install --no-deps "${words[@]}" || return 1
+  done < "$nodeps"
+  if [[ -s $late ]]; then
+    pt_say "(then envs/$name.txt's flash-attn/deepspeed lines: $(tr '\n' ' ' < "$late"))"
     while IFS= read -r line; do
       if [[ $line =~ ^[[:space:]]*flash[-_]attn ]] && ! ((dry)) && ! flash_attn_prereqs "$py"; then
         if why=$(optional_why "$line"); then
@@ -353,11 +373,8 @@ build_user_env() {  # build_user_env NAME
         pt_err "$name: cannot build flash-attn: $FA_MISSING"
         return 1
       fi
-      line=${line%%#*}
-      run "$py" -m pip install --no-build-isolation "${line%"${line##*[![:space:]]}"}" || return 1
+      run "$py" -m pip install --no-build-isolation "$(requirement "$line")" || return 1
     done < "$late"
-  else
-    run "$py" -m pip install -r "$list" || return 1
   fi
   run "$py" -m pip install -e . || return 1
   if ((dry)); then pt_say "(dry run: nothing was run)"; return 0; fi

@@ -149,7 +149,7 @@ handle() {
   if ! pt_populated "$sub"; then
     pt_err "$name: third_party/$name is not populated; skipped. Populate it with"
     pt_err "    git submodule update --init third_party/$name"
-    pt_err "  (offline: ../shared/tools/populate-third-party third_party/$name=<snapshot git dir>)"
+    pt_err "  (offline: clone it from a local copy of its repository, then check out the pin the superproject records)"
     return "$PT_UNPOPULATED"
   fi
   pt_enter "$sub"
