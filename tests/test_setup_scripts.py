@@ -274,3 +274,52 @@ def test_demo_runs_with_only_the_test_environment(tmp_path, state):
     assert "demo: done" in r.stdout and (tmp_path / "demo" / "report" / "kept_tokens.png").is_file()
     if state == "llava-populated":
         assert "demo: [3/5] driver: illava" in r.stdout
+
+
+# ------------------------------------------------------------------ scripts/check_envs.sh (offline, stand-in pip)
+FAKE_PY310 = r'''#!/usr/bin/env bash
+# Stands in for python3.10 and its venv: `pip install --dry-run --report R -r LIST` writes a report whose torch
+# is FAKE_TORCH_VERSION with FAKE_TORCH_RUNTIME as its CUDA runtime requirement and records LIST; the verdict
+# script (stdin) runs on the test interpreter.
+if [[ $1 == -c ]]; then echo 3.10; exit 0; fi
+if [[ $1 == -m && $2 == venv ]]; then mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; exit 0; fi
+if [[ $1 == -m && $2 == pip ]]; then
+  args=("$@"); report='' list=''
+  for i in "${!args[@]}"; do
+    [[ ${args[i]} == --report ]] && report=${args[i+1]}
+    [[ ${args[i]} == -r ]] && list=${args[i+1]}
+  done
+  [[ -n $list ]] && cat "$list" >> "$FAKE_LOG"
+  [[ -n $report ]] && @PY@ -c 'import json, os, sys
+req = [os.environ["FAKE_TORCH_RUNTIME"]] if os.environ.get("FAKE_TORCH_RUNTIME") else []
+json.dump({"install": [{"metadata": {"name": "torch", "version": os.environ["FAKE_TORCH_VERSION"],
+           "requires_dist": req}, "download_info": {"url": "https://example/torch.whl"}}]}, open(sys.argv[1], "w"))' "$report"
+  exit 0
+fi
+exec @PY@ "$@"
+'''
+
+
+@pytest.mark.parametrize("version,runtime,ok", [
+    ("2.0.1", "nvidia-cuda-runtime-cu11==11.7.99; platform_system == \"Linux\"", False),
+    ("2.1.2", "nvidia-cuda-runtime-cu12==12.1.105; platform_system == \"Linux\"", True),
+    ("2.0.1+cu118", "", True),
+    ("2.0.1+cu117", "", False),
+    ("2.1.2+cpu", "", False),
+])
+def test_check_envs_accepts_only_cuda_118_or_newer_torch(tmp_path, version, runtime, ok):
+    fake = tmp_path / "python3.10"
+    fake.write_text(FAKE_PY310.replace("@PY@", PY))
+    fake.chmod(0o755)
+    log = tmp_path / "lists.txt"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "check_envs.sh"), "HiMAP"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHON310": str(fake), "FAKE_LOG": str(log),
+                                         "FAKE_TORCH_VERSION": version, "FAKE_TORCH_RUNTIME": runtime})
+    assert r.returncode == (0 if ok else 1), r.stdout + r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("ok   HiMAP: torch " if ok else "FAIL HiMAP: "), line
+    if not ok and "cpu" not in version:
+        assert "no sm_90 (Hopper) code" in line
+    listed = log.read_text()
+    assert "# no-deps" not in listed and "-e third_party/" not in listed    # resolved from copies, as setup.sh
+    assert "torch==2.1.2" in listed
