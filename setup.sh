@@ -25,11 +25,17 @@ Default (users with internet and NVIDIA GPUs):
      out at its pin is left alone; an unreachable remote is named, and the tests that need that
      third_party/<NAME> skip;
   2. bash scripts/apply_patches.sh (before the environments, so nothing installs unpatched code);
-  3. one Python 3.10 environment per envs/<NAME>.txt: conda if available
-     (conda create -p envs/conda-<NAME> python=3.10), else python3.10 -m venv envs/venv-<NAME>;
-     pip install -r envs/<NAME>.txt (lines for flash-attn or deepspeed are installed afterwards with
-     --no-build-isolation, since they build against the installed torch), then pip install -e .
-     (debias_core). An environment whose stamp matches its list, pyproject.toml and the pins is skipped.
+  3. one Python 3.10 environment per envs/<NAME>.txt (envs/analysis.txt excepted: scripts/analyze_llm.sh
+     builds .venv-analysis itself): conda if available (conda create -p envs/conda-<NAME> python=3.10),
+     else python3.10 -m venv envs/venv-<NAME>; pip install --upgrade pip; pip install -r envs/<NAME>.txt
+     (lines marked "# no-deps: <why>" then follow with --no-deps; lines for flash-attn or deepspeed come
+     last with --no-build-isolation, since they build against the installed torch; flash-attn's build
+     prerequisites are checked first, and a line marked "# optional: <why>" is skipped when they are
+     missing), then
+     pip install -e . (debias_core). An `-e third_party/...` package whose checkout tracks its own
+     *.egg-info (iLLaVA's transformers fork) is installed, not editable, from a temporary copy, so that
+     nothing is written into the submodule. An environment whose stamp matches its list, pyproject.toml
+     and the pins is skipped.
   --only A,B       build only these environments (names of envs/<NAME>.txt)
   --no-submodules  skip step 1;  --no-patches  skip step 2;  --no-envs  skip step 3
   --venv           use python3.10 -m venv even when conda is available
@@ -48,6 +54,8 @@ Default (users with internet and NVIDIA GPUs):
 Environment variables:
   PYTHON       interpreter for --test/--test-env venvs (default python3)
   PYTHON310    interpreter for user venvs (default python3.10)
+  MAX_JOBS     parallel compile jobs of a flash-attn build (default: 4, or fewer cores)
+  CUDA_HOME    CUDA toolkit holding bin/nvcc for a flash-attn build (default: from nvcc on PATH)
   VENV_DIR     location of the --test environment (default .venv-test)
   VENV_ROOT    folder holding .venv-test and .venv-<NAME> (default: the project root)
 
@@ -91,12 +99,16 @@ run() {
   ((dry)) || "$@"
 }
 
-list_names() {  # names of <dir>/*.txt, excluding test.txt
+# Lists under envs/ that are not a baseline's GPU environment: test.txt (setup.sh --test) and analysis.txt
+# (scripts/analyze_llm.sh builds .venv-analysis from it).
+NOT_USER_ENVS=" test analysis "
+
+list_names() {  # names of <dir>/*.txt, excluding NOT_USER_ENVS
   local f out=()
   for f in "$1"/*.txt; do
     [[ -e $f ]] || continue
     f=$(basename "$f" .txt)
-    [[ $f == test ]] || out+=("$f")
+    [[ $NOT_USER_ENVS == *" $f "* ]] || out+=("$f")
   done
   printf '%s\n' "${out[*]}"
 }
@@ -146,6 +158,7 @@ build_test_env() {  # build_test_env DIR REQ_FILE EXTRA...   (EXTRA = packages n
   fi
   pt_say "== building $dir from $req"
   make_venv "$PYTHON" "$dir" || return 1
+  run "$py" -m pip install -q --upgrade pip || return 1
   run "$py" -m pip install -q "$TORCH_CPU" || return 1
   run "$py" -m pip install -q -r "$req" "$@" || return 1
   if [[ $req == envs/test.txt ]]; then
@@ -208,7 +221,7 @@ if ((do_sub)); then
     fi
     if ! run git submodule update --init --recursive -- "$path"; then
       pt_err "could not fetch $url for $path (remote unreachable?): the tests that need $path will skip."
-      pt_err "  Retry later, or populate it from a local git snapshot: ../shared/tools/populate-third-party $path=<git dir>"
+      pt_err "  Retry later, or check it out at its pin from a local clone of $url (git -C $path checkout <pin>)"
       fail "submodule $path not fetched from $url"
     fi
   done
@@ -240,6 +253,69 @@ needs_unpopulated() {
   done < <(grep -oE 'third_party/[A-Za-z0-9._-]+' "$1" | sort -u)
 }
 
+# flash_attn_prereqs PY: the build prerequisites of flash-attn in environment PY (wheel, ninja, nvcc via
+# CUDA_HOME or PATH). Sets MAX_JOBS if unset (an unbounded ninja build can exhaust memory). Returns 1 with
+# one line in FA_MISSING saying what to install.
+flash_attn_prereqs() {
+  local py=$1 nvcc
+  FA_MISSING=''
+  if ! "$py" -c 'import wheel' >/dev/null 2>&1; then
+    FA_MISSING="the environment lacks the wheel package: $py -m pip install wheel"; return 1
+  fi
+  if ! "$py" -c 'import ninja' >/dev/null 2>&1 && ! command -v ninja >/dev/null; then
+    FA_MISSING="ninja is not installed (without it the build takes hours): $py -m pip install ninja"; return 1
+  fi
+  if [[ -n ${CUDA_HOME:-} ]]; then
+    nvcc=$CUDA_HOME/bin/nvcc
+    [[ -x $nvcc ]] || { FA_MISSING="CUDA_HOME=$CUDA_HOME has no bin/nvcc: point CUDA_HOME at a CUDA toolkit (11.8 or 12.x)"; return 1; }
+  else
+    nvcc=$(command -v nvcc || true)
+    [[ -n $nvcc ]] || { FA_MISSING="no CUDA compiler: install the CUDA toolkit (11.8 or 12.x, e.g. conda install -c nvidia cuda-nvcc) and set CUDA_HOME or put nvcc on PATH"; return 1; }
+    export CUDA_HOME=${nvcc%/bin/nvcc}
+  fi
+  if [[ -z ${MAX_JOBS:-} ]]; then
+    local cores
+    cores=$(nproc 2>/dev/null || echo 4)
+    export MAX_JOBS=$((cores < 4 ? cores : 4))
+    pt_say "(flash-attn build: MAX_JOBS=$MAX_JOBS parallel jobs; set MAX_JOBS to change it)"
+  fi
+}
+
+# optional_why LINE: the reason after "# optional:" on a requirement line (installed when it can be, else
+# skipped with that reason); fails for other lines.
+optional_why() { [[ $1 =~ \#[[:space:]]*optional:[[:space:]]*(.*)$ ]] && printf '%s' "${BASH_REMATCH[1]}"; }
+
+# requirement LINE: the line without its comment and surrounding blanks.
+requirement() {
+  local line=${1%%#*}
+  line=${line#"${line%%[![:space:]]*}"}
+  printf '%s' "${line%"${line##*[![:space:]]}"}"
+}
+
+# localize_editables REQ OUT: REQ with every `-e third_party/<path>` whose checkout tracks *.egg-info files
+# replaced by a plain install of a temporary copy of <path> (an editable or in-tree build would rewrite those
+# tracked files, and apply_patches.sh would then find the submodule dirty).
+localize_editables() {
+  local req=$1 out=$2 line path copy
+  : > "$out"
+  while IFS= read -r line || [[ -n $line ]]; do
+    if [[ $line =~ ^[[:space:]]*-e[[:space:]]+(third_party/[^[:space:]#]+) ]]; then
+      path=${BASH_REMATCH[1]}
+      if [[ -d $path ]] && [[ -n $(git -C "$path" ls-files -- '*.egg-info/*' 2>/dev/null | head -n 1) ]]; then
+        copy="$PT_TMP/copies/${path//\//_}"
+        pt_say "($path tracks its own *.egg-info: installed from a copy, not editable; re-run setup.sh after re-applying its patches)"
+        run mkdir -p "$copy"
+        run cp -a "$path/." "$copy/"
+        local comment=''
+        [[ $line =~ [[:space:]](#.*)$ ]] && comment="  ${BASH_REMATCH[1]}"
+        printf '%s%s\n' "$copy" "$comment" >> "$out"
+        continue
+      fi
+    fi
+    printf '%s\n' "$line" >> "$out"
+  done < "$req"
+}
+
 build_user_env() {  # build_user_env NAME
   local name=$1 req="envs/$1.txt" prefix py want missing
   missing=$(needs_unpopulated "$req")
@@ -251,7 +327,8 @@ build_user_env() {  # build_user_env NAME
   fi
   if have_conda; then prefix="envs/conda-$name"; else prefix="envs/venv-$name"; fi
   py="$ROOT/$prefix/bin/python"
-  want=$(hash_of "recipe user v1: -r $req (flash-attn/deepspeed --no-build-isolation); -e ." "$req" pyproject.toml \
+  # v2: pip upgraded first; -e third_party/... packages that track *.egg-info installed from a copy.
+  want=$(hash_of "recipe user v2: -r $req (flash-attn/deepspeed --no-build-isolation); -e ." "$req" pyproject.toml \
                  "$(git ls-tree HEAD third_party/)")
   if up_to_date "$py" "$ROOT/$prefix/$STAMP" "$want"; then
     pt_say "$prefix: up to date (delete $prefix/$STAMP to force a reinstall)"; return 0
@@ -267,17 +344,37 @@ build_user_env() {  # build_user_env NAME
       make_venv "$PYTHON310" "$ROOT/$prefix" || return 1
     fi
   fi
-  # flash-attn and deepspeed compile against the torch already installed: install them last, without isolation.
-  local late_re='^[[:space:]]*(flash[-_]attn|deepspeed)([^A-Za-z0-9_.-]|$)'
-  if grep -qiE "$late_re" "$req"; then
-    local main="$PT_TMP/$name.main.txt" late="$PT_TMP/$name.late.txt"
-    grep -viE "$late_re" "$req" > "$main" || true
-    grep -iE "$late_re" "$req" > "$late" || true
-    pt_say "(envs/$name.txt minus its flash-attn/deepspeed lines, then those lines: $(tr '\n' ' ' < "$late"))"
-    run "$py" -m pip install -r "$main" || return 1
-    run "$py" -m pip install --no-build-isolation -r "$late" || return 1
-  else
-    run "$py" -m pip install -r "$req" || return 1
+  # A new venv's pip may be too old to resolve the lists (PEP 660 editables, newer metadata).
+  run "$py" -m pip install --upgrade pip || return 1
+  local list="$PT_TMP/$name.txt"
+  localize_editables "$req" "$list"
+  # Lines marked "# no-deps: <why>" (a package whose own pins this list overrides, e.g. torch) are installed
+  # after the rest with --no-deps. flash-attn and deepspeed compile against the torch already installed: they
+  # come last, without build isolation.
+  local late_re='^[[:space:]]*(flash[-_]attn|deepspeed)([^A-Za-z0-9_.-]|$)' nodeps_re='#[[:space:]]*no-deps:'
+  local main="$PT_TMP/$name.main.txt" late="$PT_TMP/$name.late.txt" nodeps="$PT_TMP/$name.nodeps.txt" line why
+  local -a words
+  grep -viE "$late_re" "$list" | grep -vE "$nodeps_re" > "$main" || true
+  grep -viE "$late_re" "$list" | grep -E "$nodeps_re" > "$nodeps" || true
+  grep -iE "$late_re" "$list" > "$late" || true
+  run "$py" -m pip install -r "$main" || return 1
+  while IFS= read -r line; do
+    read -ra words <<<"$(requirement "$line")"
+    run "$py" -m pip install --no-deps "${words[@]}" || return 1
+  done < "$nodeps"
+  if [[ -s $late ]]; then
+    pt_say "(then envs/$name.txt's flash-attn/deepspeed lines: $(tr '\n' ' ' < "$late"))"
+    while IFS= read -r line; do
+      if [[ $line =~ ^[[:space:]]*flash[-_]attn ]] && ! ((dry)) && ! flash_attn_prereqs "$py"; then
+        if why=$(optional_why "$line"); then
+          pt_say "$name: flash-attn not built ($FA_MISSING); $why"
+          continue
+        fi
+        pt_err "$name: cannot build flash-attn: $FA_MISSING"
+        return 1
+      fi
+      run "$py" -m pip install --no-build-isolation "$(requirement "$line")" || return 1
+    done < "$late"
   fi
   run "$py" -m pip install -e . || return 1
   if ((dry)); then pt_say "(dry run: nothing was run)"; return 0; fi
@@ -293,7 +390,7 @@ if ((do_envs)); then
   if [[ -n $only ]]; then
     IFS=, read -r -a names <<<"$only"
     for n in "${names[@]}"; do
-      [[ -f envs/$n.txt && $n != test ]] || { pt_err "--only: no envs/$n.txt; available: ${all[*]}"; exit 2; }
+      [[ -f envs/$n.txt && $NOT_USER_ENVS != *" $n "* ]] || { pt_err "--only: no GPU environment list envs/$n.txt; available: ${all[*]}"; exit 2; }
     done
   fi
   ((${#names[@]})) || pt_say "no envs/<Name>.txt requirement lists yet; nothing to build"

@@ -119,12 +119,16 @@ def _sub_env(trees: Path | None) -> dict:
     return env
 
 
+# Method arguments that are decoder-layer indices without "layer" in their name (iLLaVA merges before layer k).
+LAYER_ARGS = ("illava_llm_k",)
+
+
 def demo_layers(methods: list[str]) -> int:
     """Decoder layers for the demo model: one past the deepest layer a method prunes at (2 for plain LLaVA)."""
     deepest = 1
     for m in methods:
         for key, value in method_spec(m)["args"].items():
-            if "layer" in key:
+            if "layer" in key or key in LAYER_ARGS:
                 deepest = max([deepest, *(value if isinstance(value, list) else [value])])
     return deepest + 1
 

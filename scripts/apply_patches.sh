@@ -10,7 +10,11 @@
 #   dirty    = anything else. Untracked files the series does not touch are not part of the state.
 # Applying goes pristine -> applied, reversing applied -> pristine, each as one `git apply` of the net
 # diff, after the whole series was checked on a temporary index; on any refusal or failure the working
-# tree is left byte-for-byte as it was.
+# tree is left byte-for-byte as it was. The series must also produce the tree recorded in
+# patches/<Name>/series.tree (a truncated or hand-edited patch file may still apply, to something else).
+# An interrupt (SIGINT/SIGTERM/SIGHUP) stops the run between submodules: the one `git apply` that writes
+# a working tree runs with these signals ignored, so each submodule ends either as it was or in its
+# target state, and the script says which and exits 130.
 set -euo pipefail
 
 PT_PROG=apply_patches.sh
@@ -20,7 +24,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 usage() {
   cat <<'EOF'
-usage: scripts/apply_patches.sh [--check | --reverse | --status] [NAME ...]
+usage: scripts/apply_patches.sh [--check | --reverse | --status | --record] [NAME ...]
 
 Applies patches/<NAME>/000N-*.patch, in file order, to the working tree of third_party/<NAME>
 (a submodule checked out at the commit the superproject pins). Runs from any directory: the project
@@ -33,6 +37,8 @@ is the git work tree this script lives in.
   --reverse    undo the series; refused unless the working tree is exactly the applied state
                (files created by patches are removed); "not applied" if already pristine
   --status     one line per submodule: populated, at pin, applied, dirty, number of patches
+  --record     maintainers, after reviewing a series: check it and write patches/<NAME>/series.tree
+               (the pin and the tree the series produces), which every other mode verifies
   -h, --help   this text
 
 NAME is a submodule under third_party/ (e.g. FastV). Without NAME: every patches/<NAME>/ folder
@@ -41,7 +47,12 @@ goes on after a failure and exits with the code of the first one that failed.
 
 Refusals: HEAD not at the pinned gitlink (both shas are named); a working tree that is neither the pin
 nor exactly the applied state (local edits: commit them as patches, or discard them); a series that
-does not apply at the pin.
+does not apply at the pin, or applies but not to the tree recorded in patches/<NAME>/series.tree
+(a patch file truncated or edited by hand; apply and --reverse also refuse a series without a record,
+--check only notes it).
+
+Interrupting (Ctrl-C) leaves every submodule either as it was or fully in its target state; the
+script names the submodule it was working on, what became of it, and the ones it did not reach.
 
 Exit codes:
   0  ok: applied, reversed, already applied, not applied (reverse), no series to apply, or --status
@@ -50,7 +61,8 @@ Exit codes:
   3  submodule not populated (skipped; run `git submodule update --init third_party/<NAME>`)
   4  submodule HEAD is not the pinned commit (or the pinned commit is missing from it)
   5  dirty: working tree is neither the pin nor exactly the applied state
-  6  the series does not apply at the pin
+  6  the series does not apply at the pin, or does not produce its recorded tree (or has none)
+ 130 interrupted (SIGINT, SIGTERM or SIGHUP)
 EOF
 }
 
@@ -65,6 +77,7 @@ while (($#)); do
     --check) set_mode check ;;
     --reverse) set_mode reverse ;;
     --status) set_mode status ;;
+    --record) set_mode record ;;
     -h | --help) usage; exit 0 ;;
     --) shift; names+=("$@"); break ;;
     -*) pt_err "unknown option '$1' (see --help)"; exit "$PT_USAGE" ;;
@@ -108,6 +121,9 @@ if ((${#names[@]} == 0)); then
   fi
 fi
 
+# Signals only set a flag here; the loop below stops at the next submodule boundary.
+interrupted=''
+trap 'interrupted=1' INT TERM HUP
 pt_tmp_init
 status=0
 note() { ((status)) || status=$1; }
@@ -133,7 +149,7 @@ handle() {
   if ! pt_populated "$sub"; then
     pt_err "$name: third_party/$name is not populated; skipped. Populate it with"
     pt_err "    git submodule update --init third_party/$name"
-    pt_err "  (offline: ../shared/tools/populate-third-party third_party/$name=<snapshot git dir>)"
+    pt_err "  (offline: clone it from a local copy of its repository, then check out the pin the superproject records)"
     return "$PT_UNPOPULATED"
   fi
   pt_enter "$sub"
@@ -151,8 +167,20 @@ handle() {
     pt_err "  fix the patch (see patches/README.md: git am in a scratch clone, rebase, scripts/refresh_patches.sh $name)"
     return "$PT_NO_APPLY"
   fi
+  if [[ $mode == record ]]; then
+    pt_write_record "$ROOT" "$name" "$pin" "$t_app"
+    pt_say "$name: recorded patches/$name/series.tree (${#series[@]} patch(es) at the pin $(pt_short "$pin") give tree $(pt_short "$t_app"))"
+    return 0
+  fi
+  local verified=0
+  pt_verify_record "$ROOT" "$name" "$pin" "$t_app" || verified=$?
+  if ((verified == 1)) || { ((verified == 2)) && [[ $mode != check ]]; }; then
+    pt_err "$name: $PT_WHY; nothing was changed."
+    return "$PT_NO_APPLY"
+  fi
   if [[ $mode == check ]]; then
     pt_say "$name: ${#series[@]} patch(es) apply cleanly at the pin $(pt_short "$pin")"
+    ((verified == 0)) || pt_say "$name: note: $PT_WHY"
     return 0
   fi
 
@@ -199,6 +227,9 @@ handle() {
   fi
 
   pt_write_diff "$from" "$to" "$PT_WORK/net.diff"
+  # From here on the working tree changes: ignore interrupts (git inherits this) so that it is never left
+  # half-written. The caller sees the signal once this subshell has finished, and reports our outcome.
+  trap '' INT TERM HUP
   local err
   if ! err=$(git -C "$sub" apply --whitespace=nowarn "$PT_WORK/net.diff" 2>&1); then
     # git apply is atomic: a failure here leaves every file as it was.
@@ -254,6 +285,9 @@ status_line() {
         applied=n/a t_app=$t_pin
       elif pt_series_tree "$pin" "${series[@]}"; then
         t_app=$PT_TREE
+        if ! pt_verify_record "$ROOT" "$name" "$pin" "$t_app"; then
+          applied="broken(not-the-recorded-result)"
+        fi
       else
         applied="broken(series-does-not-apply)" t_app=$t_pin
       fi
@@ -276,12 +310,36 @@ status_line() {
     "$name" "$populated" "$atpin" "$applied" "$dirty" "${#series[@]}"
 }
 
-for n in "${names[@]}"; do
-  # A subshell keeps `set -e` active inside handle (it would be ignored in `handle || ...`).
+# report_interrupt NAME RC REST...: what an interrupt left behind; NAME is the submodule being handled.
+report_interrupt() {
+  local name=$1 rc=$2
+  shift 2
+  if [[ -n $name ]]; then
+    if ((rc == 0)); then
+      pt_err "interrupted: $name had already reached its final state (see above) when the signal came"
+    elif [[ $mode == apply || $mode == reverse ]]; then
+      pt_err "interrupted: third_party/$name was left as it was (nothing changed)"
+    else
+      pt_err "interrupted while handling $name (this mode changes no submodule)"
+    fi
+  else
+    pt_err "interrupted before any submodule was handled"
+  fi
+  (($# == 0)) || pt_err "interrupted: not handled, left as they were: $*"
+}
+
+for i in "${!names[@]}"; do
+  n=${names[$i]}
+  if [[ -n $interrupted ]]; then report_interrupt '' 0 "${names[@]:i}"; exit 130; fi
+  # A subshell keeps `set -e` active inside handle (it would be ignored in `handle || ...`); it dies on
+  # a signal except while it writes the working tree (see handle).
   set +e
-  (set -e; handle "$n")
+  (set -e; trap 'exit 130' INT TERM HUP; handle "$n")
   rc=$?
   set -e
+  # Our stdout was closed (e.g. `--status | head -1`): stop quietly, like any filter.
+  ((rc != 141)) || exit 141
+  if [[ -n $interrupted ]]; then report_interrupt "$n" "$rc" "${names[@]:i+1}"; exit 130; fi
   if ((rc > PT_NO_APPLY)); then
     pt_err "$n: unexpected error (exit $rc) while handling third_party/$n; see the git message above"
     rc=1

@@ -10,13 +10,19 @@
 # TARGET=onevision: native iLLaVA on LLaVA-OneVision (patches/iLLaVA) through iLLaVA's own lmms-eval entry, with
 #   iLLaVA's README command, in the iLLaVA environment (envs/iLLaVA.txt), one lmms-eval process per GPU
 #   (accelerate launch). The patched third_party/iLLaVA sources come first on PYTHONPATH. Knobs:
-#   CKPT           default lmms-lab/llava-onevision-qwen2-7b-ov
+#   CKPT           default lmms-lab/llava-onevision-qwen2-7b-ov (a hub id must already be in the Hugging Face
+#                  cache: huggingface-cli download lmms-lab/llava-onevision-qwen2-7b-ov)
 #   BENCHMARKS     lmms-eval task names; the paper's names map to tasks (mmbench -> mmbench_en_dev, textvqa ->
 #                  textvqa_val, ...). Default: the ten image benchmarks. Data: lmms-eval reads each task's
 #                  dataset from the Hugging Face hub cache (HF_HOME); download it there first on offline machines.
-#   MODES          default "off full" (natively pad = off and full = pos: OneVision pads no image)
+#   MODES          default "off": the only mode that needs no trend (natively pad = off and full = pos:
+#                  OneVision pads no image). "off full" or "off pos" once you have a calibrated trend:
 #   DEBIAS_TREND   needed by pos/full: calibrated:<file> whose "n" covers the LLM context (max_position_embeddings,
-#                  32768 for Qwen2-7B); no OneVision trend is published. TREND is read as an alias.
+#                  32768 for Qwen2-7B); no OneVision trend is published. TREND is read as an alias. To calibrate:
+#                  run MODES=off on a held-out calibration task with the LLM-stage scores recorded
+#                  (debias_core.recording(), see docs/analysis.md), fit them with
+#                  python -m debias_core fit --scores S.npy --out ov_trend.json, check that its "n" is at least
+#                  max_position_embeddings, then MODES="off full" DEBIAS_TREND=calibrated:ov_trend.json.
 #   ILLAVA_PRESET  image (default; ViT k 5-6-7-8 r 92, LLM k 8 r 0.70) | video (32 frames, ViT 3-4-5-6, LLM k 2)
 #   ILLAVA_ARGS    replaces the preset's iLLaVA model_args (e.g. "enable_illava_llm=True,illava_llm_k=8,...")
 #   GPUS, ANSWERS_DIR (results under <ANSWERS_DIR>/onevision/...), LIMIT (lmms-eval --limit), PYTHON
@@ -51,9 +57,8 @@ set -o pipefail  # lmms-eval's exit status through tee
 py=$(method_python iLLaVA) || exit 2
 tree=${EVAL_THIRD_PARTY:-$EVAL_ROOT/third_party}/iLLaVA
 ckpt=${CKPT:-lmms-lab/llava-onevision-qwen2-7b-ov}
-[[ -e $ckpt || $ckpt =~ ^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$ ]] \
-  || die "checkpoint $ckpt does not exist; set CKPT to a LLaVA-OneVision folder or a hub id (default" \
-         "lmms-lab/llava-onevision-qwen2-7b-ov; huggingface-cli download lmms-lab/llava-onevision-qwen2-7b-ov)"
+check_checkpoint "$ckpt" "a LLaVA-OneVision folder" lmms-lab/llava-onevision-qwen2-7b-ov
+check_limit
 case ${ILLAVA_PRESET:-image} in  # iLLaVA README's commands for single/multi-image and for video benchmarks
   image) illava=enable_illava_vit=True,illava_vit_k=5-6-7-8,illava_vit_r=92
          illava+=,enable_illava_llm=True,illava_llm_k=8,illava_llm_r=0.70 ;;
@@ -76,7 +81,7 @@ if [[ -f $ckpt/config.json ]]; then
   need=$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("max_position_embeddings", 32768))' \
          "$ckpt/config.json") || die "$ckpt/config.json is not a readable JSON config"
 fi
-read -ra modes <<<"$(echo "${MODES:-off full}" | tr ',' ' ')"
+read -ra modes <<<"$(echo "${MODES:-off}" | tr ',' ' ')"
 for mode in "${modes[@]}"; do
   case $mode in
     off|pad) ;;

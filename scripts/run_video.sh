@@ -6,6 +6,7 @@
 # the keyless score and, with OPENAI_API_KEY, the GPT-3.5 judge. Rerunning the same command resumes
 # (eval/video_qa.py says how). Knobs (environment variables):
 #   CKPT            checkpoint folder or hub id; its name must contain "llava"  default LanguageBind/Video-LLaVA-7B
+#                   (a hub id must already be in the Hugging Face cache: huggingface-cli download <id>)
 #   VIDEO_DATA_DIR  the GPT_Zero_Shot_QA folder (Video-LLaVA TRAIN_AND_VALIDATE.md)
 #                                                     default ${DATA_DIR:-<repo>/playground/data/eval}/GPT_Zero_Shot_QA
 #   BENCHMARKS      msvd msrvtt tgif activitynet      default "msvd msrvtt tgif"
@@ -27,6 +28,8 @@ if [[ -z ${EVAL_THIRD_PARTY:-} ]]; then  # the submodule must hold exactly our s
   [[ $state == *" applied=yes"* ]] || die "third_party/Video-LLaVA does not have patches/Video-LLaVA applied" \
     "($(echo $state)); run: bash scripts/apply_patches.sh Video-LLaVA"
 fi
+check_checkpoint "${CKPT:-LanguageBind/Video-LLaVA-7B}" "a Video-LLaVA folder" LanguageBind/Video-LLaVA-7B
+check_limit
 K=${FASTV_K:-2}
 [[ $K == 0 ]] && MODES=${MODES:-off}
 args=(--answers-dir "${ANSWERS_DIR:-$EVAL_ROOT/outputs/video}" --model-path "${CKPT:-LanguageBind/Video-LLaVA-7B}"

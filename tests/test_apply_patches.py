@@ -133,11 +133,16 @@ class Project:
     def refresh(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return self.run("refresh_patches.sh", *args, **kw)
 
-    def install(self, files: list[Path], names: list[str] | None = None, name: str = "Up") -> Path:
+    def install(self, files: list[Path], names: list[str] | None = None, name: str = "Up",
+                record: bool = True) -> Path:
+        """Copy a series into patches/<name>/ and, as a maintainer would, record its result (series.tree)
+        where the series applies (a broken one or an unpopulated submodule gets no record)."""
         d = self.root / "patches" / name
         d.mkdir(parents=True, exist_ok=True)
         for i, f in enumerate(files):
             shutil.copy2(f, d / (names[i] if names else f.name))
+        if record:
+            self.apply("--record", name)
         return d
 
     def index_bytes(self, sub: Path | None = None) -> bytes:
@@ -372,6 +377,7 @@ def test_unpopulated_submodule_says_how_to_populate_it(proj):
     assert not any(proj.other.iterdir())
     # The command it names works, and then the series applies.
     proj.git(proj.root, "submodule", "update", "--init", "third_party/Other")
+    assert proj.apply("--record", "Other").returncode == 0   # install() could not record it unpopulated
     r = proj.apply("Other")
     assert r.returncode == 0, out(r)
     assert snapshot(proj.other) == snapshot(proj.work)
@@ -463,13 +469,16 @@ def test_refresh_round_trip_is_byte_identical(proj):
     assert "up to date" in r.stdout and r.stdout.count("unchanged") == 3
     assert {f.name: f.read_bytes() for f in sorted(d.glob("*.patch"))} == first
 
-    # The regenerated series reproduces the commits' tree exactly.
+    # The regenerated series reproduces the commits' tree exactly (once recorded, as a maintainer does).
+    assert proj.apply("--record", "Up").returncode == 0
     assert proj.apply().returncode == 0
     assert snapshot(proj.sub) == snapshot(proj.work)
 
 
 def test_refresh_updates_removes_stale_and_dry_run(proj):
-    d = proj.install(proj.series)            # plain format-patch output: differs from refresh's stable form
+    # Plain format-patch output: differs from refresh's stable form. Not recorded: refresh_patches.sh checks
+    # its result with apply_patches.sh --check, which a record of the series before the refresh would fail.
+    d = proj.install(proj.series, record=False)
     write(d / "0009-obsolete.patch", "stale\n")
     write(d / "README", "kept\n")
     r = proj.refresh("Up", "--from", str(proj.work), "--dry-run")
@@ -515,3 +524,132 @@ def test_refresh_refusals(proj):
     assert proj.refresh().returncode == 2
     assert proj.refresh("Nope").returncode == 2
     assert not (proj.root / "patches").exists()
+
+
+# --- the recorded result of a series (patches/<Name>/series.tree) --------------------------------------
+
+def _truncate_last_file(patch: Path) -> None:
+    """Cut a patch before its last `diff --git` section: what an interrupted download or copy leaves, and
+    still a well-formed patch that applies."""
+    text = patch.read_text()
+    cut = text.rindex("\ndiff --git ")
+    patch.write_text(text[:cut + 1])
+
+
+def test_a_truncated_patch_file_is_never_reported_applied(proj):
+    d = proj.install(proj.series)
+    assert (d / "series.tree").is_file()
+    _truncate_last_file(next(d.glob("0002-*.patch")))      # loses new.log, still applies
+    before, index = snapshot(proj.sub), proj.index_bytes()
+    for args in ([], ["Up"], ["--check", "Up"], ["--reverse", "Up"]):
+        r = proj.apply(*args)
+        assert r.returncode == 6, out(r)
+        assert "does not produce the recorded result" in r.stderr and "applied 3" not in r.stdout
+        assert snapshot(proj.sub) == before and proj.index_bytes() == index
+    up = status_fields(proj.apply("--status", "Up").stdout, "Up")
+    assert up["applied"] == "broken(not-the-recorded-result)"
+
+
+def test_a_patch_edited_after_applying_is_not_already_applied(proj):
+    d = proj.install(proj.series)
+    assert proj.apply().returncode == 0
+    applied = snapshot(proj.sub)
+    first = next(d.glob("0001-*.patch"))
+    first.write_text(first.read_text().replace("\n+B\n", "\n+X\n"))   # same shape, other content
+    for args in ([], ["--reverse"]):
+        r = proj.apply(*args)
+        assert r.returncode == 6, out(r)
+        assert "truncated or edited" in r.stderr and "already applied" not in r.stdout
+        assert snapshot(proj.sub) == applied
+
+
+def test_record_missing_malformed_or_for_another_pin(proj):
+    d = proj.install(proj.series, record=False)
+    before = snapshot(proj.sub)
+    r = proj.apply()
+    assert r.returncode == 6 and "series.tree is missing" in r.stderr and "--record Up" in r.stderr, out(r)
+    r = proj.apply("--check")                   # --check only notes it: refresh_patches.sh runs it on new series
+    assert r.returncode == 0 and "note: patches/Up/series.tree is missing" in r.stdout, out(r)
+    (d / "series.tree").write_text("pin nonsense\n")
+    r = proj.apply()
+    assert r.returncode == 6 and "malformed" in r.stderr, out(r)
+    r = proj.apply("--record", "Up")
+    assert r.returncode == 0 and "recorded patches/Up/series.tree" in r.stdout, out(r)
+    text = (d / "series.tree").read_text()
+    assert f"pin {proj.pin}\n" in text
+    (d / "series.tree").write_text(text.replace(proj.pin, proj.c1))
+    r = proj.apply()
+    assert r.returncode == 6 and "recorded for the pin" in r.stderr, out(r)
+    assert snapshot(proj.sub) == before
+    (d / "series.tree").write_text(text)
+    assert proj.apply().returncode == 0
+    assert snapshot(proj.sub) == snapshot(proj.work)
+
+
+def test_record_refuses_a_series_that_does_not_apply(proj):
+    change, add, _ = proj.series
+    d = proj.install([add, change, change], names=["0001-a.patch", "0002-c.patch", "0003-c.patch"])
+    r = proj.apply("--record", "Up")
+    assert r.returncode == 6 and not (d / "series.tree").exists(), out(r)
+
+
+# --- closed stdout and interrupts ---------------------------------------------------------------------------
+
+def test_status_into_a_closed_pipe_prints_no_errors(proj):
+    """`apply_patches.sh --status | head -1`: once the reader is gone the script stops quietly."""
+    proj.install(proj.series)
+    read_end, write_end = os.pipe()
+    os.close(read_end)                            # a reader that has already gone, like head after one line
+    try:
+        r = subprocess.run(["bash", str(proj.root / "scripts" / "apply_patches.sh"), "--status"],
+                           cwd=proj.outside, env=proj.env, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert r.stderr == ""
+    assert r.returncode == 141                    # killed by SIGPIPE, as `yes | head -1` is
+
+
+def _interrupting_git(proj: Project, when: str) -> dict:
+    """PATH with a `git` that sends SIGINT to its process group (as Ctrl-C does) once, the first time it is
+    called for ``when``: "write" = the `git apply` that writes a working tree, "compute" = the first tree
+    comparison before any write. Returns the environment for the script (TMPDIR: an empty folder)."""
+    bindir = proj.base / "fakebin"
+    bindir.mkdir()
+    real = shutil.which("git")
+    test = {"write": '[[ " $* " == *" apply "* && " $* " != *" --cached "* ]]',
+            "compute": '[[ " $* " == *" diff-tree "* ]]'}[when]
+    write(bindir / "git", f"""#!/usr/bin/env bash
+if {test} && mkdir "{proj.base}/fired" 2>/dev/null; then kill -INT 0; fi
+exec "{real}" "$@"
+""", 0o755)
+    tmp = proj.base / "tmp"
+    tmp.mkdir()
+    return {**proj.env, "PATH": f"{bindir}:{os.environ['PATH']}", "TMPDIR": str(tmp)}
+
+
+@pytest.mark.parametrize("when", ["compute", "write"])
+def test_an_interrupt_leaves_every_submodule_as_it_was_or_done_and_says_so(proj, when):
+    proj.git(proj.root, "submodule", "update", "--init", "-q", "third_party/Other")
+    proj.install(proj.series, name="Other")
+    proj.install(proj.series, name="Up")
+    pristine = snapshot(proj.sub)
+    assert snapshot(proj.other) == pristine
+    env = _interrupting_git(proj, when)
+    r = subprocess.run(["bash", str(proj.root / "scripts" / "apply_patches.sh")], cwd=proj.outside, env=env,
+                       capture_output=True, text=True, start_new_session=True)   # its own process group
+    assert (proj.base / "fired").is_dir(), "the fake git never interrupted the run"
+    assert r.returncode == 130, out(r)
+    # "Other" is handled first (sorted): it was being handled when the signal came; "Up" was never reached.
+    if when == "write":
+        assert snapshot(proj.other) == snapshot(proj.work)
+        assert "Other: applied 3 patch(es)" in r.stdout
+        assert "interrupted: Other had already reached its final state" in r.stderr
+    else:
+        assert snapshot(proj.other) == pristine
+        assert "interrupted: third_party/Other was left as it was" in r.stderr
+    assert "not handled, left as they were: Up" in r.stderr
+    assert snapshot(proj.sub) == pristine
+    assert list((proj.base / "tmp").iterdir()) == [], "temporary folders left behind"
+    r = proj.apply()                               # a rerun finishes the job
+    assert r.returncode == 0, out(r)
+    assert snapshot(proj.sub) == snapshot(proj.other) == snapshot(proj.work)

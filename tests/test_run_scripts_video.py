@@ -18,12 +18,31 @@ from tests.support import ROOT, require_populated
 from tests.test_eval_video_qa import FAKE_SCRIPT, NO_VIDEO, make_data
 
 PY = sys.executable
+DEFAULT_HUB_IDS = ("liuhaotian/llava-v1.5-7b", "LanguageBind/Video-LLaVA-7B", "lmms-lab/llava-onevision-qwen2-7b-ov")
+
+
+def fake_hub_cache(folder: Path, ids=DEFAULT_HUB_IDS) -> Path:
+    """A Hugging Face hub cache in which ``ids`` look downloaded (a snapshot with a config.json each)."""
+    for hub_id in ids:
+        snap = folder / f"models--{hub_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hub_cache(tmp_path_factory):
+    """The default checkpoints' hub ids count as downloaded unless a test sets HF_HUB_CACHE itself."""
+    global HUB_CACHE
+    HUB_CACHE = fake_hub_cache(tmp_path_factory.mktemp("hub"))
 
 
 def run(script, env, cwd=None, root=ROOT):
     full = {k: v for k, v in os.environ.items()
             if k not in ("PYTHON", "EVAL_THIRD_PARTY", "CKPT", "DEBIAS_TREND", "TREND", "MODES", "BENCHMARKS",
-                         "OPENAI_API_KEY", "GPUS", "CUDA_VISIBLE_DEVICES", "TARGET", "VIDEO_DATA_DIR", "DATA_DIR")}
+                         "OPENAI_API_KEY", "GPUS", "CUDA_VISIBLE_DEVICES", "TARGET", "VIDEO_DATA_DIR", "DATA_DIR",
+                         "LIMIT", "METHOD_ARGS", "HF_HOME", "HUGGINGFACE_HUB_CACHE")}
+    full["HF_HUB_CACHE"] = str(HUB_CACHE)
     full.update(env)
     return subprocess.run(["bash", str(root / "scripts" / script)], env=full, cwd=cwd, capture_output=True, text=True,
                           timeout=300)
@@ -214,7 +233,7 @@ def test_onevision_trend(tmp_path, trend, parts):
     if trend == "N576":
         trend = str(tmp_path / "t.json")
         Path(trend).write_text(json.dumps({"form": "exponential", "a": 1.0, "b": 1e-3, "n": 576}))
-    one_error(ov({"DEBIAS_TREND": trend}), *parts)
+    one_error(ov({"DEBIAS_TREND": trend, "MODES": "off full"}), *parts)
 
 
 def test_onevision_trend_bound_follows_the_checkpoint(tmp_path):
@@ -223,7 +242,8 @@ def test_onevision_trend_bound_follows_the_checkpoint(tmp_path):
     (ckpt / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
     trend = tmp_path / "t.json"
     trend.write_text(json.dumps({"form": "exponential", "a": 1.0, "b": 1e-3, "n": 2048}))
-    one_error(ov({"DEBIAS_TREND": str(trend), "CKPT": str(ckpt)}), "covers 2048 positions but the visual span may "
+    one_error(ov({"DEBIAS_TREND": str(trend), "CKPT": str(ckpt), "MODES": "off full"}),
+              "covers 2048 positions but the visual span may "
               "reach 4096")
 
 
@@ -284,7 +304,7 @@ def test_onevision_launches_lmms_eval_per_task_and_mode(tmp_path):
     trend.write_text(json.dumps({"form": "exponential", "a": 1.0, "b": 1e-5, "n": 32768}))
     log = tmp_path / "launches.jsonl"
     env = {"PYTHON": str(fake), "TARGET": "onevision", "EVAL_THIRD_PARTY": str(tp), "PYTHONPATH": str(site),
-           "BENCHMARKS": "gqa,mme", "DEBIAS_TREND": f"calibrated:{trend}", "GPUS": "0,1",
+           "BENCHMARKS": "gqa,mme", "DEBIAS_TREND": f"calibrated:{trend}", "GPUS": "0,1", "MODES": "off full",
            "ANSWERS_DIR": str(tmp_path / "answers"), "FAKE_LOG": str(log)}
     r = run("run_illava.sh", env)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -319,3 +339,111 @@ def test_onevision_launches_lmms_eval_per_task_and_mode(tmp_path):
     r = run("run_illava.sh", {**env, "DEBIAS_TREND": f"calibrated:{other}", "BENCHMARKS": "gqa"})
     assert r.returncode == 1 and "full-ov_trend.json holds results of another run" in r.stderr, r.stderr
     assert len(log.read_text().splitlines()) == 4
+
+
+# ------------------------------------------------------------------ run_<method>.sh over scripts/lib/common.sh
+FAKE_DRIVER = r'''#!/usr/bin/env bash
+# Stands in for a method environment's interpreter: a real (not --check-only) eval.run records its argv, one
+# JSON line, and does no work; everything else (the up-front checks) runs on the test interpreter.
+if [[ $1 == -m && $2 == eval.run && " $* " != *" --check-only "* ]]; then
+  exec {py} -c 'import json, os, sys; open(os.environ["FAKE_LOG"], "a").write(json.dumps(sys.argv[1:]) + "\n")' "$@"
+fi
+exec {py} "$@"
+'''
+
+
+@pytest.fixture()
+def llava_run(tmp_path):
+    """run_llava.sh with a local checkpoint folder, the synthetic POPE-format data and a driver that records
+    what it is asked to do; returns (env, log of driver calls)."""
+    subprocess.run([PY, "-m", "eval.synthetic", str(tmp_path / "data")], check=True, env={**os.environ,
+                   "PYTHONPATH": str(ROOT)}, capture_output=True)
+    (tmp_path / "llava-v1.5-7b").mkdir()
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_DRIVER.format(py=PY))
+    fake.chmod(0o755)
+    log = tmp_path / "driver.jsonl"
+    env = {"PYTHON": str(fake), "CKPT": str(tmp_path / "llava-v1.5-7b"), "DATA_DIR": str(tmp_path / "data"),
+           "BENCHMARKS": "synthetic_wide", "ANSWERS_DIR": str(tmp_path / "answers"), "FAKE_LOG": str(log)}
+    return env, log
+
+
+def driver_calls(log: Path) -> list:
+    return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_run_script_without_a_downloaded_checkpoint(llava_run, tmp_path):
+    env, log = llava_run
+    env = {**env, "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    env.pop("CKPT")
+    one_error(run("run_llava.sh", env), "checkpoint liuhaotian/llava-v1.5-7b is not downloaded",
+              "huggingface-cli download liuhaotian/llava-v1.5-7b", "set CKPT")
+    one_error(run("run_llava.sh", {**env, "CKPT": str(tmp_path / "nowhere")}),
+              f"checkpoint {tmp_path}/nowhere does not exist", "set CKPT")
+    assert driver_calls(log) == []
+
+
+@pytest.mark.parametrize("limit", ["abc", "0", "-3", "1.5"])
+def test_run_script_limit_must_be_a_positive_integer(llava_run, limit):
+    env, log = llava_run
+    one_error(run("run_llava.sh", {**env, "LIMIT": limit}), f"LIMIT={limit} is not a positive integer")
+    assert driver_calls(log) == []
+
+
+def test_run_script_refuses_a_limit_the_scorer_cannot_score(llava_run, tmp_path):
+    """The synthetic benchmark alternates categories shape, color: eval_pope.py needs both, so LIMIT >= 2."""
+    env, log = llava_run
+    one_error(run("run_llava.sh", {**env, "LIMIT": "1"}), "LIMIT=1 is too small for Synthetic-wide",
+              "use LIMIT=2 or more")
+    assert driver_calls(log) == [] and not (tmp_path / "answers").exists()
+    r = run("run_llava.sh", {**env, "LIMIT": "2"})
+    calls = driver_calls(log)
+    assert calls and "--limit" in calls[0] and calls[0][calls[0].index("--limit") + 1] == "2", r.stdout + r.stderr
+
+
+def test_run_script_checks_the_scorer_files_before_any_answer(llava_run, tmp_path):
+    """A POPE-format run needs coco/coco_pope_<category>.json to be scored: missing, nothing runs."""
+    env, log = llava_run
+    shutil.rmtree(tmp_path / "data" / "synthetic" / "wide" / "coco")
+    one_error(run("run_llava.sh", env), "Synthetic-wide's scorer (LLaVA eval_pope.py) needs its label files",
+              f"{tmp_path}/data/synthetic/wide/coco")
+    assert driver_calls(log) == [] and not (tmp_path / "answers").exists()
+
+
+def test_run_script_method_args_reach_the_driver_literally(llava_run, tmp_path):
+    env, log = llava_run
+    work = tmp_path / "cwd"
+    work.mkdir()
+    for name in ("k=1", "k=2"):                    # what an unquoted k=* would expand to
+        (work / name).write_text("")
+    # Record the --check-only call too (it runs first and may refuse keys the method does not know).
+    fake = Path(env["PYTHON"])
+    fake.write_text(FAKE_DRIVER.format(py=PY).replace('" --check-only "', '" --never-matches "'))
+    run("run_llava.sh", {**env, "METHOD_ARGS": "k=*  other=[ab]"}, cwd=work)
+    argv = driver_calls(log)[0]
+    args = [argv[i + 1] for i, a in enumerate(argv) if a == "--method-arg"]
+    assert args == ["k=*", "other=[ab]"], argv
+
+
+def test_onevision_defaults_run_without_a_trend(tmp_path):
+    """TARGET=onevision with its defaults: no OneVision trend exists, so the default modes need none (off)."""
+    require_populated("iLLaVA")
+    tp = tmp_path / "tp"
+    upstream.export_tree("iLLaVA", tp / "iLLaVA", paths=[
+        "src/lmms_eval-0.2.4/lmms_eval", "src/transformers-4.46.0/src/transformers/__init__.py",
+        "src/transformers-4.46.0/src/transformers/models/qwen2", "src/LLaVA-OneVision/llava/__init__.py"])
+    site = tmp_path / "site"
+    (site / "accelerate").mkdir(parents=True)
+    (site / "accelerate" / "__init__.py").write_text("")
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_LAUNCH.format(py=PY))
+    fake.chmod(0o755)
+    log = tmp_path / "launches.jsonl"
+    r = run("run_illava.sh", {"PYTHON": str(fake), "TARGET": "onevision", "EVAL_THIRD_PARTY": str(tp),
+                              "PYTHONPATH": str(site), "BENCHMARKS": "gqa", "ANSWERS_DIR": str(tmp_path / "a"),
+                              "FAKE_LOG": str(log)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    launches = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["env"].get("DEBIAS") for x in launches] == ["off"]
+    help_text = (ROOT / "scripts" / "run_illava.sh").read_text()
+    assert "python -m debias_core fit" in help_text and 'MODES="off full" DEBIAS_TREND=calibrated:' in help_text

@@ -67,7 +67,8 @@ pt_short() { printf '%s' "${1:0:12}"; }
 
 # --- per-submodule scratch state -------------------------------------------------------------------
 
-# pt_tmp_init: one scratch directory per script run, removed on exit.
+# pt_tmp_init: one scratch directory per script run, removed on exit (including an exit on a signal the
+# caller traps; set such traps before calling this, so no signal can arrive between mktemp and the trap).
 pt_tmp_init() {
   PT_TMP=$(mktemp -d "${TMPDIR:-/tmp}/patches.XXXXXX")
   trap 'rm -rf "$PT_TMP"' EXIT
@@ -139,4 +140,63 @@ pt_worktree_tree() {
 # pt_write_diff FROM_TREE TO_TREE FILE: the net change between two trees as one binary-safe patch.
 pt_write_diff() {
   pt_g diff-tree -p --binary --full-index --no-renames --no-color "$1" "$2" > "$3"
+}
+
+# --- recorded result of a series ------------------------------------------------------------------------
+# patches/NAME/series.tree holds what the series must produce: the pinned commit it was recorded for and
+# the tree sha of that commit with every patch applied (a patch file truncated or edited by hand applies
+# to a different tree, or not at all). `apply_patches.sh --record NAME` writes it.
+
+pt_record_file() { printf '%s/patches/%s/series.tree' "$1" "$2"; }
+
+# pt_read_record ROOT NAME: sets PT_REC_PIN and PT_REC_TREE; returns 1 if the file is missing or malformed.
+pt_read_record() {
+  local f key val
+  f=$(pt_record_file "$1" "$2")
+  PT_REC_PIN='' PT_REC_TREE=''
+  [[ -f $f ]] || return 1
+  while read -r key val; do
+    case $key in
+      pin) PT_REC_PIN=$val ;;
+      tree) PT_REC_TREE=$val ;;
+    esac
+  done < "$f"
+  [[ $PT_REC_PIN =~ ^[0-9a-f]{40}$ && $PT_REC_TREE =~ ^[0-9a-f]{40}$ ]]
+}
+
+# pt_write_record ROOT NAME PIN TREE: (re)write patches/NAME/series.tree.
+pt_write_record() {
+  local f tmp
+  f=$(pt_record_file "$1" "$2")
+  tmp="$f.tmp.$$"
+  {
+    printf '# What patches/%s/ must produce: third_party/%s at the pin with every 000N-*.patch applied\n' "$2" "$2"
+    printf '# (a git tree sha). Checked by scripts/apply_patches.sh; rewrite with: scripts/apply_patches.sh --record %s\n' "$2"
+    printf 'pin %s\ntree %s\n' "$3" "$4"
+  } > "$tmp"
+  mv -f "$tmp" "$f"
+}
+
+# pt_verify_record ROOT NAME PIN TREE: the series' computed TREE is the recorded one. On failure returns 1
+# (no record: 2) with the reason in PT_WHY.
+pt_verify_record() {
+  local root=$1 name=$2 pin=$3 tree=$4 rel
+  rel="patches/$name/series.tree"
+  PT_WHY=''
+  if ! pt_read_record "$root" "$name"; then
+    if [[ -f $(pt_record_file "$root" "$name") ]]; then
+      PT_WHY="$rel is malformed (expected lines 'pin <sha>' and 'tree <sha>'); restore it with git checkout -- $rel"
+      return 1
+    fi
+    PT_WHY="$rel is missing, so the series' result cannot be verified; restore it (git checkout -- $rel) or, as a maintainer who reviewed the series, record it: scripts/apply_patches.sh --record $name"
+    return 2
+  fi
+  if [[ $PT_REC_PIN != "$pin" ]]; then
+    PT_WHY="$rel was recorded for the pin $(pt_short "$PT_REC_PIN"), but the superproject pins $(pt_short "$pin"); after rebasing the series onto the new pin, record it: scripts/apply_patches.sh --record $name"
+    return 1
+  fi
+  if [[ $PT_REC_TREE != "$tree" ]]; then
+    PT_WHY="the series applies but does not produce the recorded result ($rel: tree $(pt_short "$PT_REC_TREE"), got $(pt_short "$tree")): a patch file was truncated or edited by hand; restore it with git checkout -- patches/$name/ (maintainers: regenerate with scripts/refresh_patches.sh $name, then scripts/apply_patches.sh --record $name)"
+    return 1
+  fi
 }
