@@ -146,3 +146,33 @@ def test_the_official_weight_files_are_our_paper_presets():
         published = np.load(path, allow_pickle=False)
         ours = np.asarray(resolve_trend(preset).weights(published.size))
         np.testing.assert_allclose(ours, published, rtol=0, atol=1e-12, err_msg=f"{path.name} vs {preset}")
+
+
+def _site_reads_the_method() -> bool:
+    import inspect
+
+    from debias_core import tables
+    return "method" in inspect.signature(tables.valid_host).parameters
+
+
+@pytest.mark.parametrize("method, size, expected", [
+    ("sparsevlm", (1147, 1095), 576), ("sparsevlm", (204, 375), 312), ("himap", (1147, 1095), 528),
+    ("himap", (204, 375), 336), ("pdrop", (640, 427), 384), (None, (204, 375), 336)])
+def test_the_ranking_site_applies_each_methods_official_rule(clean_debias, sparsevlm_masks, method, size, expected):
+    """keep_cap and the −inf bias of debias() follow DEBIAS_METHOD's official rule under DEBIAS_GEOMETRY=official;
+    for SparseVLMs that is the official process_images mask itself."""
+    if not _site_reads_the_method():
+        pytest.skip("debias_core.tables.valid_host does not take the method yet, so the ranking site applies the "
+                    "box rule to every method; SparseVLMs' official rule was checked in geometry only")
+    import torch
+    debias_core = clean_debias
+    debias_core.configure(mode="pad", method=method, geometry="official")
+    threshold = pad_threshold(method)
+    with debias_core.sample(image_size=size, span_start=0):
+        assert debias_core.keep_cap(576) == expected
+        kept = torch.isfinite(debias_core.debias(torch.ones(576), torch.arange(576))).numpy()
+    official = sparsevlm_masks[size] if method == "sparsevlm" else _ours(size, method, threshold)
+    assert (kept == official).all() and kept.sum() == expected
+    debias_core.configure(geometry="exact")
+    with debias_core.sample(image_size=size, span_start=0):
+        assert debias_core.keep_cap(576) == keep_count(size, threshold=threshold)
