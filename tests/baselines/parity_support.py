@@ -89,3 +89,28 @@ def official_patch_applies(name: str, tmp: Path) -> tuple[bool, str]:
     r = subprocess.run(["git", "apply", "--check", "--whitespace=nowarn", str(official_patch(name))], cwd=tree,
                        capture_output=True, text=True, env=env)
     return r.returncode == 0, r.stderr.strip()
+
+
+def require_env_python(name: str, transformers_prefix: str) -> str:
+    """The interpreter of the baseline's CPU environment (.venv-<name> in the repository root) when it has the
+    transformers the baseline needs; otherwise skip saying what was not tested and how to build it."""
+    python = support.ROOT / f".venv-{name}" / "bin" / "python"
+    why = f"parity of our {name} full mode with the official {name} code was not tested"
+    if not python.exists():
+        pytest.skip(f"{why}: no {name} CPU environment at {python}; build it with `bash setup.sh --test-env {name}`")
+    r = subprocess.run([str(python), "-c", "import transformers; print(transformers.__version__)"],
+                       capture_output=True, text=True)
+    version = r.stdout.strip()
+    if r.returncode or not version.startswith(transformers_prefix):
+        pytest.skip(f"{why}: {python} has transformers {version or '(none)'}, not {transformers_prefix}x; "
+                    f"rebuild it with `bash setup.sh --test-env {name}`")
+    return str(python)
+
+
+def write_weight_file(preset: str, length: int, path: Path) -> Path:
+    """The .npy weight vector the official code loads, written from our preset (float64 [length])."""
+    import numpy as np
+
+    import debias_core
+    np.save(path, np.asarray(debias_core.resolve_trend(preset).weights(length), dtype=np.float64))
+    return path
