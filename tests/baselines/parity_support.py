@@ -68,13 +68,13 @@ def official_thresholds(name: str, file: str) -> set[float]:
     return {float(t) for line in calls for t in re.findall(r"threshold=([0-9.]+)", line)}
 
 
-def official_tree(name: str, dest: Path, paths: list[str] | None = None) -> Path:
-    """The pin of third_party/<name> exported to ``dest`` with the official patch applied (``paths``: only those
-    files, plus every file the patch touches); fails when the official patch does not apply."""
-    support.pristine_tree(name, dest)
+def official_tree(name: str, dest: Path, paths: list[str] | None = None, include: list[str] | None = None) -> Path:
+    """The pin of third_party/<name> exported to ``dest`` (``paths``: only those folders/files) with the official
+    patch applied (``include``: only its hunks for files matching these patterns); fails when it does not apply."""
+    support.pristine_tree(name, dest, paths=paths)
     patch = official_patch(name)
     env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(Path(dest).resolve().parent))
-    only = [f"--include={p}" for p in paths or []]
+    only = [f"--include={p}" for p in include or paths or []]
     r = subprocess.run(["git", "apply", "--whitespace=nowarn", *only, str(patch)], cwd=dest, capture_output=True,
                        text=True, env=env)
     if r.returncode:
@@ -98,7 +98,7 @@ def require_env_python(name: str, transformers_prefix: str) -> str:
     why = f"parity of our {name} full mode with the official {name} code was not tested"
     if not python.exists():
         pytest.skip(f"{why}: no {name} CPU environment at {python}; build it with `bash setup.sh --test-env {name}`")
-    r = subprocess.run([str(python), "-c", "import transformers; print(transformers.__version__)"],
+    r = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('transformers'))"],
                        capture_output=True, text=True)
     version = r.stdout.strip()
     if r.returncode or not version.startswith(transformers_prefix):

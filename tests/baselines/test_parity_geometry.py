@@ -84,7 +84,7 @@ def sparsevlm_masks(tmp_path_factory):
     support.require_populated("SparseVLMs")
     pytest.importorskip("PIL", reason="SparseVLMs' official mask is built with Pillow")
     tree = parity.official_tree("SparseVLMs", tmp_path_factory.mktemp("sparsevlm-official"),
-                                paths=["llava/mm_utils.py"])
+                                paths=["llava/mm_utils.py", "llava/constants.py"], include=["llava/mm_utils.py"])
     out = support.run_probe(SPARSEVLM_PROBE, [], [str(tree), json.dumps(SIZES)], python=sys.executable,
                             timeout=600)
     return {tuple(int(v) for v in key.split("x")): np.array(mask, dtype=bool) for key, mask in out.items()}
