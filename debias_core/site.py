@@ -15,10 +15,13 @@ Mode ``off`` returns ``scores`` itself and ``k`` unchanged (upstream behaviour).
   pad:  s̃_i = s_i, −inf where p_i is padding
   full: both.
 Computed in float32 (float64 stays float64). Positions −1 mark merged/cluster tokens: weight 1, never padding.
+reference.py computes the same, bit for bit, in a dozen plain lines (tests/test_core_reference.py holds every
+path here to it); read it for the maths, this module for how the call stays cheap.
 
 Performance contract: the weight and padding tables (tables.py) are built once per (trend, stage, span
-length, dtype, device) and (geometry, image size, threshold, device), then cached on that device, and
-combined once per sample into a plan; a call is one fused multiply-add (``addcmul``), plus two ``take``s when
+length, dtype, device) and (geometry, image size, threshold, device), then kept on that device in the one
+bounded cache (``tables.Cache``: every table, plan, warm-path entry and tracked table), and combined once per
+sample into a plan; a call is one fused multiply-add (``addcmul``), plus two ``take``s when
 positions are given as a long tensor — one when there is no padding to suppress (``padding=False``, an image
 without padding, mode pos) — (none for ``positions(n)[kept]``, which carry their table rows:
 tracking.py). After the first call with given contexts, settings, stage, shapes, dtypes and devices, later
@@ -45,22 +48,26 @@ from .checks import check_finite, check_no_padding, check_range, checks_values
 from .errors import DebiasError
 from .recorder import _active as _recorder_var
 from .tables import bias_table, cache as _cache, n_valid, upload, valid_host, weight_table
-from .tracking import TrackedPositions, _tracked
+from .tracking import TrackedPositions
 
 
 def cache_info() -> dict:
-    """{"hits", "misses", "size"} of the per-device table cache (tests use it to prove reuse)."""
-    return {"hits": _cache.hits, "misses": _cache.misses, "size": len(_cache.tables)}
+    """{"hits", "misses", "size"} of the one cache (tables.Cache; tests use it to prove reuse). size: entries in
+    all its regions."""
+    return {"hits": _cache.hits, "misses": _cache.misses, "size": _cache.size()}
 
 
 def clear_cache() -> None:
-    _tracked.clear()
-    _cache.tables.clear()
-    _plans.clear()
-    _fast.clear()
-    _fast_pad.clear()
-    _fast_caps.clear()
-    _cache.hits = _cache.misses = 0
+    """Drop every cached table, plan, warm-path entry and tracked table, and reset the counters."""
+    _cache.clear()
+
+
+# The cache's regions this module reads on the hot path, by their historical names (the same dict objects:
+# the cache empties them in place, never replaces them).
+_plans = _cache.plans      # _Plan by _plan's key
+_fast = _cache.debias      # WarmEntry by debias's fast-path key
+_fast_pad = _cache.masks   # WarmEntry by mask_padding's fast-path key
+_fast_caps = _cache.caps   # WarmCap by (id(sample contexts), id(settings))
 
 
 def _check_scores(scores) -> None:
@@ -75,7 +82,7 @@ class _Plan:
     ``bias`` [B, L+1]. Slot L (reached by position −1) is neutral. debiased = bias + scores · weight, with
     bias −inf on padding and 0 elsewhere (an addition, so a zero score on padding is −inf, not NaN)."""
 
-    __slots__ = ("st", "ctxs", "length", "table", "weight", "bias", "shifted", "unbiased")
+    __slots__ = ("st", "ctxs", "length", "table", "weight", "bias", "unbiased")
 
     def __init__(self, st, ctxs, stage: int, positional: bool, padded: bool, device, dtype):
         self.st, self.ctxs, self.length = st, ctxs, ctxs[0].span_length
@@ -90,13 +97,12 @@ class _Plan:
         zeros = _cache.get(("zeros", length, device, dtype), lambda: torch.zeros(length + 1, dtype=dtype, device=device))
         biases = [zeros if b is None else b for b in biases]
         if all(b is biases[0] for b in biases):
-            self.table = _cache.get(("plan", id(weight), id(biases[0])), lambda: torch.stack([weight, biases[0]]))
+            self.table = _cache.derived("plan", (weight, biases[0]), (), lambda: torch.stack([weight, biases[0]]))
             self.weight = self.bias = None
         else:
             self.table = None
             self.weight = weight
-            self.bias = _cache.get(("stack",) + tuple(id(b) for b in biases), lambda: torch.stack(biases))
-        self.shifted = {}
+            self.bias = _cache.derived("stack", tuple(biases), (), lambda: torch.stack(biases))
 
     def operation(self, scores, index, start=None):
         """fn(scores, index) -> debiased scores for calls shaped like this one (table views prepared once).
@@ -111,9 +117,9 @@ class _Plan:
         if start is not None:
             if table is None:
                 return lambda s, i: self._per_row(s, i - start)
-            table = self.shifted.get(start)
-            if table is None:  # [2, start + L]: column start + p holds position p's row
-                table = self.shifted[start] = torch.cat([self.table[:, -1:].expand(-1, start), self.table[:, :-1]], 1)
+            table = _cache.derived(  # [2, start + L]: column start + p holds position p's row
+                "shifted", (self.table,), (start,),
+                lambda: torch.cat([self.table[:, -1:].expand(-1, start), self.table[:, :-1]], 1))
         if table is not None:
             weight, bias = table.unbind()  # contiguous rows
             if self.unbiased:  # the bias is all zeros: one take less; adding a broadcast zero keeps the result
@@ -131,10 +137,6 @@ class _Plan:
         rows = index.expand(self.bias.shape[0], -1) if index.dim() == 1 or index.shape[0] == 1 else index
         bias = self.bias.gather(1, rows.remainder(self.length + 1))  # gather does not wrap −1 as indexing does
         return torch.addcmul(bias, scores, self.weight.take(index))  # take, as on the one-table path
-
-
-_plans: dict = {}
-_MAX_PLANS = 256  # plans are keyed by value (same geometry → same plan); the oldest are dropped beyond this
 
 
 def _plan(scores, needed_for: str, stage: int, positional: bool, padded: bool = True) -> _Plan:
@@ -157,11 +159,7 @@ def _plan(scores, needed_for: str, stage: int, positional: bool, padded: bool = 
     if any(c.span_length != ctxs[0].span_length for c in ctxs):
         raise DebiasError(f"samples in one batch have different visual span lengths {[c.span_length for c in ctxs]}")
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    plan = _Plan(st, ctxs, stage, positional, padded, scores.device, dtype)
-    if len(_plans) >= _MAX_PLANS:
-        _plans.pop(next(iter(_plans)))
-    _plans[key] = plan
-    return plan
+    return _cache.put(_plans, key, _Plan(st, ctxs, stage, positional, padded, scores.device, dtype))
 
 
 def _positions(positions, scores, length: int, check: bool, start=None):
@@ -214,9 +212,8 @@ def _apply(scores, positions, stage: int, positional: bool, needed_for: str, sta
             check_no_padding(_positions_or_raster(index, scores), claimed, start)
     operation = plan.operation(scores, index, start)
     if index is positions and key is not None:  # validated: later calls with this key take the fast path
-        if len(fast) >= _MAX_FAST:
-            fast.clear()
-        fast[key] = (current_samples(), settings(), operation, (plan.length, start, claimed) if check else None)
+        checks = ValueChecks(plan.length, start, claimed) if check else None
+        _cache.put(fast, key, WarmEntry(current_samples(), settings(), operation, checks))
     return operation(scores, index)
 
 
@@ -231,20 +228,44 @@ def _positions_or_raster(index, scores):
 # three kernels, little Python (at ranking sites the GPU is often idle, waiting for the host, and each Python
 # call there costs microseconds of cold-cache host time: debias and mask_padding inline the lookup). Keys hold
 # id()s; each entry keeps its contexts and settings alive, so an id in a key cannot be reused by another object.
-_fast: dict = {}       # debias
-_fast_pad: dict = {}   # mask_padding
-_fast_caps: dict = {}
-_MAX_FAST = 1024
+
+class ValueChecks:
+    """What a warm call checks values against (CPU tensors, or DEBIAS_CHECK=1): the span ``length``, the
+    ``start`` positions are counted from, and per sample context the validity that ``padding=False`` claims
+    (host bool [L] or None), or None when the call makes no such claim."""
+
+    __slots__ = ("length", "start", "claimed")
+
+    def __init__(self, length: int, start, claimed):
+        self.length, self.start, self.claimed = length, start, claimed
 
 
-def _check_values(entry, scores, positions) -> None:
-    """The fast path's value checks (CPU tensors, or DEBIAS_CHECK=1)."""
+class WarmEntry:
+    """A validated call's prepared ``operation(scores, positions)``, with the sample contexts and settings its
+    key names by id (held here, so those ids stay theirs) and its ``checks`` (None: values are not checked)."""
+
+    __slots__ = ("samples", "settings", "operation", "checks")
+
+    def __init__(self, samples, settings, operation, checks):
+        self.samples, self.settings, self.operation, self.checks = samples, settings, operation, checks
+
+
+class WarmCap:
+    """A batch's keep cap (≥ 1) for the sample contexts and settings its key names by id."""
+
+    __slots__ = ("samples", "settings", "cap")
+
+    def __init__(self, samples, settings, cap: int):
+        self.samples, self.settings, self.cap = samples, settings, cap
+
+
+def _check_values(checks: ValueChecks, scores, positions) -> None:
+    """The fast path's value checks."""
     check_finite(scores)
-    length, start, claimed = entry[3]
     if positions is not None:
-        check_range(positions, length, start)
-    if claimed is not None:
-        check_no_padding(_positions_or_raster(positions, scores), claimed, start)
+        check_range(positions, checks.length, checks.start)
+    if checks.claimed is not None:
+        check_no_padding(_positions_or_raster(positions, scores), checks.claimed, checks.start)
 
 
 def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: int | None = None,
@@ -294,9 +315,9 @@ def debias(scores: torch.Tensor, positions=None, *, stage: int = 0, mean_dim: in
     if entry is None:
         return _apply(scores, positions, stage, st.positional, "debias", start, _fast, key, padding)
     _cache.hits += 1
-    if entry[3] is not None:
-        _check_values(entry, scores, positions)
-    return entry[2](scores, positions)
+    if entry.checks is not None:
+        _check_values(entry.checks, scores, positions)
+    return entry.operation(scores, positions)
 
 
 def _raster(positions, start):
@@ -339,9 +360,9 @@ def mask_padding(scores: torch.Tensor, positions=None, *, start: int | None = No
     if entry is None:
         return _apply(scores, positions, 0, False, "mask_padding", start, _fast_pad, key)
     _cache.hits += 1
-    if entry[3] is not None:
-        _check_values(entry, scores, positions)
-    return entry[2](scores, positions)
+    if entry.checks is not None:
+        _check_values(entry.checks, scores, positions)
+    return entry.operation(scores, positions)
 
 
 def keep_cap(k, *, sample: int | None = None) -> int:
@@ -352,10 +373,10 @@ def keep_cap(k, *, sample: int | None = None) -> int:
     """
     st = _config._settings or settings()
     if type(k) is int and k > 0 and sample is None and st.mode in SUPPRESSING_MODES:  # warm path: this sample's cap
-        cap = _fast_caps.get((id(_samples_var.get()), id(st)))
-        if cap is not None:
+        warm = _fast_caps.get((id(_samples_var.get()), id(st)))
+        if warm is not None:
             _cache.hits += 1
-            return min(k, cap[2])
+            return min(k, warm.cap)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise DebiasError(f"keep count {k!r} must be a host integer (not a tensor: reading one would sync the device)")
     if k <= 0:
@@ -369,7 +390,5 @@ def keep_cap(k, *, sample: int | None = None) -> int:
         ctxs = (ctxs[sample],)
     cap = min(n_valid(c, st.pad_threshold, st.exact_geometry) for c in ctxs)
     if sample is None:
-        if len(_fast_caps) >= _MAX_FAST:
-            _fast_caps.clear()
-        _fast_caps[(id(ctxs), id(st))] = (ctxs, st, max(1, cap))
+        _cache.put(_fast_caps, (id(ctxs), id(st)), WarmCap(ctxs, st, max(1, cap)))
     return max(1, min(int(k), cap))

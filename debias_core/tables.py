@@ -13,24 +13,78 @@ from .errors import DebiasError
 from .geometry import pad_fractions, valid_mask
 
 
-class _TableCache:
+class Cache:
+    """Every object the ranking call caches, in one place, under one bound.
+
+    Regions (plain dicts: a warm call is one dict lookup):
+
+    ``tables``   host validity arrays and device tensors built from geometry and trends (this module), and the
+                 plans' stacked and shifted tables (site.py); read through ``get``, which counts hits and misses
+    ``plans``    ``site._Plan`` per (settings, sample contexts, stage, flags, device, dtype kind, rank, rows)
+    ``debias``   warm-path entries (``site.WarmEntry``) of ``debias``, by the fast-path key
+    ``masks``    the same for ``mask_padding``
+    ``caps``     warm-path keep caps (``site.WarmCap``) by (sample contexts, settings)
+    ``tracked``  ``tracking.TrackedPositions`` per (settings, sample contexts, n, device)
+
+    **Bound: no region holds more than ``LIMIT`` entries.** Storing into a full region first empties every
+    region: entries refer to one another's objects by ``id`` (a plan to its tables, a shifted table to its
+    plan's table), so they are dropped together and rebuilt on demand; objects a caller still holds (an
+    operation, tracked positions) keep their own tensors. Keys hold ``id()``s only of objects their own entry
+    keeps alive (``derived``; settings and sample contexts in the warm-path entries), so an id in a key is
+    never reused while the key exists. ``clear`` empties everything and resets the counters.
+    """
+
+    LIMIT = 1024
+
     def __init__(self):
         self.tables: dict = {}
+        self.plans: dict = {}
+        self.debias: dict = {}
+        self.masks: dict = {}
+        self.caps: dict = {}
+        self.tracked: dict = {}
         self.hits = 0
         self.misses = 0
 
+    def regions(self) -> tuple:
+        return self.tables, self.plans, self.debias, self.masks, self.caps, self.tracked
+
+    def put(self, region: dict, key, value):
+        """``region[key] = value`` within the bound; returns ``value``."""
+        if len(region) >= self.LIMIT:
+            self.drop_all()
+        region[key] = value
+        return value
+
     def get(self, key, build):
+        """``tables[key]``, built by ``build()`` on first use."""
         try:
             value = self.tables[key]
         except KeyError:
             self.misses += 1
-            value = self.tables[key] = build()
-            return value
+            return self.put(self.tables, key, build())
         self.hits += 1
         return value
 
+    def derived(self, kind: str, sources: tuple, params: tuple, build):
+        """``tables`` entry built from ``sources`` (objects, keyed by identity) and ``params`` (by value). The
+        entry keeps its sources alive, so the ids in its key always name them."""
+        key = (kind, *(id(source) for source in sources), *params)
+        return self.get(key, lambda: (build(), sources))[0]
 
-cache = _TableCache()
+    def drop_all(self) -> None:
+        for region in self.regions():
+            region.clear()
+
+    def clear(self) -> None:
+        self.drop_all()
+        self.hits = self.misses = 0
+
+    def size(self) -> int:
+        return sum(len(region) for region in self.regions())
+
+
+cache = Cache()
 
 
 def upload(array: np.ndarray, device, dtype=None) -> torch.Tensor:
@@ -88,7 +142,5 @@ def bias_table(ctx, st, device, dtype) -> torch.Tensor | None:
 def weight_table(trend, stage: int, length: int, device, dtype=torch.float32) -> torch.Tensor:
     """``dtype`` (float32 or float64) [length + 1] on device; the last slot (position −1) has weight 1."""
     t = trend.for_stage(stage)
-    table = cache.get(("weight", id(t), length, device, dtype),
-                      lambda: upload(np.append(weight_host(t, length), 1.0), device, dtype))
-    cache.tables.setdefault(("trend-ref", id(t)), t)  # keep t alive so its id is never reused
-    return table
+    return cache.derived("weight", (t,), (length, device, dtype),
+                         lambda: upload(np.append(weight_host(t, length), 1.0), device, dtype))

@@ -30,7 +30,7 @@ from .config import settings
 from .context import _active as _samples_var
 from .context import required_samples
 from .errors import DebiasError
-from .tables import bias_host, upload, valid_host, weight_host
+from .tables import bias_host, cache, upload, valid_host, weight_host
 
 _FLOAT32_OR_NARROWER = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -110,8 +110,7 @@ class TrackedPositions:
         return torch.add(table[1], scores)  # == addcmul(bias, scores, 1) bit for bit: s·1 is exact
 
 
-_tracked: dict = {}
-_MAX_TRACKED = 256
+_tracked = cache.tracked  # TrackedPositions by (id(settings), id(sample contexts), n, device); the one cache's bound
 
 
 def positions(n: int, *, device=None):
@@ -128,11 +127,7 @@ def positions(n: int, *, device=None):
     hit = _tracked.get((id(st), id(ctxs), n, device))
     if hit is not None and hit.layout.st is st and hit.layout.ctxs is ctxs:  # ids held alive by the hit itself
         return hit
-    tracked = _build(st, n, device)
-    if len(_tracked) >= _MAX_TRACKED:
-        _tracked.clear()
-    _tracked[(id(st), id(ctxs), n, device)] = tracked
-    return tracked
+    return cache.put(_tracked, (id(st), id(ctxs), n, device), _build(st, n, device))
 
 
 def _build(st, n, device) -> TrackedPositions:

@@ -86,6 +86,15 @@ REGISTRY: dict[str, Benchmark] = {b.key: b for b in [
     # The embedded demo's benchmarks (eval.synthetic): POPE-format yes/no questions on generated images.
     *[B(f"synthetic_{a}", f"Synthetic-{a}", f"synthetic/{a}", "llava_synthetic.jsonl", "images", "loader", "local",
         "f1", data_hint="python -m eval.synthetic DATA_DIR") for a in ("wide", "tall", "square")],
+    # Any LLaVA-format question file with single-word answers: DATA_DIR holds questions.jsonl (question_id, image,
+    # text), images/ and answers.jsonl (question_id, answer: a string or a list of accepted strings); scored by
+    # exact match after LLaVA's answer normalisation (eval.scoring.score_exact_match).
+    B("custom", "Custom questions", "", "questions.jsonl", "images", "loader", "local", "accuracy",
+      max_new_tokens=16, extra_files=("answers.jsonl",),
+      data_hint="questions.jsonl, images/ and answers.jsonl (see README: bring your own questions)"),
+    # The study model's grounded synthetic VQA (python -m study data): the same layout, one folder per split.
+    B("study", "Study VQA", "", "questions.jsonl", "images", "loader", "local", "accuracy", max_new_tokens=16,
+      extra_files=("answers.jsonl",), data_hint="the split written by python -m study data --split eval --out DIR"),
 ]}
 SYNTHETIC = ("synthetic_wide", "synthetic_tall", "synthetic_square")
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .answers import read_answers
 from .benchmarks import Benchmark, get_benchmark
-from .common import THIRD_PARTY, EvalError, populate_hint, populated, slug
+from .common import THIRD_PARTY, EvalError, populate_hint, populated, slug, third_party_dir
 from . import runinfo
 
 
@@ -44,9 +44,9 @@ from . import runinfo
 def llava_tools() -> dict:
     """{"pythonpath": [...], "eval_dir": Path, "scripts_dir": Path | None, "source": str}."""
     if populated("LLaVA"):
-        root = THIRD_PARTY / "LLaVA"
+        root = third_party_dir("LLaVA")   # the submodule, or the exported tree EVAL_THIRD_PARTY names
         return {"pythonpath": [str(root)], "eval_dir": root / "llava" / "eval", "scripts_dir": root / "scripts",
-                "source": "third_party/LLaVA"}
+                "source": "third_party/LLaVA" if root == THIRD_PARTY / "LLaVA" else str(root)}
     try:
         version = md.version("llava-torch")
     except md.PackageNotFoundError:
@@ -281,7 +281,56 @@ def score_mmvet(bench, run_dir, data_dir, merged):
     return {"total": float(row["total"]), "capabilities": {k: row[k] for k in row if k not in ("", "runs")}}
 
 
-SCORERS = {"pope": score_pope, "synthetic_wide": score_pope, "synthetic_tall": score_pope,
+def answer_normalizer():
+    """LLaVA's answer normalisation (``EvalAIAnswerProcessor`` of llava/eval/m4c_evaluator.py, the VQAv2/TextVQA
+    rule: lower case, punctuation, articles, number words, contractions), loaded from the reference LLaVA."""
+    path = _need(llava_tools()["eval_dir"] / "m4c_evaluator.py", "LLaVA's llava/eval/m4c_evaluator.py")
+    spec = importlib.util.spec_from_file_location("_llava_m4c_evaluator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EvalAIAnswerProcessor()
+
+
+def exact_match(answers: list[dict], key: dict, normalize) -> dict:
+    """Accuracy (%) of ``answers`` (LLaVA answer lines) against ``key`` {question_id: [accepted answers]}."""
+    per_question = {}
+    for a in answers:
+        accepted = {normalize(str(x)) for x in key[a["question_id"]]}
+        per_question[a["question_id"]] = normalize(str(a["text"])) in accepted
+    n = len(per_question)
+    return {"accuracy": 100.0 * sum(per_question.values()) / n if n else None, "n": n,
+            "correct": per_question}
+
+
+def read_answer_key(path: Path) -> dict:
+    """{question_id: [accepted answers]} from a jsonl of {"question_id", "answer": str | [str, ...]}."""
+    key = {}
+    with open(_need(path, "the answer key answers.jsonl"), encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                qid, ans = row["question_id"], row["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise EvalError(f"{path} line {n}: expected {{\"question_id\", \"answer\"}} ({e!r})") from None
+            key[qid] = ans if isinstance(ans, list) else [ans]
+    return key
+
+
+def score_exact_match(bench, run_dir, data_dir, merged):
+    key = read_answer_key(bench.root(data_dir) / "answers.jsonl")
+    answers = read_answers(merged)
+    missing = [a["question_id"] for a in answers if a["question_id"] not in key]
+    if missing:
+        raise EvalError(f"{len(missing)} answered question(s) have no entry in answers.jsonl, e.g. {missing[0]!r}")
+    result = exact_match(answers, key, answer_normalizer())
+    correct = result.pop("correct")
+    (Path(run_dir) / "correct.json").write_text(json.dumps(correct))
+    return result
+
+
+SCORERS = {"custom": score_exact_match, "study": score_exact_match, "pope": score_pope, "synthetic_wide": score_pope, "synthetic_tall": score_pope,
            "synthetic_square": score_pope, "scienceqa": score_scienceqa, "textvqa": score_textvqa,
            "gqa": score_gqa, "mme": score_mme, "seed": score_seed, "mmbench": score_mmbench,
            "mmbench_cn": score_mmbench, "vizwiz": score_vizwiz, "vqav2": score_vqav2, "mmvet": score_mmvet}

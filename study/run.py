@@ -1,0 +1,410 @@
+"""The study: ``python -m study run [--quick] [--out outputs/study]`` (or ``bash scripts/study.sh``).
+
+For every baseline x debias mode x budget, with the paper preset trend and with a trend calibrated on the study's
+calibration split (never the evaluation split), plus the control selections and the unpruned model, each run
+through the common driver (``python -m eval.run``) in the baseline's own environment on the study model:
+
+1. data: the calibration and evaluation splits (``study.data.generate_split``; reused when present);
+2. unpruned: plain LLaVA (no ranking site) on the evaluation split;
+3. calibration: every baseline in mode off on the calibration split with ``--record``, then
+   ``python -m debias_core.calibrate`` fits its (per-stage) trend;
+4. runs: every (method, budget, mode, trend) and control, each with ``--record``; each is scored (exact match
+   after LLaVA's normalisation) and its kept tokens measured against the evidence patches (study.selection);
+5. report: ``study.json`` (schema in docs/study.md), ``report.md``, figures (paper Figs. 2-5 from the recorded
+   attention of each baseline's first stage).
+
+A run is done when its folder holds ``done.json``; an unfinished run is removed and redone (its recording must be
+complete), so an interrupted study resumes where it stopped and never mixes halves. Budgets are the paper's
+settings scaled to keep about 128, 64 or 32 visual tokens (SparseVLMs supports only its 128 and 64 schedules).
+
+Exit codes: 0 done; 1 a run failed (its log is named); 2 usage or input error.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .checkpoint import DEFAULT_OUT, ROOT
+
+METHODS = ("fastv", "pdrop", "sparsevlm", "himap", "tokencarve", "illava")
+MODES = ("off", "pad", "pos", "full")
+BUDGETS = (128, 64, 32)
+PAPER_BENCHMARK = "gqa"   # the paper preset used on the study model: its closest benchmark (short-answer VQA)
+CONTROLS = ("random:0", "random:1", "random:2", "grid")
+
+
+class StudyError(Exception):
+    """A user-facing problem (one line)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str                      # folder under runs/, e.g. "fastv/64/full-paper"
+    method: str                    # eval.run --method
+    split: str                     # "eval" | "calib"
+    mode: str
+    trend: str | None              # eval.run --trend (None: no trend)
+    trend_label: str               # "paper" | "calibrated" | "-"
+    budget: int | None             # visual tokens kept (FastV-equivalent); None = unpruned
+    method_args: tuple = ()        # "KEY=VALUE" strings
+    control: str | None = None     # STUDY_CONTROL for control runs
+    kind: str = "baseline"         # baseline | control | unpruned | calibration
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+def method_args(method: str, keep: int, image_start: int) -> list[str]:
+    """The paper's settings for ``method`` scaled to keep ``keep`` visual tokens (128 = the paper's FastV budget)."""
+    f = keep / 128
+    if method == "fastv":
+        return [f"fast_v_attention_rank={keep}", f"fast_v_sys_length={image_start}"]
+    if method == "pdrop":
+        return ["image_token_ratio_list=" + ",".join(f"{r * f:.4f}" for r in (0.32, 0.16, 0.08))]
+    if method == "sparsevlm":
+        return [f"retained_tokens={keep}"]
+    if method == "himap":
+        return [f"hmap_v_attn_txt_rank={round(115 * f)}", f"hmap_v_attn_img_rank={round(90 * f)}",
+                f"sys_length={image_start}"]
+    if method == "tokencarve":
+        return [f"token_carve_image_token_nums={round(64 * f)}", f"token_carve_sys_length={image_start}"]
+    if method == "illava":
+        return [f"illava_llm_r={576 - keep}"]
+    raise StudyError(f"method {method!r} has no study settings; choose from {', '.join(METHODS)}")
+
+
+def supported(method: str, keep: int) -> bool:
+    return not (method == "sparsevlm" and keep not in (128, 64))
+
+
+def trend_method(method: str) -> str:
+    from eval.methods.base import method_spec
+
+    return method_spec(method)["trend_method"]
+
+
+def paper_trend(method: str) -> str:
+    tm = trend_method(method)
+    return "paper:fastv" if tm == "fastv" else f"paper:{tm}/{PAPER_BENCHMARK}"
+
+
+def plan(methods, budgets, modes, controls, image_start: int, trends_dir: Path, calibrated: bool = True) -> list[Job]:
+    jobs = [Job("unpruned", "llava", "eval", "off", None, "-", None, kind="unpruned")]
+    for m in methods:
+        for keep in budgets:
+            if not supported(m, keep):
+                continue
+            args = tuple(method_args(m, keep, image_start))
+            for mode in modes:
+                trends = [("paper", paper_trend(m))]
+                if calibrated and mode == "full":   # the calibrated trend is compared where it matters most: full
+                    trends.append(("calibrated", f"calibrated:{trends_dir / f'{m}.json'}"))
+                for label, spec in (trends if mode in ("pos", "full") else [("-", None)]):
+                    jobs.append(Job(f"{m}/{keep}/{mode}-{label}", m, "eval", mode, spec, label, keep, args))
+    for c in controls:
+        for keep in budgets:
+            jobs.append(Job(f"control-{c.replace(':', '')}/{keep}/off--", "fastv", "eval", "off", None, "-", keep,
+                            tuple(method_args("fastv", keep, image_start)), control=c, kind="control"))
+    return jobs
+
+
+def calibration_jobs(methods, image_start: int) -> list[Job]:
+    return [Job(f"calibration/{m}", m, "calib", "off", None, "-", 128, tuple(method_args(m, 128, image_start)),
+                kind="calibration") for m in methods]
+
+
+# ------------------------------------------------------------------------------------------ environments
+
+@dataclass
+class Envs:
+    """Where each method's driver runs: local CPU environments, or a carried bundle on a GPU machine."""
+    carry: Path | None = None
+    trees: Path | None = None
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    def command(self, method: str) -> tuple[list[str], dict]:
+        from eval.methods.base import method_spec
+
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DEBIAS") and k != "STUDY_CONTROL"}
+        base.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore", **self.extra)
+        if self.carry is not None:
+            from .carry import environment
+
+            e = environment(self.carry, method)
+            env = dict(base, **e["env"])
+            return [e["python"]], env
+        from eval.demo import env_python
+
+        spec = method_spec(method)
+        py = env_python(spec["env"], method) if method != "llava" else Path(sys.executable)
+        if py is None:
+            raise StudyError(f"{method}: no environment .venv-{spec['env']} (bash setup.sh --test-env {spec['env']})")
+        env = dict(base, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        if method != "llava" and self.trees is not None:
+            env["EVAL_THIRD_PARTY"] = str(self.trees)
+        return [str(py)], env
+
+    def available(self, method: str) -> str | None:
+        """None when the method can run here, else why not."""
+        try:
+            self.command(method)
+        except StudyError as e:
+            return str(e)
+        if self.carry is None and method != "llava":
+            from eval.methods.base import method_spec
+
+            name = method_spec(method)["upstream"]
+            if not (ROOT / "third_party" / name / ".git").exists():
+                return f"{method}: third_party/{name} is not populated"
+        return None
+
+
+def export_trees(dest: Path, methods) -> Path:
+    """Patched exports of each method's upstream (once; reused when complete)."""
+    from eval.methods.base import method_spec
+    from eval.upstream import export_tree
+
+    for m in methods:
+        name = method_spec(m)["upstream"]
+        done = dest / f".{name}.done"
+        if not done.exists():
+            if (dest / name).exists():
+                shutil.rmtree(dest / name)
+            export_tree(name, dest / name)
+            done.write_text("ok\n")
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+def run_job(job: Job, out: Path, model: Path, data: Path, envs: Envs, *, limit: int | None) -> dict:
+    """Run one job (unless done.json exists) and return its done record."""
+    folder = out / "runs" / job.name
+    done = folder / "done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)   # an unfinished run: its recording would be incomplete
+    folder.mkdir(parents=True)
+    cmd, env = envs.command(job.method)
+    if job.control:
+        env["STUDY_CONTROL"] = job.control
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent / "observer"), env.get("PYTHONPATH", "")])
+    split = data / job.split
+    record = folder / "record.npz"
+    args = [*cmd, "-m", "eval.run", "--method", job.method, "--benchmark", "study", "--data-dir", str(split),
+            "--model-path", str(model), "--answers-dir", str(folder / "answers"), "--mode", job.mode,
+            "--device", envs.device, "--max-new-tokens", "8", "--record", str(record), "--workers", "0"]
+    if job.trend:
+        args += ["--trend", job.trend]
+    for a in job.method_args:
+        args += ["--method-arg", a]
+    if limit:
+        args += ["--limit", str(limit)]
+    t0 = time.time()
+    with open(folder / "driver.log", "w") as logf:
+        r = subprocess.run(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=logf, text=True)
+    if r.returncode:
+        raise StudyError(f"{job.name}: python -m eval.run exited {r.returncode}; see {folder / 'driver.log'}")
+    run_dir = Path(r.stdout.strip().splitlines()[-1])
+    record_out = {"job": asdict(job), "run_dir": str(run_dir), "seconds": round(time.time() - t0, 1)}
+    try:
+        record_out.update(measure(job, run_dir, record, split))
+    except Exception as e:  # noqa: BLE001 - the answers stay; the run is reported as failed, not lost
+        raise StudyError(f"{job.name}: measuring the run failed ({type(e).__name__}: {e}); answers in {run_dir}")
+    done.write_text(json.dumps(record_out, indent=1))
+    return record_out
+
+
+def measure(job: Job, run_dir: Path, record: Path, split: Path) -> dict:
+    """Per-question correctness and, for pruning runs, kept-token metrics."""
+    from debias_core.calibrate import Recording
+    from eval.answers import read_answers
+    from eval.scoring import answer_normalizer, exact_match, read_answer_key
+
+    from . import selection
+
+    answers = read_answers(run_dir / "merge.jsonl")
+    scored = exact_match(answers, read_answer_key(split / "answers.jsonl"), answer_normalizer())
+    out = {"accuracy": scored["accuracy"], "n": scored["n"],
+           "correct": {str(k): bool(v) for k, v in scored["correct"].items()}}
+    if job.kind == "unpruned" or not record.exists():
+        return out
+    items = {str(r["question_id"]): r for r in map(json.loads, open(split / "items.jsonl"))}
+    rec = Recording.load(record)
+    args = dict(a.split("=", 1) for a in job.method_args)
+    spec = _method_args(job.method, args)
+    kept = selection.kept_sets(rec, mode=job.mode, trend=job.trend, method_key=job.method,
+                               trend_method=trend_method(job.method), final_k=selection.final_budget(job.method, spec))
+    per_q = {}
+    from .data import evidence_patches
+
+    for qid, k in kept.items():
+        item = items.get(qid)
+        if item is None:
+            continue
+        ev = evidence_patches([tuple(b) for b in item["evidence"]], tuple(item["image_size"]))
+        per_q[qid] = {"recall": [selection.evidence_recall(s, ev) for s in k.stages],
+                      "padding_share": selection.padding_share(k.stages[-1], item["image_size"]),
+                      "kept": [len(s) for s in k.stages]}
+    out["selection"] = per_q
+    return out
+
+
+def _method_args(method: str, given: dict) -> dict:
+    """The method's defaults with the job's overrides, typed as the adapter types them."""
+    from eval.methods.base import method_spec, parse_method_args
+
+    spec = dict(method_spec(method)["args"])
+    for k, v in parse_method_args([f"{k}={v}" for k, v in given.items()]).items():
+        spec[k] = [float(x) for x in v.split(",")] if isinstance(spec.get(k), list) and isinstance(v, str) else v
+    return spec
+
+
+def run_all(jobs: list[Job], out: Path, model: Path, data: Path, envs: Envs, *, limit,
+            parallel: int) -> tuple[list[dict], list[str]]:
+    """Run the jobs (``parallel`` at once); returns the done records and one line per failed run."""
+    from tqdm import tqdm
+
+    results, failures = [], []
+    with cf.ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {pool.submit(run_job, j, out, model, data, envs, limit=limit): j for j in jobs}
+        with tqdm(total=len(jobs), unit="run", dynamic_ncols=True, file=sys.stderr, desc="study runs") as bar:
+            for f in cf.as_completed(futures):
+                try:
+                    results.append(f.result())
+                except StudyError as e:
+                    failures.append(str(e))
+                    print(f"failed: {e}", file=sys.stderr)
+                bar.update(1)
+    return results, failures
+
+
+def calibrate_trends(results: list[dict], out: Path) -> Path:
+    """Fit each method's trend on its calibration recording (python -m debias_core.calibrate)."""
+    trends = out / "trends"
+    trends.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        job = r["job"]
+        dest = trends / f"{job['method']}.json"
+        if dest.exists():
+            continue
+        record = out / "runs" / job["name"] / "record.npz"
+        cmd = [sys.executable, "-m", "debias_core.calibrate", str(record), "--model", "llava-smollm2-study",
+               "--method", trend_method(job["method"]), "--out", str(dest)]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode:
+            raise StudyError(f"calibrating {job['method']} failed: {p.stderr.strip()[-400:]}")
+    return trends
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m study run", description=__doc__.split("\n")[0],
+                                epilog="exit codes: 0 done, 1 a run failed, 2 usage or input error")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "study")
+    p.add_argument("--model", type=Path, default=DEFAULT_OUT, help="assembled checkpoint (python -m study assemble)")
+    p.add_argument("--quick", action="store_true",
+                   help="a CPU slice: 24 questions, budget 64, modes off and full, one random seed and the grid")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--controls", default=",".join(CONTROLS))
+    p.add_argument("--n-eval", type=int, default=600)
+    p.add_argument("--n-calib", type=int, default=300)
+    p.add_argument("--no-calibrated", action="store_true", help="only the paper preset trends")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--carry", type=Path, default=None, help="a GPU machine's carried bundle (study.carry)")
+    p.add_argument("--parallel", type=int, default=1, help="driver processes at once")
+    p.add_argument("--skip-unavailable", action="store_true",
+                   help="leave out baselines whose environment or upstream is missing (listed in the report)")
+    p.add_argument("--stop-after", choices=["calibration", "runs"], default=None)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.budgets, a.modes, a.controls = "64", "off,full", "random:0,grid"
+        a.n_eval, a.n_calib = min(a.n_eval, 24), min(a.n_calib, 24)
+    return a
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StudyError(f"--{what} {text!r} must be comma-separated integers") from None
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        return study(a)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if "failed" in str(e) else 2
+
+
+def study(a) -> int:
+    from .checkpoint import image_start
+    from .data import SPLIT_SEEDS, generate_split
+    from .report import write_report
+
+    methods = [m for m in a.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise StudyError(f"--methods {','.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
+    modes = [m for m in a.modes.split(",") if m]
+    if any(m not in MODES for m in modes):
+        raise StudyError(f"--modes {a.modes!r}: use some of {', '.join(MODES)}")
+    budgets = _ints(a.budgets, "budgets")
+    controls = [c for c in a.controls.split(",") if c]
+    if not (a.model / "study.json").is_file():
+        raise StudyError(f"{a.model} is not an assembled study checkpoint; run python -m study assemble")
+    s0 = image_start(a.model)
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    for split, n in (("calib", a.n_calib), ("eval", a.n_eval)):
+        generate_split(split, data / split, n_questions=n, seed=SPLIT_SEEDS[split])
+
+    envs = Envs(carry=a.carry, device=a.device)
+    skipped = {}
+    for m in list(methods):
+        why = envs.available(m)
+        if why:
+            if not a.skip_unavailable:
+                raise StudyError(f"{why}; pass --skip-unavailable to leave it out")
+            skipped[m] = why
+            methods.remove(m)
+    if a.carry is None and methods:
+        envs.trees = export_trees(out / "trees", methods)
+
+    cal, failed = run_all(calibration_jobs(methods, s0), out, a.model, data, envs, limit=None, parallel=a.parallel)
+    for line in failed:   # a method that cannot even run its calibration is left out, and the report says why
+        method = line.split(":", 1)[0].split("/")[-1]
+        skipped[method] = line
+        methods.remove(method)
+    trends = calibrate_trends(cal, out)
+    if a.stop_after == "calibration":
+        return 0
+    if skipped.get("fastv"):
+        controls = []
+    jobs = plan(methods, budgets, modes, controls, s0, trends, calibrated=not a.no_calibrated)
+    results, failed = run_all(jobs, out, a.model, data, envs, limit=None, parallel=a.parallel)
+    for line in failed:
+        skipped[line.split(":", 1)[0]] = line
+    if a.stop_after != "runs":
+        path = write_report(out, results, data / "eval", trends=trends, skipped=skipped, settings=vars(a),
+                            model=a.model)
+        print(path)
+    if failed:
+        print(f"error: {len(failed)} run(s) failed; first: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0
