@@ -1,10 +1,12 @@
 """Padding geometry of LLaVA-1.5 `pad` preprocessing (debias_core.geometry); UPSTREAM.md §4.5."""
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from debias_core import DebiasError, keep_count, pad_fractions, valid_mask
-from debias_core.geometry import check_grid, check_image_size, check_threshold
+from debias_core.geometry import check_grid, check_image_size, check_threshold, official_rule, valid_tokens
 
 sizes = st.integers(min_value=1, max_value=6000)
 # (grid, resolution) pairs used by the VLMs in scope, plus small ones for variety
@@ -206,3 +208,101 @@ def test_bad_threshold(thr):
 def test_unknown_preprocess():
     with pytest.raises(DebiasError, match="'crop'"):
         pad_fractions((640, 480), preprocess="crop")
+
+
+# ------------------------------------------------------------------------------- absurd sizes, exact integers
+
+@pytest.mark.parametrize("long_side", [10**17, 10**30, 3 * 10**20])
+@pytest.mark.parametrize("landscape", [True, False])
+def test_absurd_aspect_ratios_keep_only_the_content_sliver(long_side, landscape):
+    """A 10¹⁷×1 image: the band [o·g, (o+1)·g) (units of 1/S patch) lies in patch 11 only. Float arithmetic
+    rounded the band to zero width, every patch read pure padding, and the fallback kept all 576."""
+    size = (long_side, 1) if landscape else (1, long_side)
+    valid = valid_tokens(size)
+    line = valid.any(axis=1) if landscape else valid.any(axis=0)   # the padded (short) axis
+    assert np.flatnonzero(line).tolist() == [11]
+    assert keep_count(size) == 24 == valid.sum()
+    fr = pad_fractions(size)
+    assert valid_mask(fr, 0.5).sum() == 24 and fr.min() < 1.0     # the float path agrees
+    assert keep_count(size, exact=False) == 24                      # official rules: same sliver
+
+
+@pytest.mark.parametrize("size", [(10**17, 1), (1, 10**17), (2 * 10**17 + 1, 2)])
+def test_the_ranking_site_caps_absurd_sizes_to_the_sliver(clean_debias, size):
+    debias_core = clean_debias
+    debias_core.configure(mode="pad")
+    with debias_core.sample(image_size=size, span_start=0):
+        assert debias_core.keep_cap(576) == 24
+
+
+@prop
+@given(w=sizes, h=sizes, g=grids, thr=thresholds)
+def test_exact_integer_validity_agrees_with_the_float_fractions(w, h, g, thr):
+    grid, res = g
+    fr = pad_fractions((w, h), grid=grid, resolution=res)
+    exact = valid_tokens((w, h), grid=grid, resolution=res, threshold=thr)
+    floats = valid_mask(fr, thr)
+    # they can only differ where a fraction lies within rounding of the threshold
+    assert np.all((exact == floats) | (np.abs(fr - thr) < 1e-12))
+
+
+def test_exact_comparison_at_the_threshold_is_exact():
+    """9×8 on a 3×3 grid: S = 9, o = 0, band [0, 24) in units of 1/9 patch; patch 2 spans [18, 27): overlap 6,
+    pad fraction exactly 1/3. The threshold 1/3 as a float is just below the true third, so the patch is
+    padding; its float fraction rounds onto the threshold and the float comparison calls it content."""
+    thr = 1 / 3
+    assert Fraction(thr) < Fraction(1, 3)
+    fr = pad_fractions((9, 8), grid=3, resolution=9)
+    assert fr[2, 0] == thr and valid_mask(fr, thr)[2].all()          # float path: rounded onto the threshold
+    assert not valid_tokens((9, 8), grid=3, resolution=9, threshold=thr)[2].any()
+    assert keep_count((9, 8), grid=3, resolution=9, threshold=thr) == 6
+    assert valid_tokens((9, 8), grid=3, resolution=9, threshold=0.34)[2].all()
+
+
+# ------------------------------------------------------------------------------- size limits
+
+@pytest.mark.parametrize("grid, res, words", [
+    (2048, 4096, ["grid 2048", "1024"]), (1025, 1025, ["grid 1025", "1024"]),
+    (24, 24 * 4096, ["resolution 98304", "65536"]),
+])
+def test_absurd_grids_and_resolutions_are_refused_naming_the_limit(grid, res, words):
+    for call in (lambda: check_grid(grid, res), lambda: pad_fractions((640, 480), grid=grid, resolution=res),
+                 lambda: keep_count((640, 480), grid=grid, resolution=res)):
+        with pytest.raises(DebiasError) as err:
+            call()
+        message = str(err.value)
+        assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_the_sample_context_refuses_an_absurd_grid(clean_debias):
+    with pytest.raises(DebiasError, match="grid 4096 is too large"):
+        with clean_debias.sample(image_size=(640, 480), grid=4096, resolution=4096, span_start=0):
+            pass
+
+
+def test_the_largest_grid_still_works():
+    assert keep_count((2, 1), grid=1024, resolution=1024 * 64) == 1024 * 512
+
+
+# ------------------------------------------------------------------------------- official rules per method
+
+def test_official_rule_is_chosen_per_method():
+    assert official_rule("sparsevlm") == official_rule("SparseVLMs") == "sparsevlm"
+    assert {official_rule(m) for m in (None, "fastv", "pdrop", "himap", "tokencarve")} == {"box"}
+
+
+@pytest.mark.parametrize("size, exact, official_box, official_sparsevlm", [
+    ((1147, 1095), 528, 528, 576),   # near-square: SparseVLMs' bilinear mask reads the 26 px border as content
+    ((204, 375), 312, 336, 312),     # here SparseVLMs agrees with the exact geometry, not the authors' box rule
+    ((640, 480), 432, 432, 432),
+])
+def test_sparsevlm_official_rule_differs_from_the_box_rule(size, exact, official_box, official_sparsevlm):
+    assert keep_count(size) == exact
+    assert keep_count(size, exact=False) == keep_count(size, exact=False, method="himap") == official_box
+    assert keep_count(size, exact=False, method="sparsevlm") == official_sparsevlm
+
+
+def test_sparsevlm_official_rule_beyond_its_mask_size_uses_the_exact_geometry():
+    from debias_core.geometry import OFFICIAL_MASK_MAX_SIDE
+    size = (OFFICIAL_MASK_MAX_SIDE + 2, OFFICIAL_MASK_MAX_SIDE // 2)
+    np.testing.assert_array_equal(pad_fractions(size, exact=False, method="sparsevlm"), pad_fractions(size))
