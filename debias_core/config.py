@@ -4,7 +4,7 @@
     DEBIAS_TREND=<preset|file>      e.g. paper:himap/gqa, calibrated:trend.json, trend.json
     DEBIAS_METHOD=<method>          picks the paper's pad threshold (pdrop 0.01, others 0.5)
     DEBIAS_PAD_THRESHOLD=<0..1>     overrides it
-    DEBIAS_GEOMETRY=exact|official  official = the authors' unfloored pad offset
+    DEBIAS_GEOMETRY=exact|official  official = the authors' own pad rule for DEBIAS_METHOD (docs/parity.md)
     DEBIAS_CHECK=1                  value checks (NaN scores, position range) on GPU tensors too (syncs)
 
 Values are read strictly: modes and geometry case-insensitively; DEBIAS_CHECK takes 1/0, true/false, on/off,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .geometry import pad_fractions, valid_mask
+from .geometry import valid_tokens
 
 
 def weights(trend, stage: int, length: int) -> np.ndarray:
@@ -29,12 +29,13 @@ def weights(trend, stage: int, length: int) -> np.ndarray:
     return np.asarray(trend.for_stage(stage).weights(length), dtype=np.float64)
 
 
-def content(sample, threshold: float, exact: bool = True) -> np.ndarray:
-    """bool [span_length]: True where the token is image content, False where it is padding."""
+def content(sample, threshold: float, exact: bool = True, method: str | None = None) -> np.ndarray:
+    """bool [span_length]: True where the token is image content, False where it is padding (``exact`` False:
+    the authors' rule for ``method``)."""
     if sample.image_size is None or sample.preprocess != "pad":
         return np.ones(sample.span_length, dtype=bool)
-    fractions = pad_fractions(sample.image_size, grid=sample.grid, resolution=sample.resolution, exact=exact)
-    return valid_mask(fractions, threshold).reshape(-1)
+    return valid_tokens(sample.image_size, grid=sample.grid, resolution=sample.resolution, threshold=threshold,
+                        exact=exact, method=method).reshape(-1)
 
 
 def debiased_scores(scores: torch.Tensor, positions: torch.Tensor | None, *, mode: str,
@@ -73,7 +74,7 @@ def debias(scores, positions=None, *, stage: int = 0, mean_dim: int | None = Non
                      else torch.as_tensor(positions)) - (start or 0)
     length = samples[0].span_length
     weight = weights(st.trend, stage, length) if st.positional else np.ones(length)
-    is_content = np.stack([content(c, st.pad_threshold, st.exact_geometry) for c in samples])
+    is_content = np.stack([content(c, st.pad_threshold, st.exact_geometry, st.method) for c in samples])
     if scores.dim() == 1 or len(samples) == 1:
         is_content = is_content[:1]
     return debiased_scores(scores, positions, mode=st.mode, weight=weight, is_content=is_content, padding=padding)
@@ -101,4 +102,4 @@ def keep_cap(k: int, *, settings=None, samples=None) -> int:
     if not st.suppress_padding:
         return k
     samples = samples or current_samples()
-    return max(1, min(k, *(int(content(c, st.pad_threshold, st.exact_geometry).sum()) for c in samples)))
+    return max(1, min(k, *(int(content(c, st.pad_threshold, st.exact_geometry, st.method).sum()) for c in samples)))

@@ -205,7 +205,7 @@ def _apply(scores, positions, stage: int, positional: bool, needed_for: str, sta
     index = _positions(positions, scores, plan.length, check, start)
     claimed = None  # padding=False in a suppressing mode, where values are checked: the validity to hold them to
     if check and not padded and plan.st.suppress_padding:
-        claimed = [valid_host(c, plan.st.pad_threshold, plan.st.exact_geometry) for c in plan.ctxs]
+        claimed = [valid_host(c, plan.st.pad_threshold, plan.st.exact_geometry, plan.st.method) for c in plan.ctxs]
         if all(v is None for v in claimed):
             claimed = None
         else:
@@ -388,7 +388,7 @@ def keep_cap(k, *, sample: int | None = None) -> int:
         if isinstance(sample, bool) or not isinstance(sample, numbers.Integral) or not 0 <= sample < len(ctxs):
             raise DebiasError(f"sample {sample!r} is not a row of this batch of {len(ctxs)} contexts")
         ctxs = (ctxs[sample],)
-    cap = min(n_valid(c, st.pad_threshold, st.exact_geometry) for c in ctxs)
+    cap = min(n_valid(c, st.pad_threshold, st.exact_geometry, st.method) for c in ctxs)
     if sample is None:
         _cache.put(_fast_caps, (id(ctxs), id(st)), WarmCap(ctxs, st, max(1, cap)))
     return max(1, min(int(k), cap))

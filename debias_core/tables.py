@@ -10,7 +10,7 @@ import torch
 
 from .context import SampleContext
 from .errors import DebiasError
-from .geometry import pad_fractions, valid_mask
+from .geometry import official_rule, valid_tokens
 
 
 class Cache:
@@ -98,21 +98,23 @@ def upload(array: np.ndarray, device, dtype=None) -> torch.Tensor:
     return t.to(device)
 
 
-def valid_host(ctx: SampleContext, threshold: float, exact: bool) -> np.ndarray | None:
-    """Host bool [span_length] validity, or None when nothing is padding."""
+def valid_host(ctx: SampleContext, threshold: float, exact: bool, method: str | None = None) -> np.ndarray | None:
+    """Host bool [span_length] validity, or None when nothing is padding. ``exact`` False: the authors' own
+    padding rule for ``method`` (geometry.official_rule)."""
     if ctx.image_size is None or ctx.preprocess != "pad":
         return None
-    key = ("valid-host", ctx.image_size, ctx.grid, ctx.resolution, threshold, exact)
+    rule = None if exact else official_rule(method)
+    key = ("valid-host", ctx.image_size, ctx.grid, ctx.resolution, threshold, exact, rule)
 
     def build():
-        valid = valid_mask(pad_fractions(ctx.image_size, grid=ctx.grid, resolution=ctx.resolution, exact=exact),
-                           threshold).reshape(-1)
+        valid = valid_tokens(ctx.image_size, grid=ctx.grid, resolution=ctx.resolution, threshold=threshold,
+                             exact=exact, method=method).reshape(-1)
         return None if valid.all() else valid  # e.g. a square image: no bias to add, no gather for it
     return cache.get(key, build)
 
 
-def n_valid(ctx: SampleContext, threshold: float, exact: bool) -> int:
-    valid = valid_host(ctx, threshold, exact)
+def n_valid(ctx: SampleContext, threshold: float, exact: bool, method: str | None = None) -> int:
+    valid = valid_host(ctx, threshold, exact, method)
     return ctx.span_length if valid is None else int(valid.sum())
 
 
@@ -132,10 +134,11 @@ def weight_host(trend, length: int) -> np.ndarray:
 def bias_table(ctx, st, device, dtype) -> torch.Tensor | None:
     """``dtype`` [span_length + 1] on device: −inf on padding, 0 elsewhere (last slot: position −1, neutral);
     None when the sample has no padding."""
-    valid = valid_host(ctx, st.pad_threshold, st.exact_geometry)
+    valid = valid_host(ctx, st.pad_threshold, st.exact_geometry, st.method)
     if valid is None:
         return None
-    key = ("bias", ctx.image_size, ctx.grid, ctx.resolution, st.pad_threshold, st.exact_geometry, device, dtype)
+    rule = None if st.exact_geometry else official_rule(st.method)
+    key = ("bias", ctx.image_size, ctx.grid, ctx.resolution, st.pad_threshold, st.exact_geometry, rule, device, dtype)
     return cache.get(key, lambda: upload(bias_host(np.append(valid, True)), device, dtype))
 
 

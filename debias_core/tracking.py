@@ -141,7 +141,7 @@ def _build(st, n, device) -> TrackedPositions:
     if n > ctx.span_length:
         raise DebiasError(f"positions(n={n}) exceeds the visual span of {ctx.span_length} tokens")
     rows = [np.arange(n, dtype=np.float64)]
-    valid = valid_host(ctx, st.pad_threshold, st.exact_geometry) if st.suppress_padding else None
+    valid = valid_host(ctx, st.pad_threshold, st.exact_geometry, st.method) if st.suppress_padding else None
     rows.append(np.zeros(n) if valid is None else bias_host(valid[:n]))
     trend_rows = {}
     for t in (st.trend.stage_trends() if st.positional else []):

@@ -175,12 +175,16 @@ def test_the_files_before_regeneration_fail(copy):
 # --------------------------------------------------------------------------------------------- acceptance
 
 def test_a_new_canonical_patch_is_accepted(copy):
-    """A third SparseVLMs patch in the refresh form (as another change adds) passes."""
+    """One more SparseVLMs patch in the refresh form, numbered next, passes."""
     second = one(copy, "SparseVLMs", 2)
     subject = "sparsevlm: keep the recycled tokens' positions neutral"
+    readme = copy / "patches" / "README.md"   # room in the size budget: this test is about the form
+    readme.write_text(readme.read_text().replace("| SparseVLMs | `sparsevlm:` | 60 | 200 |",
+                                                 "| SparseVLMs | `sparsevlm:` | 600 | 2000 |"))
     text = second.read_text()
     text = re.sub(r"^Subject: .*(\n .*)*", f"Subject: [PATCH] {subject}", text, count=1, flags=re.M)
-    (second.parent / f"0003-{lint.slug(subject)}.patch").write_text(text)
+    number = len(list(second.parent.glob("[0-9][0-9][0-9][0-9]-*.patch"))) + 1
+    (second.parent / f"{number:04d}-{lint.slug(subject)}.patch").write_text(text)
     r = run("SparseVLMs", root=copy)
     assert r.returncode == 0, r.stdout + r.stderr
 
