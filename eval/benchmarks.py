@@ -50,7 +50,8 @@ class Benchmark:
         if data_dir is None:
             raise EvalError(f"no data folder given for {self.key}: set DATA_DIR (or --data-dir) to LLaVA's "
                             f"playground/data/eval")
-        for path in (self.root(data_dir), self.questions_path(data_dir), self.images_path(data_dir)):
+        for path in (self.root(data_dir), self.questions_path(data_dir), self.images_path(data_dir),
+                     *(self.root(data_dir) / f for f in self.extra_files)):   # and what the scorer reads
             if path is not None and not path.exists():
                 raise EvalError(f"{self.title}: {path} does not exist; "
                                 + GET_DATA.format(what=self.data_hint, path=self.root(data_dir)))
@@ -59,7 +60,7 @@ class Benchmark:
 B = Benchmark
 REGISTRY: dict[str, Benchmark] = {b.key: b for b in [
     B("gqa", "GQA", "gqa", "llava_gqa_testdev_balanced.jsonl", "data/images", "loader", "local", "accuracy",
-      preset="gqa", data_hint="GQA images into data/images and GQA's eval/eval.py with its testdev_balanced files "
+      preset="gqa", extra_files=('data/eval/eval.py',), data_hint="GQA images into data/images and GQA's eval/eval.py with its testdev_balanced files "
                               "into data/"),
     B("mmbench", "MMBench", "mmbench", "mmbench_dev_20230712.tsv", None, "mmbench", "local", "accuracy",
       fmt="tsv", suffix=SINGLE_PRED, max_new_tokens=1024, preset="mmbench", data_hint="mmbench_dev_20230712.tsv"),
@@ -67,25 +68,25 @@ REGISTRY: dict[str, Benchmark] = {b.key: b for b in [
       "accuracy", fmt="tsv", suffix=SINGLE_PRED_CN, max_new_tokens=1024, preset="mmbench_cn",
       data_hint="mmbench_dev_cn_20231003.tsv"),
     B("mme", "MME", "MME", "llava_mme.jsonl", "MME_Benchmark_release_version", "loader", "local", "perception",
-      preset="mme", scale=20.0, data_hint="MME_Benchmark_release_version and MME's eval_tool"),
+      preset="mme", scale=20.0, extra_files=('convert_answer_to_mme.py', 'eval_tool/calculation.py'), data_hint="MME_Benchmark_release_version and MME's eval_tool"),
     B("mmvet", "MM-Vet", "mm-vet", "llava-mm-vet.jsonl", "images", "vqa", "judge", "total",
       max_new_tokens=1024, preset="mmvet", data_hint="mm-vet images and mm-vet.json"),
     B("pope", "POPE", "pope", "llava_pope_test.jsonl", "val2014", "loader", "local", "f1", preset="pope",
-      data_hint="COCO val2014 images and POPE's coco/coco_pope_*.json"),
+      extra_files=('coco',), data_hint="COCO val2014 images and POPE's coco/coco_pope_*.json"),
     B("scienceqa", "ScienceQA-IMG", "scienceqa", "llava_test_CQM-A.json", "images/test", "science", "local",
       "img_accuracy", fmt="sqa", suffix=SINGLE_PRED, max_new_tokens=1024, image_only=True, preset="scienceqa",
-      data_hint="ScienceQA images/test, problems.json and pid_splits.json"),
+      extra_files=('problems.json', 'pid_splits.json'), data_hint="ScienceQA images/test, problems.json and pid_splits.json"),
     B("textvqa", "TextVQA", "textvqa", "llava_textvqa_val_v051_ocr.jsonl", "train_images", "loader", "local",
-      "accuracy", preset="textvqa", data_hint="TextVQA train_images and TextVQA_0.5.1_val.json"),
+      "accuracy", preset="textvqa", extra_files=('TextVQA_0.5.1_val.json',), data_hint="TextVQA train_images and TextVQA_0.5.1_val.json"),
     B("vizwiz", "VizWiz", "vizwiz", "llava_test.jsonl", "test", "loader", "server", "accuracy", preset="vizwiz",
       data_hint="VizWiz test images"),
     B("vqav2", "VQAv2", "vqav2", "llava_vqav2_mscoco_test-dev2015.jsonl", "test2015", "loader", "server",
-      "accuracy", preset="vqav2", data_hint="COCO test2015 images"),
+      "accuracy", preset="vqav2", extra_files=('llava_vqav2_mscoco_test2015.jsonl',), data_hint="COCO test2015 images"),
     B("seed", "SEED-Bench", "seed_bench", "llava-seed-bench.jsonl", "", "loader", "local", "image_accuracy",
-      data_hint="SEED-Bench images, extracted video frames and SEED-Bench.json"),
+      extra_files=('SEED-Bench.json',), data_hint="SEED-Bench images, extracted video frames and SEED-Bench.json"),
     # The embedded demo's benchmarks (eval.synthetic): POPE-format yes/no questions on generated images.
     *[B(f"synthetic_{a}", f"Synthetic-{a}", f"synthetic/{a}", "llava_synthetic.jsonl", "images", "loader", "local",
-        "f1", data_hint="python -m eval.synthetic DATA_DIR") for a in ("wide", "tall", "square")],
+        "f1", extra_files=("coco",), data_hint="python -m eval.synthetic DATA_DIR") for a in ("wide", "tall", "square")],
     # Any LLaVA-format question file with single-word answers: DATA_DIR holds questions.jsonl (question_id, image,
     # text), images/ and answers.jsonl (question_id, answer: a string or a list of accepted strings); scored by
     # exact match after LLaVA's answer normalisation (eval.scoring.score_exact_match).

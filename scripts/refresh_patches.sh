@@ -147,10 +147,10 @@ done < <(find "$out" -maxdepth 1 -type f -name '*.patch' | LC_ALL=C sort)
 pt_say "wrote patches/$name/ ($count patch file(s)); review with: git diff --stat -- patches/$name"
 
 if pt_populated "$sub"; then
-  if ! bash "$SCRIPT_DIR/apply_patches.sh" --check "$name"; then
+  if ! bash "$SCRIPT_DIR/apply_patches.sh" --record "$name"; then
     pt_err "the regenerated series does not apply at the pin; see the message above"
     exit 1
   fi
 else
-  pt_say "third_party/$name is not populated: the series was not checked (scripts/apply_patches.sh --check $name)"
+  pt_say "third_party/$name is not populated: the series was neither checked nor recorded (scripts/apply_patches.sh --record $name once populated)"
 fi

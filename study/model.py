@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -115,7 +116,8 @@ def lora_state(wrapped: dict[str, LoraLinear]) -> dict[str, torch.Tensor]:
 
 def merge_lora(state: dict, lora: dict, spec: LoraSpec) -> dict:
     """LLM state dict with W + scale · B A for every LoRA pair (float32); ``state`` keys are LlamaForCausalLM's."""
-    merged = dict(state)
+    merged = {k: torch.as_tensor(np.array(v, dtype=np.float32)) if isinstance(v, np.ndarray) else v
+              for k, v in state.items()}
     prefixes = {k.rsplit(".", 1)[0] for k in lora}
     for prefix in sorted(prefixes):
         key = f"{prefix}.weight"

@@ -217,7 +217,9 @@ def paper_figures(out: Path, method: str = "fastv") -> dict:
     from analysis.figures import figures_from_recording
 
     record = out / "runs" / "calibration" / method / "record.npz"
-    if not record.exists():
+    if not record.exists():   # no calibration run (--no-calibrated, --quick): the method's first run in mode off
+        record = next(iter(sorted((out / "runs" / method).glob("*/off--/record.npz"))), None)
+    if record is None or not record.exists():
         return {}
     from .run import paper_trend, trend_method
 
