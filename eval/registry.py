@@ -15,6 +15,7 @@ Shell scripts query it (exit 2 with ``error: ...`` on a bad name):
     python -m eval.registry tests                                            # "<Upstream> <test prefix>" lines
     python -m eval.registry show KEY                                         # the entry, as JSON
     python -m eval.registry get KEY FIELD                                    # one field (JSON for lists/dicts)
+    python -m eval.registry explicit-args KEY                                # "--method-arg k=v" the run scripts pass
 
 Imports nothing beyond the standard library (shell scripts run it with any Python).
 """
@@ -41,7 +42,7 @@ MODULES = ("loader", "vqa", "science", "mmbench")
 # fields of a method entry; the optional ones with their defaults (applied when the registry is read)
 REQUIRED = ("display", "upstream", "env", "adapter", "trend_method", "args", "budget_keys", "preprocess")
 OPTIONAL = {"driver": DRIVER, "sys_path": [""], "aliases": [], "reference": False, "supports": {"bench": False},
-            "pad_threshold": None}
+            "pad_threshold": None, "explicit_args": []}
 UPSTREAM_FIELDS = ("url", "pin", "transformers", "tests")
 
 
@@ -78,10 +79,11 @@ def _complete(key: str, entry: dict, source: Path, upstreams: dict) -> dict:
         if bad or set(entry["preprocess"]) != set(MODULES):
             raise RegistryError(f"method {key!r} in {source}: preprocess must map each of {', '.join(MODULES)} to "
                                 f"one of {', '.join(PREPROCESS)} (got {entry['preprocess']})")
-        absent = [b for b in entry["budget_keys"] if b not in entry["args"]]
-        if absent:
-            raise RegistryError(f"method {key!r} in {source}: budget key(s) {', '.join(absent)} are not among its "
-                                f"args {', '.join(entry['args']) or '(none)'}")
+        for field in ("budget_keys", "explicit_args"):
+            absent = [b for b in entry.get(field, []) if b not in entry["args"]]
+            if absent:
+                raise RegistryError(f"method {key!r} in {source}: {field} {', '.join(absent)} are not among its "
+                                    f"args {', '.join(entry['args']) or '(none)'}")
     out = {**{k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
               for k, v in OPTIONAL.items()}, **entry}
     adapter = out.get("adapter")
@@ -208,12 +210,17 @@ def _cli(argv=None) -> int:
     g = sub.add_parser("get", help="one field of a method's entry (strings plain, others JSON)")
     g.add_argument("key")
     g.add_argument("field")
+    x = sub.add_parser("explicit-args", help="'--method-arg k=v' for each arg the run scripts always pass")
+    x.add_argument("key")
     a = p.parse_args(argv)
     try:
         if a.cmd == "methods":
             print("\n".join(methods(driver=None if a.driver == "any" else a.driver, supports=a.supports)))
         elif a.cmd == "tests":
             print("\n".join(f"{n} {u['tests']}" for n, u in upstreams().items() if u["tests"]))
+        elif a.cmd == "explicit-args":
+            entry = method(a.key)
+            print(" ".join(f"--method-arg {k}={json.dumps(entry['args'][k])}" for k in entry["explicit_args"]))
         else:
             entry = _registry()[0].get(a.key) or method(a.key)
             if a.cmd == "show":

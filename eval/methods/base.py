@@ -3,7 +3,7 @@
 The driver (eval.run) is method-agnostic. For each sample it asks the adapter for the image tensor and
 the input ids, opens ``debias_core.sample(...)`` itself, and calls ``adapter.generate`` inside it:
 
-    adapter = get_adapter("fastv", {"fast_v_attention_rank": 64})   # paper defaults + overrides
+    adapter = get_adapter(key, overrides)   # the registry entry's paper defaults + --method-arg overrides
     adapter.activate()                      # sys.path entries inside third_party/<Upstream>; imports its llava
     loaded = adapter.load(model_path, device="cuda")                 # the baseline's own load_pretrained_model
     adapter.configure(loaded)                                        # method settings on the model
