@@ -41,7 +41,7 @@ class Run:
     """One probe run, in the contract's terms.
 
     kept:   the kept original (raster) positions of each ranking, in the order they ran (stages × decode steps);
-            0..575 for LLaVA-1.5's 24×24 grid
+            0..575 for LLaVA-1.5's 24×24 grid (``BaselineContract.span``)
     tokens: generated token ids
     logits: name -> fp32 tensor (or nested list), compared bit for bit in ``off``
     extra:  anything else that must equal upstream in ``off`` (per-layer lengths, decode positions, counts)
@@ -80,6 +80,8 @@ class BaselineContract:
     off_cases: list = []
     padded_cases: list = []
     pos_cases: list = []
+    span = 576  # visual tokens ranked (LLaVA-1.5's 24×24 grid)
+    has_padding = True  # False: the inputs have no padding (video: centre crop); pad/full must then change nothing
 
     # --------------------------------------------------------------------------- supplied by the baseline
     def off_pair(self, results, case) -> tuple[Run, Run]:
@@ -123,7 +125,8 @@ class BaselineContract:
 
     def test_no_padding_survives_and_counts_are_capped(self, results, padded_case):
         run, valid, counts = self.padded(results, padded_case)
-        assert len(valid) < 576, f"{padded_case}: the image has no padding, so this case cannot test suppression"
+        if self.has_padding:
+            assert len(valid) < self.span, f"{padded_case}: the image has no padding, so this case cannot test suppression"
         assert len(run.kept) == len(counts), f"{padded_case}: {len(run.kept)} rankings, {len(counts)} expected counts"
         for i, (kept, k) in enumerate(zip(run.kept, counts)):
             padding = sorted(set(kept) - valid)
