@@ -164,9 +164,9 @@ def test_a_plugin_method_is_listed_and_its_adapter_loaded_from_beside_its_file(t
 
 def test_the_driver_reports_a_broken_plugin_as_a_one_line_error(tmp_path):
     (tmp_path / "methods.json").write_text("{not json")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "EVAL_METHODS": str(tmp_path / "methods.json")}
     r = subprocess.run([sys.executable, "-m", "eval.run", "--method", "llava", "--benchmark", "pope", "--model-path",
-                        str(tmp_path), "--check-only"], cwd=ROOT, capture_output=True, text=True,
-                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "EVAL_METHODS": str(tmp_path / "methods.json")})
+                        str(tmp_path), "--check-only"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "error: " in r.stderr and "is not valid JSON" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 
