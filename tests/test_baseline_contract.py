@@ -79,7 +79,7 @@ def test_pos_catches_a_ranking_that_did_not_move_earlier():
 
 @pytest.mark.parametrize("run, word", [
     (_with(tokens=[]), "generated no token"),
-    (_with(kept=[[1], []]), "ranked nothing"),
+    (_with(kept=[[], []]), "ranked nothing"),
     (_with(logits={"l": [float("nan")]}), "not finite"),
 ])
 def test_entry_catches_a_run_that_did_not_happen(run, word):

@@ -148,7 +148,7 @@ class BaselineContract:
 
         run = self.entry(results)
         assert run.tokens, "the real entry generated no token"
-        assert run.kept and all(run.kept), "the real entry ranked nothing"
+        assert any(run.kept), "the real entry ranked nothing"  # one ranking may keep none (an empty recycle)
         for name, value in run.logits.items():
             assert torch.isfinite(_as_tensor(value)).all(), f"real entry: logits {name} are not finite"
         self.check_entry(results, run)
