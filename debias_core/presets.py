@@ -26,8 +26,8 @@ def _data() -> dict:
 
 @lru_cache(maxsize=1)
 def _registry() -> dict:
-    """The method registry's entries (data/methods.json, maintained through eval.registry); only their
-    ``trend_method``, ``pad_threshold`` and ``aliases`` are read here."""
+    """The method registry's entries (data/methods.json, maintained through eval.registry); only their keys,
+    ``trend_method`` and ``aliases`` are read here."""
     return json.loads(resources.files(__package__).joinpath("data/methods.json").read_text())["methods"]
 
 
@@ -53,15 +53,12 @@ def method_name(method: str) -> str:
 
 
 def pad_threshold(method: str | None) -> float:
-    """The paper's padding threshold for a method (PyramidDrop 0.01, the others 0.5): the registry entry's own,
-    else its trend family's; 0.5 when None or without a family."""
+    """The paper's padding threshold for a method (PyramidDrop 0.01, the others 0.5): a registered method's is its
+    trend family's; 0.5 when None or without a family."""
     if method is None:
         return DEFAULT_PAD_THRESHOLD
     m = method_name(method)
-    entry = _registry().get(m, {})
-    if entry.get("pad_threshold") is not None:
-        return float(entry["pad_threshold"])
-    family = entry.get("trend_method", m) if entry else m
+    family = _registry()[m]["trend_method"] if m in _registry() else m
     return _data()["pad_threshold"].get(family, DEFAULT_PAD_THRESHOLD)
 
 
