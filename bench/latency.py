@@ -1,7 +1,7 @@
 """GPU latency of each patched method with DEBIAS=off vs full, beside unpruned LLaVA-1.5.
 
     python -m bench.latency --out outputs/bench                 # every method whose environment exists
-    python -m bench.latency --methods pdrop,himap --reps 30
+    python -m bench.latency --methods KEY,KEY --reps 30     # keys: python -m eval.registry methods --supports bench
     bash scripts/bench.sh                                        # the same, with the usual env lookup
 
 What it measures, per method (each in its own interpreter, its own environment):
@@ -28,8 +28,12 @@ import sys
 import time
 from pathlib import Path
 
+from eval import registry
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("llava", "fastv", "pdrop", "sparsevlm", "himap", "tokencarve", "illava")
+METHODS = tuple(registry.methods(supports="bench", plugins=False))  # the registry's methods marked bench: true
+REFERENCE = registry.reference_method()  # unpruned LLaVA: every speedup is measured against it
+CALL = "_call"                           # the job that times the debias call alone
 IMAGE_SIZE = (640, 480)
 PREFIX, SUFFIX = 35, 40          # vicuna_v1 puts the image after 35 tokens; ~40 question tokens after it
 BENCH_TREND_BENCHMARK = "gqa"    # which paper preset the exponential methods use (latency does not depend on it)
@@ -98,8 +102,7 @@ def _prepare(name: str, ckpt: Path, device: str):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3),
                                                               dtype=np.uint8))
     grid, resolution = adapter.geometry(loaded)
-    tm = adapter.trend_method
-    trend = None if not tm else "paper:fastv" if tm == "fastv" else f"paper:{tm}/{BENCH_TREND_BENCHMARK}"
+    trend = registry.paper_trend_name(name, BENCH_TREND_BENCHMARK)
     return SimpleNamespace(adapter=adapter, loaded=loaded, image=image, pixels=adapter.image_tensor(loaded, image, "pad"),
                            ids=_synthetic_ids(adapter.llava.IMAGE_TOKEN_INDEX, loaded.model.config.vocab_size),
                            grid=grid, resolution=resolution, trend=trend)
@@ -335,15 +338,19 @@ def bench_call(reps: int = 2000, device: str = "cuda") -> list[dict]:
 
     import debias_core
     from debias_core import ExponentialTrend
+    from debias_core.presets import METHODS as FAMILIES, pad_threshold, single_trend_families
 
     rows = []
-    cases = [(576, dict(image_size=IMAGE_SIZE), "paper:pdrop/gqa"),
+    # the paper family with the lowest pad threshold (the most padding suppressed), with its trend
+    family = min(FAMILIES, key=pad_threshold)
+    preset = f"paper:{family}" if family in single_trend_families() else f"paper:{family}/{BENCH_TREND_BENCHMARK}"
+    cases = [(576, dict(image_size=IMAGE_SIZE), preset),
              (2056, dict(image_size=None, preprocess="none", span_length=2056),
               ExponentialTrend(a=1.0, b=0.002, n=2056))]  # no published video trend: a synthetic one
     for n, ctx, trend in cases:
         for dtype in (torch.float16, torch.bfloat16):
             scores = torch.rand(n, device=device, dtype=dtype)
-            debias_core.configure(mode="full", trend=trend, method="pdrop" if n == 576 else None)
+            debias_core.configure(mode="full", trend=trend, method=family if n == 576 else None)
             with debias_core.sample(**ctx):
                 def plain():
                     return scores.topk(128).indices
@@ -398,7 +405,7 @@ def worker(argv) -> int:
     if a.job == "checkpoint":
         from bench.checkpoint import TINY, TINY_CLIP, build
         from eval.methods import get_adapter
-        get_adapter("llava").activate()  # LLaVA's package (the tokenizer builder imports it)
+        get_adapter(REFERENCE).activate()  # LLaVA's package (the tokenizer builder imports it)
         result = {"checkpoint": str(build(a.ckpt, device=a.device, **(dict(overrides=TINY, clip_overrides=TINY_CLIP)
                                                                        if a.tiny else {})))}
     elif a.job == "call":
@@ -432,10 +439,10 @@ def environments(methods, carry: Path | None, trees: Path | None = None) -> dict
     from bench import carry as carrying
     from eval.methods import method_spec
     if carry is not None:
-        return {m: carrying.environment(carry, m) for m in (*methods, "_call")}
+        return {m: carrying.environment(carry, m) for m in (*methods, CALL)}
     out = {}
-    for m in (*methods, "_call"):
-        env_name = method_spec(m)["env"] if m != "_call" else "LLaVA"
+    for m in (*methods, CALL):
+        env_name = method_spec(REFERENCE if m == CALL else m)["env"]
         for cand in (ROOT / "envs" / f"venv-{env_name}" / "bin/python", ROOT / "envs" / f"conda-{env_name}" / "bin/python",
                      ROOT / f".venv-{env_name}" / "bin/python"):
             if cand.exists():
@@ -463,12 +470,12 @@ def paired_overhead(off: list, full: list, seed: int = 0) -> dict:
 
 def summarise(results: dict) -> dict:
     """Overhead ratio (full − off)/off and speedup retention per method, against unpruned LLaVA."""
-    ref = results.get("llava", {}).get("modes", {}).get("off", {})
-    call = {(r["n"], r["dtype"]): r for r in results.get("_call", {}).get("call", [])}
+    ref = results.get(REFERENCE, {}).get("modes", {}).get("off", {})
+    call = {(r["n"], r["dtype"]): r for r in results.get(CALL, {}).get("call", [])}
     per_call_us = call.get((576, "float16"), {}).get("overhead_us")
     summary = {}
     for m, r in results.items():
-        if m in ("llava", "_call") or "modes" not in r or "full" not in r["modes"]:
+        if m in (REFERENCE, CALL) or "modes" not in r or "full" not in r["modes"]:
             continue
         row = {}
         for key in r["modes"]["off"]:
@@ -527,8 +534,8 @@ def markdown(results: dict, summary: dict, meta: dict) -> str:
             continue
         modes = r["modes"]
         dk = next(k for k in modes["off"] if k.startswith("prefill_decode"))
-        if m == "llava":
-            lines.append(f"| llava (unpruned reference) | {modes['off']['prefill_ms']['median']:.2f} | — | — | — | — | "
+        if m == REFERENCE:
+            lines.append(f"| {m} (unpruned reference) | {modes['off']['prefill_ms']['median']:.2f} | — | — | — | — | "
                          f"{100 * (modes['off']['prefill_ms']['p90'] - modes['off']['prefill_ms']['p10']) / modes['off']['prefill_ms']['median']:.1f} % | — | "
                          f"{modes['off'][dk]['median']:.1f} | — | — | {modes['off']['peak_memory_gib']:.1f} | — |")
             continue
@@ -598,7 +605,7 @@ def markdown(results: dict, summary: dict, meta: dict) -> str:
     if iso:
         lines += ["", "Isolated estimate (debias calls per prefill × the call's measured cost ÷ prefill): " +
                   ", ".join(f"{m} {v:.3f} %" for m, v in iso.items())]
-    call = results.get("_call", {}).get("call")
+    call = results.get(CALL, {}).get("call")
     if call:
         lines += ["", "## The call alone (wall µs per call, launch-bound; debias + keep_cap + topk vs plain topk)", "",
                   "| N | dtype | topk | debias + topk | overhead | host syncs |", "|---|---|---|---|---|---|"]
@@ -635,8 +642,8 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
         return 2
-    if "llava" not in methods:
-        methods.insert(0, "llava")  # the reference every speedup is measured against
+    if REFERENCE not in methods:
+        methods.insert(0, REFERENCE)  # the reference every speedup is measured against
     a.out.mkdir(parents=True, exist_ok=True)
     if a.carry is not None:
         from bench.carry import install
@@ -647,13 +654,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     print(f"checkpoint {a.ckpt} ...", flush=True)
     common = ["--device", a.device] + (["--tiny"] if a.tiny else [])
-    made = _run_worker(envs["llava"], ["checkpoint", "--ckpt", str(a.ckpt), *common], a.timeout)
+    made = _run_worker(envs[REFERENCE], ["checkpoint", "--ckpt", str(a.ckpt), *common], a.timeout)
     if "error" in made:
         print(f"error: could not build the random checkpoint:\n{made['log_tail']}", file=sys.stderr)
         return 1
     if a.insitu:
         for m in methods:
-            if m == "llava":
+            if m == REFERENCE:
                 continue
             if m not in results or "error" in results[m]:
                 print(f"{m}: skipped in situ: no successful measurement of it in {results_path}; "
@@ -674,12 +681,12 @@ def main(argv=None) -> int:
         methods_done = True
     else:
         methods_done = False
-    for m in ([] if methods_done else ["_call", *methods]):
+    for m in ([] if methods_done else [CALL, *methods]):
         if m in results and "error" not in results[m]:
             print(f"{m}: already measured (in {results_path}); delete it to re-run", flush=True)
             continue
         print(f"{m} ...", flush=True)
-        job = ["call", *common] if m == "_call" else [
+        job = ["call", *common] if m == CALL else [
             "method", "--method", m, "--ckpt", str(a.ckpt), "--reps", str(a.reps), "--warmup", str(a.warmup),
             "--decode", str(a.decode), *common]
         try:

@@ -14,9 +14,7 @@ from pathlib import Path
 from .errors import DebiasError
 from .trend import ExponentialTrend, Trend, load_trend_file, trend_from_json
 
-METHODS = ("fastv", "pdrop", "sparsevlm", "himap", "tokencarve")
 BENCHMARKS = ("gqa", "mmbench", "mmbench_cn", "mme", "mmvet", "pope", "scienceqa", "textvqa", "vizwiz", "vqav2")
-METHOD_ALIASES = {"pyramiddrop": "pdrop", "sparsevlms": "sparsevlm"}
 BENCHMARK_ALIASES = {"mm-vet": "mmvet", "mmbench-cn": "mmbench_cn", "sqa": "scienceqa"}
 DEFAULT_PAD_THRESHOLD = 0.5
 
@@ -26,25 +24,47 @@ def _data() -> dict:
     return json.loads(resources.files(__package__).joinpath("data/paper_presets.json").read_text())
 
 
+@lru_cache(maxsize=1)
+def _registry() -> dict:
+    """The method registry's entries (data/methods.json, maintained through eval.registry); only their keys,
+    ``trend_method`` and ``aliases`` are read here."""
+    return json.loads(resources.files(__package__).joinpath("data/methods.json").read_text())["methods"]
+
+
+def single_trend_families() -> tuple:
+    """Paper trend families with one trend for every benchmark (preset ``paper:<family>``)."""
+    return tuple(k for k in _data() if k not in ("description", "n", "pad_threshold", "exponential_b"))
+
+
+# the paper's trend families: presets paper:<family>[/<benchmark>] and a pad threshold each
+METHODS = (*single_trend_families(), *_data()["exponential_b"])
+# other names of a family or of a registered method (upstream spellings, e.g. a submodule's name)
+METHOD_ALIASES = {alias: key for key, entry in _registry().items() for alias in entry.get("aliases", [])}
+
+
 def method_name(method: str) -> str:
+    """A paper trend family or a registered method's key, from any of its names (case-insensitive)."""
     if not isinstance(method, str):
         raise DebiasError(f"method {method!r} is not a name; use one of {', '.join(METHODS)}")
     m = METHOD_ALIASES.get(method.lower(), method.lower())
-    if m not in METHODS and m not in ("illava", "video"):
+    if m not in METHODS and m not in _registry():
         raise DebiasError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
     return m
 
 
 def pad_threshold(method: str | None) -> float:
-    """The paper's padding threshold for a method (UPSTREAM.md §4.4); 0.5 when unknown/None."""
+    """The paper's padding threshold for a method (PyramidDrop 0.01, the others 0.5): a registered method's is its
+    trend family's; 0.5 when None or without a family."""
     if method is None:
         return DEFAULT_PAD_THRESHOLD
-    return _data()["pad_threshold"].get(method_name(method), DEFAULT_PAD_THRESHOLD)
+    m = method_name(method)
+    family = _registry()[m]["trend_method"] if m in _registry() else m
+    return _data()["pad_threshold"].get(family, DEFAULT_PAD_THRESHOLD)
 
 
 def preset_names() -> list[str]:
-    names = ["paper:fastv"]
-    names += [f"paper:{m}/{b}" for m in METHODS if m != "fastv" for b in BENCHMARKS]
+    names = [f"paper:{m}" for m in single_trend_families()]
+    names += [f"paper:{m}/{b}" for m in METHODS if m not in single_trend_families() for b in BENCHMARKS]
     return names
 
 
@@ -56,8 +76,8 @@ def paper_trend(method: str, benchmark: str | None = None) -> Trend:
     b = None if benchmark is None else BENCHMARK_ALIASES.get(benchmark.lower(), benchmark.lower())
     if b is not None and b not in BENCHMARKS:
         raise DebiasError(f"benchmark {benchmark!r} has no paper preset; use one of {', '.join(BENCHMARKS)}")
-    if m == "fastv":
-        return trend_from_json(_data()["fastv"], "fastv preset")  # one trend for every benchmark
+    if m in single_trend_families():
+        return trend_from_json(_data()[m], f"{m} preset")  # one trend for every benchmark
     if b is None:
         raise DebiasError(f"paper preset for {m} needs a benchmark: paper:{m}/<benchmark>, benchmark ∈ {', '.join(BENCHMARKS)}")
     table = _data()["exponential_b"][m]

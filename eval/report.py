@@ -23,10 +23,9 @@ from pathlib import Path
 
 from .benchmarks import REGISTRY
 from .common import ROOT, EvalError
+from .registry import display_name
 
 ORDER = list(REGISTRY)
-DISPLAY = {"llava": "LLaVA", "fastv": "FastV", "pdrop": "PyramidDrop", "sparsevlm": "SparseVLM", "himap": "HiMAP",
-           "tokencarve": "TokenCarve", "illava": "iLLaVA"}
 
 
 def collect(answers_dirs) -> list[dict]:
@@ -150,7 +149,7 @@ def radar(table: dict, path: Path, title: str | None = None) -> str:
     if len(paired) >= 3:
         kind = "methods"
         one_budget = len({m[2] for m in paired}) == 1
-        spokes = [DISPLAY.get(m[1], m[1]) + ("" if one_budget or m[2] == "all" else f"\n{m[2]}") for m in paired]
+        spokes = [display_name(m[1]) + ("" if one_budget or m[2] == "all" else f"\n{m[2]}") for m in paired]
         series = {}
         for i, v in enumerate(paired.values()):
             for label, r in v.items():

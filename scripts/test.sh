@@ -12,9 +12,13 @@ if [[ ! -x $py ]]; then
   exit 2
 fi
 
-# Baseline name -> key; its tests are tests/baselines/test_<key>.py and test_<key>_*.py.
-declare -A key=([FastV]=fastv [PyramidDrop]=pdrop [SparseVLMs]=sparsevlm [HiMAP]=himap [TokenCarve]=tokencarve
-                [iLLaVA]=illava [Video-LLaVA]=video)
+# Baseline name -> test prefix, from the method registry; its tests are tests/baselines/test_<prefix>.py and
+# test_<prefix>_*.py.
+declare -A key=()
+listing=$("$py" -m eval.registry tests) || { echo "error: cannot read the method registry (python -m eval.registry tests)" >&2; exit 2; }
+while read -r name prefix; do
+  [[ -n $name ]] && key[$name]=$prefix
+done <<< "$listing"
 
 ignore=()
 declare -A files=()

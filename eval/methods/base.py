@@ -3,7 +3,7 @@
 The driver (eval.run) is method-agnostic. For each sample it asks the adapter for the image tensor and
 the input ids, opens ``debias_core.sample(...)`` itself, and calls ``adapter.generate`` inside it:
 
-    adapter = get_adapter("fastv", {"fast_v_attention_rank": 64})   # paper defaults + overrides
+    adapter = get_adapter(key, overrides)   # the registry entry's paper defaults + --method-arg overrides
     adapter.activate()                      # sys.path entries inside third_party/<Upstream>; imports its llava
     loaded = adapter.load(model_path, device="cuda")                 # the baseline's own load_pretrained_model
     adapter.configure(loaded)                                        # method settings on the model
@@ -13,9 +13,9 @@ the input ids, opens ``debias_core.sample(...)`` itself, and calls ``adapter.gen
     with debias_core.sample(image_size=image.size, preprocess=..., span_start=s0, grid=g, resolution=R):
         text = adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=128)
 
-Writing an adapter for a baseline (later waves): subclass ``Adapter``, set ``name`` (a key of
-defaults.json, which also gives upstream folder, environment, sys.path entries, paper defaults, budget keys
-and pad/crop per eval module), register it in ``eval/methods/__init__.py``, and override only what differs:
+Writing an adapter (docs/adding_a_method.md): subclass ``Adapter``, set ``name`` (the method's key in the registry,
+debias_core/data/methods.json, whose entry also gives upstream folder, environment, sys.path entries, paper
+defaults, budget keys and pad/crop per eval module, and names this class), and override only what differs:
 
   configure(loaded)          put ``self.args`` where the baseline reads them (config keys, model attributes);
                              e.g. FastV: ``model.config.use_fast_v = True; model.model.reset_fastv()``
@@ -37,29 +37,23 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
+from .. import registry
 from ..common import TREE_ENV, EvalError, populate_hint, populated, submodule_state, third_party_dir
-
-DEFAULTS_FILE = Path(__file__).with_name("defaults.json")
-PREPROCESS = ("pad", "crop")
-MODULES = ("loader", "vqa", "science", "mmbench")
+from ..registry import MODULES, PREPROCESS  # noqa: F401  (re-exported: the eval modules and preprocessings)
 
 
-@lru_cache(maxsize=1)
 def all_specs() -> dict:
-    data = json.loads(DEFAULTS_FILE.read_text())
-    return {k: v for k, v in data.items() if not k.startswith("_")}
+    """key -> registry entry of every method ``python -m eval.run`` runs."""
+    return registry.methods()
 
 
 def method_spec(name: str) -> dict:
-    specs = all_specs()
-    if name not in specs:
-        raise EvalError(f"method {name!r} is unknown; use one of {', '.join(specs)} (eval/methods/defaults.json)")
-    return specs[name]
+    """The registry entry of ``name``; EvalError listing the known methods otherwise."""
+    return registry.method(name)
 
 
 def parse_method_args(pairs: list[str] | None) -> dict:

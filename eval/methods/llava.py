@@ -20,7 +20,7 @@ class LlavaAdapter(Adapter):
     needs_upstream = False
 
     def _source(self) -> str:
-        src = self.args["source"]
+        src = self.args.get("source", "auto")  # a method built on plain LLaVA may declare no source
         if src not in SOURCES:
             raise EvalError(f"llava source {src!r} is unknown; use one of {', '.join(SOURCES)}")
         if src == "auto":

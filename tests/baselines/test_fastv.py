@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import support
+from tests.baselines.contract import BaselineContract, Run, pytest_generate_tests  # noqa: F401 (the hook)
 
 pytestmark = pytest.mark.baseline
 
@@ -110,70 +111,83 @@ def test_apply_patches_script_applies_reapplies_and_reverses(tmp_path):
                                           files=[MODELING])
 
 
-# --- DEBIAS=off is upstream, bit for bit ---------------------------------------------------------------
+# --- the baseline contract (tests/baselines/contract.py) ----------------------------------------------------
 
-@pytest.mark.parametrize("name", ["off-mask-narrow", "off-inplace-narrow", "off-mask-wide", "off-inplace-wide",
-                                  "off-mask-nocontext", "ramp-off-mask", "ramp-off-inplace"])
-def test_off_is_upstream_exactly(runs, name):
-    up, ours = _ok(runs["pristine", "llama"][name]), _ok(runs["patched", "llama"][name])
-    assert ours["kept"] == up["kept"]
-    assert ours["logit_hashes"] == up["logit_hashes"], "logits differ from the unpatched fork (fp32, CPU)"
-    assert ours["generated"] == up["generated"]
-    assert all(len(k) == RANK for k in ours["kept"])
+def _run(result: dict) -> Run:
+    """A probe result in the contract's terms: one ranking at prefill and at every decode step; the fp32 logits
+    are compared through their hashes (Run.extra), bit for bit."""
+    result = _ok(result)
+    return Run(kept=result["kept"], tokens=result["generated"], extra={"logit_hashes": result["logit_hashes"]})
 
 
-def test_off_is_upstream_exactly_through_llava(runs):
-    up, ours = _ok(runs["pristine", "llava"]["off"]), _ok(runs["patched", "llava"]["off"])
-    assert (ours["kept"], ours["logit_hashes"], ours["generated"]) == (up["kept"], up["logit_hashes"], up["generated"])
+@pytest.fixture(scope="module")
+def results(runs):
+    """What the contract's hooks receive: every probe result."""
+    return runs
 
 
-# --- pad / full: no padding survives, the keep count is capped ----------------------------------------------
+LLAMA_OFF = ["off-mask-narrow", "off-inplace-narrow", "off-mask-wide", "off-inplace-wide", "off-mask-nocontext",
+             "ramp-off-mask", "ramp-off-inplace"]
+SIZES = {"narrow": NARROW, "wide": WIDE}
 
-@pytest.mark.parametrize("mode", ["mask", "inplace"])
-@pytest.mark.parametrize("debias", ["pad", "full"])
-@pytest.mark.parametrize("tag,size", [("narrow", NARROW), ("wide", WIDE)], ids=["narrow", "wide"])
-def test_no_padding_survives_and_cap(runs, mode, debias, tag, size):
-    padding = support.padding_positions(size)
-    cap = min(RANK, SPAN - len(padding))
-    off = _ok(runs["patched", "llama"][f"off-{mode}-{tag}"])
-    assert any(set(k) & padding for k in off["kept"]), "the check is vacuous: upstream kept no padding here"
-    res = _ok(runs["patched", "llama"][f"{debias}-{mode}-{tag}"])
-    for step, kept in enumerate(res["kept"]):
-        assert not set(kept) & padding, f"step {step}: padding tokens kept: {sorted(set(kept) & padding)[:10]}"
-        assert len(kept) == cap, f"step {step}: kept {len(kept)} tokens, expected min({RANK}, valid) = {cap}"
 
+class TestContract(BaselineContract):
+    off_cases = LLAMA_OFF + ["llava-off"]  # FastV's forked LlamaModel, and LLaVA 1.1.3's generate over it
+    padded_cases = [f"{debias}-{mode}-{tag}" for debias in ("pad", "full") for mode in ("mask", "inplace")
+                    for tag in SIZES]
+    pos_cases = ["mask", "inplace"]
+
+    def off_pair(self, runs, case):
+        kind, name = ("llava", "off") if case == "llava-off" else ("llama", case)
+        return _run(runs["pristine", kind][name]), _run(runs["patched", kind][name])
+
+    def check_off(self, runs, case, up, ours):
+        if case != "llava-off":
+            assert all(len(k) == RANK for k in ours.kept)
+
+    def padded(self, runs, case):
+        debias, mode, tag = case.split("-")
+        padding = support.padding_positions(SIZES[tag])
+        cap = min(RANK, SPAN - len(padding))
+        run = _run(runs["patched", "llama"][case])
+        return run, set(range(SPAN)) - padding, [cap] * len(run.kept)
+
+    def check_padded(self, runs, case, run, valid):
+        _, mode, tag = case.split("-")
+        off = _ok(runs["patched", "llama"][f"off-{mode}-{tag}"])
+        assert any(set(k) - valid for k in off["kept"]), "the check is vacuous: upstream kept no padding here"
+
+    def pos_pair(self, runs, mode):
+        """Layer K-1's attention is replaced (in the probe) by a flat row with a 1 % recency ramp."""
+        return _run(runs["patched", "llama"][f"ramp-off-{mode}"]), _run(runs["patched", "llama"][f"ramp-pos-{mode}"])
+
+    def check_pos(self, runs, mode, off, pos):
+        for step in range(len(off.kept)):
+            assert off.kept[step] == list(range(SPAN - RANK, SPAN)), "upstream should keep the latest tokens"
+            assert pos.kept[step] == list(range(RANK)), "the FastV trend should keep the earliest tokens"
+
+    def entry(self, runs):
+        """LlavaLlamaForCausalLM.generate(use_cache=True, output_attentions=True) on a real padded image
+        (process_images pad, CLIPVisionTower from a tiny local checkpoint), DEBIAS=full from the environment,
+        inside debias_core.sample(image_size, span_start=<image token position>): every step debiased."""
+        return _run(runs["patched", "llava"]["env"])
+
+    def check_entry(self, runs, run):
+        res = runs["patched", "llava"]["env"]
+        off = runs["patched", "llava"]["off"]
+        padding = support.padding_positions(NARROW)
+        assert res["span_start"] == 35
+        pixels = set(res["pixel_padding"])
+        assert pixels and pixels <= padding, "the geometry's padding does not cover the fill-colour patches"
+        for step, kept in enumerate(res["kept"]):
+            assert len(kept) == SPAN - len(padding) == 48
+            assert not set(kept) & padding and not set(kept) & pixels
+        assert len(res["generated"]) == 1 + BASE["steps"]
+        assert res["kept"] != off["kept"]
+
+
+# --- FastV's own -----------------------------------------------------------------------------------------------
 
 def test_debias_without_sample_context_names_the_fix(runs):
     res = runs["patched", "llama"]["full-mask-nocontext"]
     assert "sample context" in res.get("error", ""), res.get("error")
-
-
-# --- pos: flat scores -> earliest positions -------------------------------------------------------------------
-
-@pytest.mark.parametrize("mode", ["mask", "inplace"])
-def test_pos_moves_the_kept_set_to_earlier_positions(runs, mode):
-    """Layer K-1's attention is replaced (in the probe) by a flat row with a 1 % recency ramp."""
-    off = _ok(runs["patched", "llama"][f"ramp-off-{mode}"])
-    pos = _ok(runs["patched", "llama"][f"ramp-pos-{mode}"])
-    for step in range(len(off["kept"])):
-        assert off["kept"][step] == list(range(SPAN - RANK, SPAN)), "upstream should keep the latest tokens"
-        assert pos["kept"][step] == list(range(RANK)), "the FastV trend should keep the earliest tokens"
-
-
-# --- the real entry: LLaVA 1.1.3 generate -------------------------------------------------------------------
-
-def test_llava_generate_with_cache_debiases_every_step(runs):
-    """LlavaLlamaForCausalLM.generate(use_cache=True, output_attentions=True) on a real padded image
-    (process_images pad, CLIPVisionTower from a tiny local checkpoint), DEBIAS=full from the environment,
-    inside debias_core.sample(image_size, span_start=<image token position>)."""
-    res = _ok(runs["patched", "llava"]["env"])
-    off = runs["patched", "llava"]["off"]
-    padding = support.padding_positions(NARROW)
-    assert res["span_start"] == 35
-    pixels = set(res["pixel_padding"])
-    assert pixels and pixels <= padding, "the geometry's padding does not cover the fill-colour patches"
-    for step, kept in enumerate(res["kept"]):
-        assert len(kept) == SPAN - len(padding) == 48
-        assert not set(kept) & padding and not set(kept) & pixels
-    assert len(res["generated"]) == 1 + BASE["steps"]
-    assert res["kept"] != off["kept"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import support
+from tests.baselines.contract import BaselineContract, Run, pytest_generate_tests  # noqa: F401 (the hook)
 
 pytestmark = pytest.mark.baseline
 
@@ -109,46 +110,89 @@ def test_apply_patches_script_applies_reapplies_reverses(env, tmp_path):
     support.check_apply_patches_roundtrip(NAME, tmp_path)
 
 
-# ------------------------------------------------------------------------------------------------ DEBIAS=off
+# ------------------------------------------------------------------------------------------------ the contract
 
-@pytest.mark.parametrize("case", [f"off-{s}" for s in SIZES] + ["off-flat", "off-recency", "off-nocontext"])
-def test_off_is_upstream_bit_for_bit(runs, case):
-    import torch
-    up, ours = runs["pristine"][case], runs["patched"][case]
-    assert len(up["forwards"]) == 3, "expected a prefill and two decode steps"
-    assert ours["forwards"] == up["forwards"]                        # kept indices at both stages, every step
-    assert ours["generated"] == up["generated"]
-    a, b = _logits(up), _logits(ours)
-    assert sorted(a) == sorted(b) and len(a) == 3
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{case} {k}: logits differ from upstream"
-    # and upstream itself keeps exactly R_t then R_i image tokens
-    assert all(len(f["stage1"]) == R_T and len(f["stage2"]) == R_I for f in up["forwards"])
+def _run(result: dict, logits: bool = True) -> Run:
+    """A probe result in the contract's terms: stage 1 then stage 2 of each forward (prefill, 2 decode steps)."""
+    return Run(kept=[kept for f in result["forwards"] for kept in (f["stage1"], f["stage2"])],
+               tokens=result["generated"], logits=_logits(result) if logits else {},
+               extra={"forwards": result["forwards"]})  # every field the probe records per forward
 
 
-# ------------------------------------------------------------------------------------------------ full / pad
+@pytest.fixture(scope="module")
+def results(runs):
+    """What the contract's hooks receive: every probe result."""
+    return runs
 
-@pytest.mark.parametrize("mode", ["full", "pad"])
-@pytest.mark.parametrize("size", list(SIZES))
-def test_no_padding_survives_and_counts_are_capped(runs, mode, size):
-    r = runs["patched"][f"{mode}-{size}"]
-    valid = set(runs["valid"][size])
-    assert set(r["pixel_valid"]) == valid, "debias_core's pad geometry disagrees with HiMAP's process_images pixels"
-    k_txt = min(R_T, len(valid))
-    k_img = min(R_I, k_txt)
-    n_text = len(r["input_ids"]) - 1 - r["s0"]
-    for step, f in enumerate(r["forwards"]):
-        assert f["length"] == r["s0"] + SPAN + n_text + step
-        s1, s2 = f["stage1"], f["stage2"]
-        assert len(s1) == len(set(s1)) == k_txt and set(s1) <= valid, f"step {step}: stage 1 kept padding or wrong count"
-        assert len(s2) == len(set(s2)) == k_img and set(s2) <= set(s1), f"step {step}: stage 2 not within stage 1"
-        assert f["stage1_sys"] == f["stage2_sys"] == r["s0"]
-        assert f["stage1_text"] == f["stage2_text"] == n_text + step
-    # off on the same image keeps padding whenever the budget exceeds the content
-    off = runs["patched"][f"off-{size}"]["forwards"][0]
-    if len(valid) < R_T:
-        assert not set(off["stage1"]) <= valid
 
+class TestContract(BaselineContract):
+    off_cases = [f"off-{s}" for s in SIZES] + ["off-flat", "off-recency", "off-nocontext"]
+    padded_cases = [f"{mode}-{size}" for mode in ("full", "pad") for size in SIZES]
+    pos_cases = ["recency"]
+
+    def off_pair(self, runs, case):
+        return _run(runs["pristine"][case]), _run(runs["patched"][case])
+
+    def check_off(self, runs, case, up, ours):
+        assert len(up.extra["forwards"]) == 3, "expected a prefill and two decode steps"
+        assert len(up.logits) == 3
+        # and upstream itself keeps exactly R_t then R_i image tokens
+        assert all(len(f["stage1"]) == R_T and len(f["stage2"]) == R_I for f in up.extra["forwards"])
+
+    def padded(self, runs, case):
+        size = case.split("-", 1)[1]
+        valid = set(runs["valid"][size])
+        k_txt = min(R_T, len(valid))
+        k_img = min(R_I, k_txt)
+        r = runs["patched"][case]
+        return _run(r, logits=False), valid, [k_txt, k_img] * len(r["forwards"])
+
+    def check_padded(self, runs, case, run, valid):
+        r = runs["patched"][case]
+        assert set(r["pixel_valid"]) == valid, "debias_core's pad geometry disagrees with HiMAP's process_images pixels"
+        n_text = len(r["input_ids"]) - 1 - r["s0"]
+        for step, f in enumerate(r["forwards"]):
+            assert f["length"] == r["s0"] + SPAN + n_text + step
+            assert set(f["stage2"]) <= set(f["stage1"]), f"step {step}: stage 2 not within stage 1"
+            assert f["stage1_sys"] == f["stage2_sys"] == r["s0"]
+            assert f["stage1_text"] == f["stage2_text"] == n_text + step
+        # off on the same image keeps padding whenever the budget exceeds the content
+        off = runs["patched"][f"off-{case.split('-', 1)[1]}"]["forwards"][0]
+        if len(valid) < R_T:
+            assert not set(off["stage1"]) <= valid
+
+    def pos_pair(self, runs, case):
+        """Stage-1 scores rising slowly with position (a recency bias of ×1.3 over the span): upstream keeps the
+        last R_t image tokens, pos (the paper's HiMAP/GQA trend, ×3.5) the first R_t."""
+        return _run(runs["patched"][f"off-{case}"]), _run(runs["patched"][f"pos-{case}"])
+
+    def check_pos(self, runs, case, off, pos):
+        assert runs["pristine"]["off-recency"]["forwards"] == off.extra["forwards"]
+        for f in off.extra["forwards"]:
+            assert f["stage1"] == list(range(SPAN - R_T, SPAN))
+        for f in pos.extra["forwards"]:
+            assert f["stage1"] == list(range(R_T))
+
+    def entry(self, runs):
+        """HiMAP's eval path on CPU: load_pretrained_model (fp16) → model.config HiMAP settings → reset_hmapv() →
+        generate(use_cache=False, output_attentions=True) inside debias_core.sample(...), prefill + 2 decode steps."""
+        return _run(runs["entry"]["full-pad"], logits=False)
+
+    def check_entry(self, runs, run):
+        pad, crop = runs["entry"]["full-pad"], runs["entry"]["full-crop"]
+        assert pad["dtype"] == crop["dtype"] == "torch.float16" and pad["finite"] and crop["finite"]
+        valid = set(runs["valid"]["1200x200"])
+        for r in (pad, crop):
+            assert len(r["generated"]) == 3 and len(r["forwards"]) == 3
+            assert len(r["recorded"]["0"]) == len(r["recorded"]["1"]) == 3
+        for f in pad["forwards"]:
+            assert len(f["stage1"]) == len(valid) and set(f["stage1"]) <= valid and len(f["stage2"]) == R_I
+        # centre crop (model_vqa.py / eval_scivqa.py preprocessing) has no padding: nothing is masked or capped
+        for f in crop["forwards"]:
+            assert len(f["stage1"]) == R_T and len(f["stage2"]) == R_I
+
+
+# ------------------------------------------------------------------------------------------------ HiMAP's own
 
 @pytest.mark.parametrize("case", [f"{m}-{s}" for m in ("full", "pad") for s in SIZES]
                          + ["pos-flat", "full-flat", "pos-recency", "pos-parity", "pos-random", "off-1200x200"])
@@ -175,17 +219,6 @@ def test_pos_on_tied_scores_keeps_the_earliest(runs):
         assert f["stage1"] == valid[:R_T]
 
 
-def test_pos_reverses_a_recency_bias(runs):
-    """Stage-1 scores rising slowly with position (a recency bias of ×1.3 over the span): upstream keeps the
-    last R_t image tokens, pos (the paper's HiMAP/GQA trend, ×3.5) the first R_t."""
-    off, pos = runs["patched"]["off-recency"], runs["patched"]["pos-recency"]
-    assert runs["pristine"]["off-recency"]["forwards"] == off["forwards"]
-    for f in off["forwards"]:
-        assert f["stage1"] == list(range(SPAN - R_T, SPAN))
-    for f in pos["forwards"]:
-        assert f["stage1"] == list(range(R_T))
-
-
 def test_pos_at_stage_2_weights_original_positions(runs):
     """A stage-2 trend that favours odd raster positions by 10⁶ (stage 1 unweighted): stage 2 keeps every odd
     survivor of stage 1, which upstream's ranking does not. Compacted indices instead of raster positions
@@ -197,21 +230,3 @@ def test_pos_at_stage_2_weights_original_positions(runs):
         assert 0 < len(odd) <= R_I
         assert odd <= set(f_pos["stage2"])
         assert not odd <= set(f_off["stage2"])
-
-
-# ------------------------------------------------------------------------------------------------ real entry
-
-def test_real_entry_eval_path(runs):
-    """HiMAP's eval path on CPU: load_pretrained_model (fp16) → model.config HiMAP settings → reset_hmapv() →
-    generate(use_cache=False, output_attentions=True) inside debias_core.sample(...), prefill + 2 decode steps."""
-    pad, crop = runs["entry"]["full-pad"], runs["entry"]["full-crop"]
-    assert pad["dtype"] == crop["dtype"] == "torch.float16" and pad["finite"] and crop["finite"]
-    valid = set(runs["valid"]["1200x200"])
-    for r in (pad, crop):
-        assert len(r["generated"]) == 3 and len(r["forwards"]) == 3
-        assert len(r["recorded"]["0"]) == len(r["recorded"]["1"]) == 3
-    for f in pad["forwards"]:
-        assert len(f["stage1"]) == len(valid) and set(f["stage1"]) <= valid and len(f["stage2"]) == R_I
-    # centre crop (model_vqa.py / eval_scivqa.py preprocessing) has no padding: nothing is masked or capped
-    for f in crop["forwards"]:
-        assert len(f["stage1"]) == R_T and len(f["stage2"]) == R_I

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from tests import support
+from tests.baselines.contract import BaselineContract, Run, pytest_generate_tests  # noqa: F401 (the hook)
 
 pytestmark = pytest.mark.baseline
 
@@ -100,61 +101,79 @@ def test_apply_patches_script_applies_reapplies_and_reverses(env, tmp_path):
     support.check_apply_patches_roundtrip(NAME, tmp_path)
 
 
-# -- the model ----------------------------------------------------------------------------------------------
+# -- the model: the baseline contract (tests/baselines/contract.py) -------------------------------------------
 
-@pytest.mark.slow
-@pytest.mark.parametrize("flags", [(), ("--no-cache",)], ids=["cache-site", "no-cache-site"])
-def test_off_is_bit_identical_to_upstream(probe, flags):
-    upstream, ours = probe("pristine", "off", (640, 200), *flags), probe("patched", "off", (640, 200), *flags)
-    assert ours["r"] == upstream["r"] == R
-    assert ours["kept"] == upstream["kept"]
-    assert ours["prefill"] == upstream["prefill"] == [PREFIX + N + 6] * 2 + [PREFIX + N - R + 6]
-    assert ours["decode"] == upstream["decode"] and ours["sequences"] == upstream["sequences"]
-    assert torch.equal(torch.tensor(ours["logits"], dtype=torch.float32),
-                       torch.tensor(upstream["logits"], dtype=torch.float32))
+SIZES = {"640x200": ((640, 200), 243), "200x1000": ((200, 1000), 135)}
+SITES = {"cache-site": (), "no-cache-site": ("--no-cache",)}
 
 
-@pytest.mark.slow
-def test_off_without_a_sample_context_is_upstream(probe):
-    """DEBIAS=off needs no context at all (an unpatched caller keeps working)."""
-    upstream, ours = probe("pristine", "off", (640, 200)), probe("patched", "off", (640, 200), "--no-context")
-    assert ours["kept"] == upstream["kept"] and ours["logits"] == upstream["logits"]
+def _run(out) -> Run:
+    """A probe result in the contract's terms: forward_illava ranks once, at layer 2."""
+    return Run(kept=[out["kept"]], tokens=out["sequences"], logits={"logits": out["logits"]},
+               extra={k: out[k] for k in ("r", "prefill", "decode")})
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("flags", [(), ("--no-cache",)], ids=["cache-site", "no-cache-site"])
-@pytest.mark.parametrize("mode", ["pad", "full"])
-@pytest.mark.parametrize("size, n_valid", [((640, 200), 243), ((200, 1000), 135)])
-def test_padding_is_never_kept_and_the_count_is_capped(probe, mode, size, n_valid, flags):
-    valid = support.valid_positions(size, 0.5, GRID, RESOLUTION)
-    assert len(valid) == n_valid
-    assert n_valid < N - R, "the cap must bite for this image size"
-    out = probe("patched", mode, size, *flags)
-    assert out["n_kept"] == n_valid and out["r"] == N - n_valid
-    padding = sorted(set(out["kept"]) - valid)
-    assert not padding, f"{mode}: padding tokens {padding[:10]} kept for {size}"
-    assert out["prefill"][-1] == PREFIX + n_valid + 6
-    assert_decode_on_original_positions(out)
+@pytest.fixture(scope="module")
+def results(probe):
+    """What the contract's hooks receive: the probe runner."""
+    return probe
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("flags", [(), ("--no-cache",)], ids=["cache-site", "no-cache-site"])
-def test_pos_keeps_the_earliest_positions_when_scores_are_flat(probe, flags):
-    tied = probe("patched", "off", (640, 200), "--flat", *flags)
-    ours = probe("patched", "pos", (640, 200), "--flat", *flags)
-    assert ours["kept"] == list(range(N - R)), f"pos kept {ours['kept'][-10:]} at the end"
-    assert sum(tied["kept"]) > sum(ours["kept"]), (
-        "with tied scores upstream's ranking already kept the earliest positions, so this check cannot show the change")
-    assert_decode_on_original_positions(ours)
+class TestContract(BaselineContract):
+    pytestmark = [pytest.mark.slow]
+    span = N
+    off_cases = [*SITES, "no-context"]  # no-context: DEBIAS=off needs no context (an unpatched caller works)
+    padded_cases = [f"{mode}-{size}-{site}" for mode in ("pad", "full") for size in SIZES for site in SITES]
+    pos_cases = list(SITES)
 
+    def off_pair(self, probe, case):
+        if case == "no-context":
+            return _run(probe("pristine", "off", (640, 200))), _run(probe("patched", "off", (640, 200), "--no-context"))
+        flags = SITES[case]
+        return _run(probe("pristine", "off", (640, 200), *flags)), _run(probe("patched", "off", (640, 200), *flags))
 
-@pytest.mark.slow
-def test_generate_full_mode_on_a_square_image(probe):
-    """forward_illava through generate with DEBIAS=full and no padding: upstream's count, a kept set pulled to
-    earlier positions by the positional weight, and decoding that runs on the pruned cache."""
-    upstream, ours = probe("pristine", "off", (500, 500)), probe("patched", "full", (500, 500))
-    assert ours["r"] == upstream["r"] == R and ours["prefill"] == upstream["prefill"]
-    assert sum(ours["kept"]) / len(ours["kept"]) < sum(upstream["kept"]) / len(upstream["kept"])
-    assert len(ours["sequences"][0]) == len(upstream["sequences"][0]) == 4
-    assert torch.isfinite(torch.tensor(ours["logits"])).all()
-    assert_decode_on_original_positions(ours)
+    def check_off(self, probe, case, upstream, ours):
+        assert ours.extra["r"] == upstream.extra["r"] == R
+        assert ours.extra["prefill"] == upstream.extra["prefill"] == [PREFIX + N + 6] * 2 + [PREFIX + N - R + 6]
+
+    def padded(self, probe, case):
+        mode, key, site = case.split("-", 2)
+        size, n_valid = SIZES[key]
+        valid = support.valid_positions(size, 0.5, GRID, RESOLUTION)
+        assert len(valid) == n_valid
+        assert n_valid < N - R, "the cap must bite for this image size"
+        return _run(probe("patched", mode, size, *SITES[site])), valid, [n_valid]
+
+    def check_padded(self, probe, case, run, valid):
+        mode, key, site = case.split("-", 2)
+        out = probe("patched", mode, SIZES[key][0], *SITES[site])
+        n_valid = len(valid)
+        assert out["n_kept"] == n_valid and out["r"] == N - n_valid
+        assert out["prefill"][-1] == PREFIX + n_valid + 6
+        assert_decode_on_original_positions(out)
+
+    def pos_pair(self, probe, site):
+        tied = probe("patched", "off", (640, 200), "--flat", *SITES[site])
+        return _run(tied), _run(probe("patched", "pos", (640, 200), "--flat", *SITES[site]))
+
+    def check_pos(self, probe, site, tied, ours):
+        assert ours.kept[0] == list(range(N - R)), f"pos kept {ours.kept[0][-10:]} at the end"
+        assert sum(tied.kept[0]) > sum(ours.kept[0]), (
+            "with tied scores upstream's ranking already kept the earliest positions, so this check cannot show "
+            "the change")
+        assert_decode_on_original_positions(ours.extra)
+
+    def entry(self, probe):
+        """forward_illava through generate with DEBIAS=full and no padding."""
+        return _run(probe("patched", "full", (500, 500)))
+
+    def check_entry(self, probe, ours):
+        """Upstream's count, a kept set pulled to earlier positions by the positional weight, and decoding that
+        runs on the pruned cache."""
+        upstream = _run(probe("pristine", "off", (500, 500)))
+        assert ours.extra["r"] == upstream.extra["r"] == R and ours.extra["prefill"] == upstream.extra["prefill"]
+        mean = lambda kept: sum(kept) / len(kept)  # noqa: E731
+        assert mean(ours.kept[0]) < mean(upstream.kept[0])
+        assert len(ours.tokens[0]) == len(upstream.tokens[0]) == 4
+        assert torch.isfinite(torch.tensor(ours.logits["logits"])).all()
+        assert_decode_on_original_positions(ours.extra)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests import support
+from tests.baselines.contract import BaselineContract, Run, pytest_generate_tests  # noqa: F401 (the hook)
 
 pytestmark = pytest.mark.baseline
 
@@ -129,15 +130,6 @@ def test_merge_gives_suppressed_padding_no_weight(trees, tmp_path):
 
 
 @pytest.mark.slow
-def test_disabled_port_is_bit_identical_to_upstream(probe):
-    upstream, ours = probe("pristine"), probe("patched")
-    assert ours["span_start"] == upstream["span_start"] and ours["kept"] == upstream["kept"] == list(range(N))
-    assert ours["prefill"] == upstream["prefill"] and ours["decode"] == upstream["decode"]
-    assert ours["sequences"] == upstream["sequences"]
-    assert torch.equal(torch.tensor(ours["logits"]), torch.tensor(upstream["logits"]))
-
-
-@pytest.mark.slow
 def test_enabled_port_on_a_text_only_prompt_is_upstream(probe):
     """Nothing to merge: the port's layer loop computes exactly what LlamaModel.forward does (eager, fp32)."""
     upstream, ours = probe("pristine", "--text-only"), probe("patched", "--text-only", "--illava")
@@ -169,37 +161,64 @@ def test_enabled_port_ranks_the_same_with_sdpa_and_without_cache(probe):
     assert torch.equal(torch.tensor(no_cache["logits"][0]), torch.tensor(eager["logits"][0]))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["pad", "full"])
-@pytest.mark.parametrize("size, n_valid", [((640, 200), 192), ((200, 1000), 96), ((1000, 101), 48)])
-def test_padding_is_never_kept_and_the_count_is_capped(probe, mode, size, n_valid):
-    valid = support.valid_positions(size, 0.5)
-    assert len(valid) == n_valid
-    out = probe("patched", "--illava", debias=mode, size=size)
-    kept = min(KEEP, n_valid)
-    assert len(out["kept"]) == kept
-    padding = sorted(set(out["kept"]) - valid)
-    assert not padding, f"{mode}: padding tokens {padding[:10]} kept for {size}"
-    assert_pruned_decoding(out, kept)
+# -- the baseline contract (tests/baselines/contract.py) -----------------------------------------------------
+
+SIZES = {"640x200": ((640, 200), 192), "200x1000": ((200, 1000), 96), "1000x101": ((1000, 101), 48)}
 
 
-@pytest.mark.slow
-def test_pos_keeps_the_earliest_positions_when_scores_are_flat(probe):
-    tied, ours = probe("patched", "--illava", "--flat"), probe("patched", "--illava", "--flat", debias="pos")
-    assert ours["kept"] == list(range(KEEP)), f"pos kept ... {ours['kept'][-10:]}"
-    assert sum(tied["kept"]) > sum(ours["kept"]), (
-        "with tied scores the undebiased ranking already kept the earliest positions, so this check cannot "
-        "show the change")
-    assert_pruned_decoding(ours, KEEP)
+def _run(out) -> Run:
+    """A probe result in the contract's terms: the port ranks once, before layer K."""
+    return Run(kept=[out["kept"]], tokens=out["sequences"], logits={"logits": out["logits"]},
+               extra={k: out[k] for k in ("span_start", "prefill", "decode")})
 
 
-@pytest.mark.slow
-def test_generate_full_mode_on_a_square_image(probe):
-    """LLaVA's generate end to end with the port and DEBIAS=full (the FastV trend) on an unpadded image: the
-    count is the port's, the kept set moves earlier than without debiasing, and decoding runs."""
-    off, ours = probe("patched", "--illava", size=(500, 500)), probe("patched", "--illava", debias="full", size=(500, 500))
-    assert len(ours["kept"]) == len(off["kept"]) == KEEP
-    assert sum(ours["kept"]) < sum(off["kept"])
-    assert len(ours["sequences"][0]) == len(off["sequences"][0])
-    assert torch.isfinite(torch.tensor(ours["logits"])).all()
-    assert_pruned_decoding(ours, KEEP)
+@pytest.fixture(scope="module")
+def results(probe):
+    """What the contract's hooks receive: the probe runner."""
+    return probe
+
+
+class TestContract(BaselineContract):
+    pytestmark = [pytest.mark.slow]
+    off_cases = ["disabled"]  # the port off (its default): upstream LLaVA exactly
+    padded_cases = [f"{mode}-{size}" for mode in ("pad", "full") for size in SIZES]
+    pos_cases = ["flat"]
+
+    def off_pair(self, probe, case):
+        return _run(probe("pristine")), _run(probe("patched"))
+
+    def check_off(self, probe, case, upstream, ours):
+        assert ours.kept == upstream.kept == [list(range(N))]
+
+    def padded(self, probe, case):
+        mode, key = case.split("-")
+        size, n_valid = SIZES[key]
+        valid = support.valid_positions(size, 0.5)
+        assert len(valid) == n_valid
+        return _run(probe("patched", "--illava", debias=mode, size=size)), valid, [min(KEEP, n_valid)]
+
+    def check_padded(self, probe, case, run, valid):
+        assert_pruned_decoding(run.extra, len(run.kept[0]))
+
+    def pos_pair(self, probe, case):
+        return _run(probe("patched", "--illava", "--flat")), _run(probe("patched", "--illava", "--flat", debias="pos"))
+
+    def check_pos(self, probe, case, tied, ours):
+        assert ours.kept[0] == list(range(KEEP)), f"pos kept ... {ours.kept[0][-10:]}"
+        assert sum(tied.kept[0]) > sum(ours.kept[0]), (
+            "with tied scores the undebiased ranking already kept the earliest positions, so this check cannot "
+            "show the change")
+        assert_pruned_decoding(ours.extra, KEEP)
+
+    def entry(self, probe):
+        """LLaVA's generate end to end with the port and DEBIAS=full (the FastV trend) on an unpadded image."""
+        return _run(probe("patched", "--illava", debias="full", size=(500, 500)))
+
+    def check_entry(self, probe, ours):
+        """The count is the port's, the kept set moves earlier than without debiasing, and decoding runs."""
+        off = _run(probe("patched", "--illava", size=(500, 500)))
+        assert len(ours.kept[0]) == len(off.kept[0]) == KEEP
+        assert sum(ours.kept[0]) < sum(off.kept[0])
+        assert len(ours.tokens[0]) == len(off.tokens[0])
+        assert torch.isfinite(torch.tensor(ours.logits["logits"])).all()
+        assert_pruned_decoding(ours.extra, KEEP)

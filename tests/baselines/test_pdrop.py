@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests import support
+from tests.baselines.contract import BaselineContract, Run, pytest_generate_tests  # noqa: F401 (the hook)
 
 pytestmark = pytest.mark.baseline
 
@@ -88,64 +89,79 @@ def test_apply_patches_script_applies_reapplies_and_reverses(env, tmp_path):
     support.check_apply_patches_roundtrip(NAME, tmp_path)
 
 
-# -- the model ----------------------------------------------------------------------------------------------
+# -- the model: the baseline contract (tests/baselines/contract.py) -------------------------------------------
 
-@pytest.mark.slow
-@pytest.mark.parametrize("size", [(640, 200), (1000, 101)])
-def test_off_is_bit_identical_to_upstream(probe, size):
-    upstream, ours = probe("pristine", "off", size), probe("patched", "off", size)
-    assert ours["k"] == upstream["k"] == [int(576 * r) for r in RATIOS]
-    assert ours["kept"] == upstream["kept"]
-    assert ours["prefill"] == upstream["prefill"] and ours["decode"] == upstream["decode"]
-    assert ours["sequences"] == upstream["sequences"]
-    assert torch.equal(torch.tensor(ours["logits"], dtype=torch.float32),
-                       torch.tensor(upstream["logits"], dtype=torch.float32))
+SIZES = {"640x200": ((640, 200), 144), "1000x101": ((1000, 101), 48)}  # (W, H), valid tokens at τ = 0.01
+SQUARE = (500, 500)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["pad", "full"])
-@pytest.mark.parametrize("size, n_valid", [((640, 200), 144), ((1000, 101), 48)])
-def test_padding_never_survives_and_counts_stay_consistent(probe, mode, size, n_valid):
-    valid = support.valid_positions(size, THRESHOLD)
-    assert len(valid) == n_valid  # UPSTREAM.md §4.5 table, τ = 0.01
-    out = probe("patched", mode, size)
-    expected_k = [min(int(576 * r), n_valid) for r in RATIOS]
-    assert expected_k != [int(576 * r) for r in RATIOS], "the cap must bite for this image size"
-    assert out["k"] == expected_k
-    for stage, kept in enumerate(out["kept"]):
-        assert len(kept) == expected_k[stage]
-        padding = sorted(set(kept) - valid)
-        assert not padding, f"{mode}: padding tokens {padding[:10]} survived stage {stage} of {size}"
-        if stage:
-            assert set(kept) <= set(out["kept"][stage - 1]), f"stage {stage} kept a token dropped earlier"
-    assert out["prefill"] == [TEXT_TOKENS + 576] + [TEXT_TOKENS + k for k in expected_k]
-    assert_decode_consistent(out)
+def _run(out) -> Run:
+    """The probe's result in the contract's terms: one ranking per stage (prefill; PDrop ranks once)."""
+    return Run(kept=out["kept"], tokens=out["sequences"], logits={"logits": out["logits"]},
+               extra={"k": out["k"], "prefill": out["prefill"], "decode": out["decode"]})
 
 
-@pytest.mark.slow
-def test_pos_moves_the_kept_set_to_earlier_positions_when_scores_are_flat(probe):
-    size = (640, 200)  # pos does not suppress padding; the geometry is irrelevant here
-    tied, ours = probe("patched", "off", size, flat=True), probe("patched", "pos", size, flat=True)
-    for stage, k in enumerate(int(576 * r) for r in RATIOS):
-        assert ours["kept"][stage] == list(range(k)), f"pos stage {stage}: {ours['kept'][stage][:10]}..."
-        assert sum(tied["kept"][stage]) > sum(ours["kept"][stage]), (
-            f"stage {stage}: with tied scores upstream's top-k already kept the earliest {k} positions, "
-            f"so this check cannot show the change")
-    assert_decode_consistent(ours)
+@pytest.fixture(scope="module")
+def results(probe):
+    """What the contract's hooks receive: the probe runner."""
+    return probe
 
 
-@pytest.mark.slow
-def test_generate_entry_full_mode_on_a_square_image(probe):
-    """LlavaLlamaForCausalLM_PDrop.generate end to end with DEBIAS=full and no padding: the counts are
-    upstream's, the positional weight pulls the kept set earlier than upstream's, and decoding runs."""
-    size = (500, 500)
-    assert len(support.valid_positions(size, THRESHOLD)) == 576
-    upstream, ours = probe("pristine", "off", size), probe("patched", "full", size)
-    assert ours["k"] == upstream["k"] == [int(576 * r) for r in RATIOS]
-    assert ours["prefill"] == upstream["prefill"]
-    for stage in range(len(RATIOS)):
-        mean = lambda kept: sum(kept) / len(kept)  # noqa: E731
-        assert mean(ours["kept"][stage]) < mean(upstream["kept"][stage]), f"stage {stage}"
-    assert len(ours["sequences"][0]) == len(upstream["sequences"][0])
-    assert torch.isfinite(torch.tensor(ours["logits"])).all()
-    assert_decode_consistent(ours)
+class TestContract(BaselineContract):
+    pytestmark = [pytest.mark.slow]
+    off_cases = list(SIZES)
+    padded_cases = [f"{mode}-{size}" for mode in ("pad", "full") for size in SIZES]
+    pos_cases = ["flat-640x200"]  # pos does not suppress padding; the geometry is irrelevant here
+
+    def off_pair(self, probe, case):
+        size = SIZES[case][0]
+        return _run(probe("pristine", "off", size)), _run(probe("patched", "off", size))
+
+    def check_off(self, probe, case, upstream, ours):
+        assert ours.extra["k"] == upstream.extra["k"] == [int(576 * r) for r in RATIOS]
+
+    def padded(self, probe, case):
+        mode, size_key = case.split("-")
+        (size, n_valid), valid = SIZES[size_key], support.valid_positions(SIZES[size_key][0], THRESHOLD)
+        assert len(valid) == n_valid  # UPSTREAM.md §4.5 table, τ = 0.01
+        expected_k = [min(int(576 * r), n_valid) for r in RATIOS]
+        assert expected_k != [int(576 * r) for r in RATIOS], "the cap must bite for this image size"
+        return _run(probe("patched", mode, size)), valid, expected_k
+
+    def check_padded(self, probe, case, run, valid):
+        expected_k = [len(kept) for kept in run.kept]
+        assert run.extra["k"] == expected_k
+        for stage in range(1, len(run.kept)):
+            assert set(run.kept[stage]) <= set(run.kept[stage - 1]), f"stage {stage} kept a token dropped earlier"
+        assert run.extra["prefill"] == [TEXT_TOKENS + 576] + [TEXT_TOKENS + k for k in expected_k]
+        assert_decode_consistent(run.extra)
+
+    def pos_pair(self, probe, case):
+        size = SIZES[case.split("-")[1]][0]
+        return _run(probe("patched", "off", size, flat=True)), _run(probe("patched", "pos", size, flat=True))
+
+    def check_pos(self, probe, case, tied, ours):
+        for stage, k in enumerate(int(576 * r) for r in RATIOS):
+            assert ours.kept[stage] == list(range(k)), f"pos stage {stage}: {ours.kept[stage][:10]}..."
+            assert sum(tied.kept[stage]) > sum(ours.kept[stage]), (
+                f"stage {stage}: with tied scores upstream's top-k already kept the earliest {k} positions, "
+                f"so this check cannot show the change")
+        assert_decode_consistent(ours.extra)
+
+    def entry(self, probe):
+        """LlavaLlamaForCausalLM_PDrop.generate end to end with DEBIAS=full and no padding."""
+        assert len(support.valid_positions(SQUARE, THRESHOLD)) == 576
+        return _run(probe("patched", "full", SQUARE))
+
+    def check_entry(self, probe, ours):
+        """The counts are upstream's, the positional weight pulls the kept set earlier than upstream's, and
+        decoding runs."""
+        upstream = _run(probe("pristine", "off", SQUARE))
+        assert ours.extra["k"] == upstream.extra["k"] == [int(576 * r) for r in RATIOS]
+        assert ours.extra["prefill"] == upstream.extra["prefill"]
+        for stage in range(len(RATIOS)):
+            mean = lambda kept: sum(kept) / len(kept)  # noqa: E731
+            assert mean(ours.kept[stage]) < mean(upstream.kept[stage]), f"stage {stage}"
+        assert len(ours.tokens[0]) == len(upstream.tokens[0])
+        assert torch.isfinite(torch.tensor(ours.logits["logits"])).all()
+        assert_decode_consistent(ours.extra)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import support
+from tests.baselines.contract import BaselineContract, Run, pytest_generate_tests  # noqa: F401 (the hook)
 
 pytestmark = pytest.mark.baseline
 
@@ -117,60 +118,96 @@ def test_apply_patches_script_applies_reapplies_and_reverses(tmp_path):
     support.check_apply_patches_roundtrip(NAME, tmp_path)
 
 
-# --- the model ----------------------------------------------------------------------------------------------
+# --- the model: the baseline contract (tests/baselines/contract.py) -----------------------------------------
 
-@pytest.mark.slow
-def test_off_reproduces_upstream_exactly(trees):
-    up, ours = probe(trees, "pristine", "off"), probe(trees, "patched", "off")
-    assert "patched" in ours["tree"] and "pristine" in up["tree"]
-    for key in ("stages", "logits_sha256", "logit_shapes", "cache_lengths", "generated"):
-        assert ours[key] == up[key], key
-    assert up["debias_positions"] == {}          # the pristine tree never calls debias_core
-    check_tracking(ours)
-    check_lengths(ours)
-    assert counts(ours) == expected_counts(SPAN)
-    # upstream keeps and recycles padding here (303 > 288 real tokens): the padding checks below can fail
-    valid = valid_positions("400x200")
-    assert sum(p >= 0 and p not in valid for p in ours["stages"][0]["kept"]) >= SCHEDULE[0] - len(valid)
+def _run(run: dict, real_only: bool = False) -> Run:
+    """A probe result in the contract's terms: each pruning layer's kept tokens, then its recycled ones. A cluster
+    (recycled tokens merged into one; position −1 in the probe) is no padding: it gets its own negative id, so
+    clusters count and never look like a token kept twice. ``real_only``: original positions only."""
+    ids = iter(range(-1, -10 ** 6, -1))
+    kept = [[p if p >= 0 else next(ids) for p in s[what] if p >= 0 or not real_only]
+            for s in run["stages"] for what in ("kept", "recycled")]
+    return Run(kept=kept, tokens=run["generated"], logits={},
+               extra={k: run[k] for k in ("stages", "logits_sha256", "logit_shapes", "cache_lengths")})
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["pad", "full"])
-@pytest.mark.parametrize("image", ["400x200", "640x360"])
-def test_generate_keeps_and_recycles_no_padding(trees, mode, image):
-    """Real entry (generate on the patched model). 400x200 has 288 real tokens (< 303: the keep cap bites and
-    layer 2 recycles nothing); 640x360 has 336 (layer 2 may recycle only 33 real tokens, not 82)."""
-    run = probe(trees, "patched", mode, image)
-    valid = valid_positions(image)
-    assert run["mode"] == mode
-    for s in run["stages"]:
-        for what in ("kept", "recycled"):
-            padding = [p for p in s[what] if p >= 0 and p not in valid]
-            assert not padding, f"layer {s['layer']} {what} padding tokens {padding[:10]}"
-    assert counts(run) == expected_counts(len(valid))
-    check_tracking(run)
-    check_lengths(run)
+@pytest.fixture(scope="module")
+def results(trees):
+    """What the contract's hooks receive: the probe's trees and memo."""
+    return trees
 
 
-@pytest.mark.slow
-def test_pos_prefers_earlier_positions_when_scores_are_flat(trees):
-    """Zero queries at the pruning layers make every visual score equal; the positional weight then keeps and
-    recycles the earliest original positions at every layer. Upstream's tie-breaking keeps others."""
-    pos, off = probe(trees, "patched", "pos", flat=True), probe(trees, "patched", "off", flat=True)
-    # the construction really is flat: relative spread at float32 rounding level, far below the weight step
-    # between neighbouring positions (1 - exp(-b) ≈ 2.3e-3 for paper:sparsevlm/gqa)
-    for run in (pos, off):
-        for stage, spread in run["raw_score_spread"].items():
-            assert spread[0] < 1e-6, f"stage {stage}: raw scores are not flat (relative spread {spread[0]})"
-    for s in pos["stages"]:
-        real = sorted(p for p in s["ranked"] if p >= 0)
-        kept = sorted(p for p in s["kept"] if p >= 0)
-        assert kept == real[:len(kept)], f"layer {s['layer']}"
-        pruned = sorted(set(real) - set(kept))
-        recycled = sorted(p for p in s["recycled"] if p >= 0)
-        assert recycled == pruned[:len(recycled)], f"layer {s['layer']} recycle"
-    mean = lambda xs: sum(xs) / len(xs)
-    assert pos["stages"][0]["kept"] != off["stages"][0]["kept"]
-    assert mean(pos["stages"][0]["kept"]) < mean(off["stages"][0]["kept"])
-    assert counts(pos) == counts(off) == expected_counts(SPAN)
-    check_tracking(pos)
+class TestContract(BaselineContract):
+    pytestmark = [pytest.mark.slow]
+    off_cases = ["400x200"]
+    padded_cases = [f"{mode}-{image}" for mode in ("pad", "full") for image in ("400x200", "640x360")]
+    pos_cases = ["flat"]
+
+    def off_pair(self, trees, image):
+        """The logits are compared by their sha256 (Run.extra), bit for bit."""
+        up, ours = probe(trees, "pristine", "off", image), probe(trees, "patched", "off", image)
+        assert "patched" in ours["tree"] and "pristine" in up["tree"]
+        return _run(up), _run(ours)
+
+    def check_off(self, trees, image, up, ours):
+        run = probe(trees, "patched", "off", image)
+        assert probe(trees, "pristine", "off", image)["debias_positions"] == {}  # pristine never calls debias_core
+        check_tracking(run)
+        check_lengths(run)
+        assert counts(run) == expected_counts(SPAN)
+        # upstream keeps and recycles padding here (303 > 288 real tokens): the padding checks below can fail
+        valid = valid_positions(image)
+        assert sum(p >= 0 and p not in valid for p in run["stages"][0]["kept"]) >= SCHEDULE[0] - len(valid)
+
+    def padded(self, trees, case):
+        """400x200 has 288 real tokens (< 303: the keep cap bites and layer 2 recycles nothing); 640x360 has 336
+        (layer 2 may recycle only 33 real tokens, not 82)."""
+        mode, image = case.split("-")
+        run = _run(probe(trees, "patched", mode, image))
+        clusters = {p for kept in run.kept for p in kept if p < 0}
+        expected = [n for _, kept, recycled, _ in expected_counts(len(valid_positions(image)))
+                    for n in (kept, recycled)]
+        return run, valid_positions(image) | clusters, expected
+
+    def check_padded(self, trees, case, run, valid):
+        mode, image = case.split("-")
+        raw = probe(trees, "patched", mode, image)
+        assert raw["mode"] == mode
+        assert counts(raw) == expected_counts(len(valid_positions(image)))
+        check_tracking(raw)
+        check_lengths(raw)
+
+    def pos_pair(self, trees, case):
+        """Zero queries at the pruning layers make every visual score equal; the positional weight then keeps and
+        recycles the earliest original positions at every layer. Upstream's tie-breaking keeps others. Compared:
+        each layer's kept original positions."""
+        off, pos = probe(trees, "patched", "off", flat=True), probe(trees, "patched", "pos", flat=True)
+        return (Run(kept=_run(off, real_only=True).kept[::2]), Run(kept=_run(pos, real_only=True).kept[::2]))
+
+    def check_pos(self, trees, case, off_run, pos_run):
+        pos, off = probe(trees, "patched", "pos", flat=True), probe(trees, "patched", "off", flat=True)
+        # the construction really is flat: relative spread at float32 rounding level, far below the weight step
+        # between neighbouring positions (1 - exp(-b) ≈ 2.3e-3 for paper:sparsevlm/gqa)
+        for run in (pos, off):
+            for stage, spread in run["raw_score_spread"].items():
+                assert spread[0] < 1e-6, f"stage {stage}: raw scores are not flat (relative spread {spread[0]})"
+        for s in pos["stages"]:
+            real = sorted(p for p in s["ranked"] if p >= 0)
+            kept = sorted(p for p in s["kept"] if p >= 0)
+            assert kept == real[:len(kept)], f"layer {s['layer']}"
+            pruned = sorted(set(real) - set(kept))
+            recycled = sorted(p for p in s["recycled"] if p >= 0)
+            assert recycled == pruned[:len(recycled)], f"layer {s['layer']} recycle"
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        assert pos["stages"][0]["kept"] != off["stages"][0]["kept"]
+        assert mean(pos["stages"][0]["kept"]) < mean(off["stages"][0]["kept"])
+        assert counts(pos) == counts(off) == expected_counts(SPAN)
+        check_tracking(pos)
+
+    def entry(self, trees):
+        """Real entry: generate on the patched model, DEBIAS=full, a padded image."""
+        return _run(probe(trees, "patched", "full", "400x200"))
+
+    def check_entry(self, trees, run):
+        raw = probe(trees, "patched", "full", "400x200")
+        assert raw["logits_finite"] and len(raw["generated"]) == 1 + raw["new_tokens"]

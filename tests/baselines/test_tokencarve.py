@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from tests import support
+from tests.baselines.contract import BaselineContract, Run, pytest_generate_tests  # noqa: F401 (the hook)
 
 pytestmark = pytest.mark.baseline
 
@@ -129,46 +130,102 @@ def test_apply_patches_script_applies_reapplies_and_reverses(env, tmp_path):
 
 # -- the model ----------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
-@pytest.mark.parametrize("entry", ["lm", "llava"])
-def test_off_is_bit_identical_to_upstream(probe, entry, request):
-    llava = request.getfixturevalue("llava_tree") if entry == "llava" else None
-    size = (1000, 101)   # 48 content tokens < R = 96: upstream keeps padding, `off` must too
-    upstream, ours = probe("pristine", "off", size, llava), probe("patched", "off", size, llava)
-    assert [c["k"] for c in ours["topk"]] == [c["k"] for c in upstream["topk"]] == [96, 96, 96]
-    assert ours["topk"] == upstream["topk"]
-    assert ours["keep"] == upstream["keep"] and ours["keep_end"] == upstream["keep_end"]
-    assert ours["layer_len"] == upstream["layer_len"] and ours["kv_len"] == upstream["kv_len"]
-    assert ours["tokens"] == upstream["tokens"]
-    assert torch.equal(torch.tensor(ours["logits"], dtype=torch.float32),
-                       torch.tensor(upstream["logits"], dtype=torch.float32))
-    assert len(kept_visual(ours)) == 64 > len(support.valid_positions(size, THRESHOLD)), \
-        "upstream's count is not capped"
-    assert_consistent(ours, 64)
+# -- the baseline contract (tests/baselines/contract.py) -----------------------------------------------------
+
+def _run(out, rankings=(0, 1, 2)) -> Run:
+    """A probe result in the contract's terms: the AV, SV and fused top-R (``rankings`` of them), then the kept
+    visual tokens after the merge."""
+    return Run(kept=[out["topk"][i]["indices"] for i in rankings] + [kept_visual(out)], tokens=out["tokens"],
+               logits={"logits": out["logits"]},
+               extra={k: out[k] for k in ("topk", "keep", "keep_end", "layer_len", "kv_len")})
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["pad", "full"])
-@pytest.mark.parametrize("size, nums, n_valid", [
-    ((1000, 101), 64, 48),    # cap bites, merge takes R//2:  R = 48, final 24
-    ((400, 200), 256, 288),   # cap bites, merge takes M:     R = 288 (of 384), final 160
-    ((640, 200), 64, 192),    # no cap:                       R = 96, final 64
-])
-def test_padding_never_survives_and_counts_stay_consistent(probe, mode, size, nums, n_valid):
-    valid = support.valid_positions(size, THRESHOLD)
-    assert len(valid) == n_valid  # UPSTREAM.md §4.5 table, τ = 0.5
-    out = probe("patched", mode, size, nums=nums)
-    r, final = counts(nums, n_valid)
-    assert [c["k"] for c in out["topk"]] == [r, r, r], "AV, SV and fused top-R must all use the capped R"
-    for stage, call in zip(("AV", "SV", "fused"), out["topk"]):
-        padding = sorted(set(call["indices"]) - valid)
-        assert not padding, f"{mode}: padding tokens {padding[:10]} are in the {stage} top-{r} for {size}"
-    kept = kept_visual(out)
-    assert len(kept) == final
-    assert set(kept) <= set(out["topk"][2]["indices"]), "a kept token is not in the fused top-R"
-    assert not sorted(set(kept) - valid), f"{mode}: padding survived pruning for {size}"
-    assert_consistent(out, final)
+PADDED = {  # case -> (size, nums, n_valid)
+    "1000x101": ((1000, 101), 64, 48),    # cap bites, merge takes R//2:  R = 48, final 24
+    "400x200": ((400, 200), 256, 288),    # cap bites, merge takes M:     R = 288 (of 384), final 160
+    "640x200": ((640, 200), 64, 192),     # no cap:                       R = 96, final 64
+}
 
+
+@pytest.fixture(scope="module")
+def results(probe, request):
+    """What the contract's hooks receive: the probe and LLaVA's tree (or why it cannot be had here)."""
+    try:
+        llava = request.getfixturevalue("llava_tree")
+    except pytest.skip.Exception as e:
+        llava = e
+    return {"probe": probe, "llava": llava}
+
+
+def _llava(results):
+    if isinstance(results["llava"], BaseException):
+        pytest.skip(f"the LLaVA entry was not tested: {results['llava']}")
+    return results["llava"]
+
+
+class TestContract(BaselineContract):
+    pytestmark = [pytest.mark.slow]
+    off_cases = ["lm", "llava"]  # TokenCarve's own LlamaForCausalLM.generate, and LLaVA's on top of it
+    padded_cases = [f"{mode}-{size}" for mode in ("pad", "full") for size in PADDED]
+    pos_cases = ["ramp"]
+
+    def off_pair(self, results, entry):
+        llava = _llava(results) if entry == "llava" else None
+        size = (1000, 101)   # 48 content tokens < R = 96: upstream keeps padding, `off` must too
+        probe = results["probe"]
+        return _run(probe("pristine", "off", size, llava)), _run(probe("patched", "off", size, llava))
+
+    def check_off(self, results, entry, upstream, ours):
+        assert [c["k"] for c in ours.extra["topk"]] == [c["k"] for c in upstream.extra["topk"]] == [96, 96, 96]
+        assert len(ours.kept[-1]) == 64 > len(support.valid_positions((1000, 101), THRESHOLD)), \
+            "upstream's count is not capped"
+        assert_consistent({**ours.extra, "logits": ours.logits["logits"]}, 64)
+
+    def padded(self, results, case):
+        mode, key = case.split("-")
+        size, nums, n_valid = PADDED[key]
+        valid = support.valid_positions(size, THRESHOLD)
+        assert len(valid) == n_valid  # UPSTREAM.md §4.5 table, τ = 0.5
+        r, final = counts(nums, n_valid)
+        return _run(results["probe"]("patched", mode, size, nums=nums)), valid, [r, r, r, final]
+
+    def check_padded(self, results, case, run, valid):
+        r = len(run.kept[0])
+        assert [c["k"] for c in run.extra["topk"]] == [r, r, r], "AV, SV and fused top-R must all use the capped R"
+        assert set(run.kept[-1]) <= set(run.kept[2]), "a kept token is not in the fused top-R"
+        assert_consistent({**run.extra, "logits": run.logits["logits"]}, len(run.kept[-1]))
+
+    def pos_pair(self, results, case):
+        """The probe sets layer 1's last-row attention over the image to 1 + 5e-4·i: flat content plus a recency
+        trend (the bias the paper removes), on an image without padding (only the positional weight acts). With
+        attention alone in the Borda fusion (weight 1) the fused top-R is the AV ranking. The rankings compared
+        are the AV score, the fused score and the kept set; the SV score is not attention (pos leaves it)."""
+        probe = results["probe"]
+        up, ours = (probe("patched", m, (500, 500), ramp=5e-4, sv_av_weight=1.0) for m in ("off", "pos"))
+        return _run(up, rankings=(0, 2)), _run(ours, rankings=(0, 2))
+
+    def check_pos(self, results, case, up, ours):
+        """The TokenCarve GQA weight exp(-1.67e-3·i) reverses the recency trend."""
+        probe = results["probe"]
+        assert up.kept[1] == list(range(IMAGE - 1, IMAGE - 97, -1)), "the recency trend did not take"
+        assert sorted(ours.kept[1]) == list(range(96)), "pos did not rank the earliest positions first"
+        assert set(ours.kept[-1]) <= set(range(96))
+        assert_consistent({**ours.extra, "logits": ours.logits["logits"]}, 64)
+        # The paper's setting (SV/AV weight 0.5): SV still votes, but the kept set moves well towards the start.
+        up, ours = (probe("patched", m, (500, 500), ramp=5e-4) for m in ("off", "pos"))
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        assert mean(kept_visual(ours)) < IMAGE / 2 < mean(kept_visual(up)), (
+            f"kept mean position: off {mean(kept_visual(up)):.0f}, pos {mean(kept_visual(ours)):.0f}")
+        # pos does not suppress padding: on a padded image the count stays upstream's
+        padded = probe("patched", "pos", (1000, 101))
+        assert len(kept_visual(padded)) == 64
+
+    def entry(self, results):
+        """LlavaLlamaForCausalLM.generate on TokenCarve's Llama with a padded image (more sizes below)."""
+        return _run(results["probe"]("patched", "full", (1000, 101), _llava(results)))
+
+
+# -- TokenCarve's own -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sv_av_mode, ranking", [(1, 1), (2, 0)])
@@ -197,28 +254,6 @@ def test_fused_score_masks_padding_for_any_sv_av_weight(probe, weight):
     assert out["topk"][2]["k"] == r and not sorted(set(out["topk"][2]["indices"]) - valid)
     assert len(kept_visual(out)) == final
     assert_consistent(out, final)
-
-
-@pytest.mark.slow
-def test_pos_moves_the_kept_set_to_earlier_positions_when_scores_are_flat(probe):
-    """The probe sets layer 1's last-row attention over the image to 1 + 5e-4·i: flat content plus a recency
-    trend (the bias the paper removes). The TokenCarve GQA weight exp(-1.67e-3·i) reverses that trend."""
-    size = (500, 500)   # no padding: only the positional weight acts
-    ramp = 5e-4
-    # Attention only in the Borda fusion (weight 1): the fused top-R is exactly the ranking of the AV score.
-    up, ours = (probe("patched", m, size, ramp=ramp, sv_av_weight=1.0) for m in ("off", "pos"))
-    assert up["topk"][2]["indices"] == list(range(IMAGE - 1, IMAGE - 97, -1)), "the recency trend did not take"
-    assert sorted(ours["topk"][2]["indices"]) == list(range(96)), "pos did not rank the earliest positions first"
-    assert set(kept_visual(ours)) <= set(range(96))
-    assert_consistent(ours, 64)
-    # The paper's setting (SV/AV weight 0.5): SV still votes, but the kept set moves well towards the start.
-    up, ours = (probe("patched", m, size, ramp=ramp) for m in ("off", "pos"))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    assert mean(kept_visual(ours)) < IMAGE / 2 < mean(kept_visual(up)), (
-        f"kept mean position: off {mean(kept_visual(up)):.0f}, pos {mean(kept_visual(ours)):.0f}")
-    # pos does not suppress padding: on a padded image the count stays upstream's
-    padded = probe("patched", "pos", (1000, 101))
-    assert len(kept_visual(padded)) == 64
 
 
 @pytest.mark.slow

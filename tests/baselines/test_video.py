@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests import support
+from tests.baselines.contract import BaselineContract, Run, pytest_generate_tests  # noqa: F401 (the hook)
 
 pytestmark = pytest.mark.baseline
 
@@ -135,14 +136,6 @@ def test_disabled_is_upstream_exactly(runs):
     assert up["spans"][0]["span"] == "absent"
 
 
-def test_keep_everything_reproduces_upstream_through_the_pruning_loop(runs):
-    """K = 2, R = 2,056: the patched decoder loop, its masks, rotary wrapper and decode positions run, keep every
-    token, and must give upstream's logits bit for bit at prefill and at every decode step."""
-    up, ours = _ok(runs["pristine"]["disabled"]), _ok(runs["patched"]["keepall"])
-    assert ours["kept"][0] == list(range(SPAN))
-    assert ours["logit_hashes"] == up["logit_hashes"] and ours["generated"] == up["generated"]
-
-
 # --- the visual span is found at run time -----------------------------------------------------------------
 
 def test_video_span_is_found_at_run_time(runs):
@@ -158,29 +151,6 @@ def test_video_span_is_found_at_run_time(runs):
     assert span["prefix_is_text"]
 
 
-# --- off: FastV (top-k of the raw scores), on a shorter KV cache -------------------------------------------
-
-def test_off_is_fastv_and_decodes_on_the_pruned_cache(runs):
-    res = _ok(runs["patched"]["off"])
-    assert res["kept"][0] == res["expected_off"], "kept set is not the top-R of layer K-1's last-token head mean"
-    assert len(res["kept"][0]) == RANK
-    assert res["attention_maps"] == [K - 1], "only layer K-1 should compute a returned attention map, once"
-    full = res["spans"][0]["embeds_len"]
-    s0 = res["s0_input_ids"]
-    for step, entry in enumerate(res["at_k"][1:]):
-        assert entry["positions"] == [full + step], "decode steps must keep original position ids"
-        assert entry["past"] == full - SPAN + RANK + step, "layer K's cache should hold only the kept tokens"
-    assert res["at_k"][0]["positions"][:s0] == list(range(s0))
-    again = _ok(runs["patched"]["off-again"])
-    assert (again["kept"], again["logit_hashes"]) == (res["kept"], res["logit_hashes"])
-
-
-def test_pad_is_off_for_video(runs):
-    """Video is center-cropped (preprocess="none"): nothing is padding, so pad changes nothing."""
-    off, pad = _ok(runs["patched"]["off"]), _ok(runs["patched"]["pad"])
-    assert (pad["kept"], pad["logit_hashes"]) == (off["kept"], off["logit_hashes"])
-
-
 def test_cached_decoding_matches_recomputation(runs):
     """With a query-independent ranking (layer K-1's map replaced in the probe), generate(use_cache=True) on the
     pruned cache must match use_cache=False, where every step re-prefills and re-prunes the whole sequence."""
@@ -194,22 +164,76 @@ def test_cached_decoding_matches_recomputation(runs):
         "the check is vacuous: decode positions do not affect the logits"
 
 
-# --- pos / full: flat scores -> earliest positions ------------------------------------------------------------
-
-@pytest.mark.parametrize("mode", ["pos", "full"])
-def test_positional_debias_moves_the_kept_set_to_earlier_positions(runs, mode):
-    """Layer K-1's map is replaced (in the probe) by a flat row with a 1 % recency ramp over the 2,056 tokens;
-    the trend is exponential over 2,056 positions (weight e^-0.001 i)."""
-    off = _ok(runs["patched"]["ramp-off"], steps=1)
-    res = _ok(runs["patched"][f"ramp-{mode}"], steps=1)
-    assert off["kept"][0] == list(range(SPAN - RANK, SPAN)), "FastV should keep the latest tokens"
-    assert res["kept"][0] == list(range(RANK)), f"{mode} should keep the earliest tokens (no cap: no padding)"
-
-
 def test_debias_errors_name_the_fix(runs):
     assert "sample context" in runs["patched"]["full-nocontext"].get("error", "")
     assert "covers 576 positions" in runs["patched"]["full-576-trend"].get("error", "")
     assert "video_fastv_k=3" in runs["patched"]["bad-k"].get("error", "")
+
+
+# --- the baseline contract (tests/baselines/contract.py) ----------------------------------------------------
+
+def _run(res: dict, steps=STEPS) -> Run:
+    """A probe result in the contract's terms: the patch ranks once, at prefill (layer K); the logits are compared
+    through their hashes (Run.extra), bit for bit."""
+    res = _ok(res, steps)
+    return Run(kept=[res["kept"][0]], tokens=res["generated"], extra={"logit_hashes": res["logit_hashes"]})
+
+
+@pytest.fixture(scope="module")
+def results(runs):
+    """What the contract's hooks receive: every probe result."""
+    return runs
+
+
+class TestContract(BaselineContract):
+    span = SPAN
+    has_padding = False  # video is centre-cropped (preprocess="none"): nothing is padding
+    off_cases = ["keepall"]
+    padded_cases = ["pad"]
+    pos_cases = ["pos", "full"]
+
+    def off_pair(self, runs, case):
+        """K = 2, R = 2,056: the patched decoder loop, its masks, rotary wrapper and decode positions run, keep every
+        token, and must give upstream's logits bit for bit at prefill and at every decode step. Upstream ranks
+        nothing: it keeps every token."""
+        up = _ok(runs["pristine"]["disabled"])
+        upstream = Run(kept=[list(range(SPAN))], tokens=up["generated"], extra={"logit_hashes": up["logit_hashes"]})
+        return upstream, _run(runs["patched"]["keepall"])
+
+    def padded(self, runs, case):
+        """Nothing is padding, so pad keeps FastV's R tokens."""
+        return _run(runs["patched"]["pad"]), set(range(SPAN)), [RANK]
+
+    def check_padded(self, runs, case, run, valid):
+        off, pad = _ok(runs["patched"]["off"]), _ok(runs["patched"]["pad"])
+        assert (pad["kept"], pad["logit_hashes"]) == (off["kept"], off["logit_hashes"]), "pad changed the video run"
+
+    def pos_pair(self, runs, mode):
+        """Layer K-1's map is replaced (in the probe) by a flat row with a 1 % recency ramp over the 2,056 tokens;
+        the trend is exponential over 2,056 positions (weight e^-0.001 i)."""
+        return _run(runs["patched"]["ramp-off"], steps=1), _run(runs["patched"][f"ramp-{mode}"], steps=1)
+
+    def check_pos(self, runs, mode, off, res):
+        assert off.kept[0] == list(range(SPAN - RANK, SPAN)), "FastV should keep the latest tokens"
+        assert res.kept[0] == list(range(RANK)), f"{mode} should keep the earliest tokens (no cap: no padding)"
+
+    def entry(self, runs):
+        """FastV at K = 2, R = 300 through generate: prefill, then decoding on the pruned cache."""
+        return _run(runs["patched"]["off"])
+
+    def check_entry(self, runs, run):
+        res = _ok(runs["patched"]["off"])
+        assert res["kept"][0] == res["expected_off"], "kept set is not the top-R of layer K-1's last-token head mean"
+        assert len(res["kept"][0]) == RANK
+        assert res["attention_maps"] == [K - 1], "only layer K-1 should compute a returned attention map, once"
+        full = res["spans"][0]["embeds_len"]
+        s0 = res["s0_input_ids"]
+        for step, entry in enumerate(res["at_k"][1:]):
+            assert entry["positions"] == [full + step], "decode steps must keep original position ids"
+            assert entry["past"] == full - SPAN + RANK + step, "layer K's cache should hold only the kept tokens"
+        assert res["at_k"][0]["positions"][:s0] == list(range(s0))
+        again = _ok(runs["patched"]["off-again"])
+        assert (again["kept"], again["logit_hashes"]) == (res["kept"], res["logit_hashes"])
 
 
 # --- the eval script ------------------------------------------------------------------------------------------
