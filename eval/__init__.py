@@ -7,8 +7,8 @@
     bash scripts/demo.sh                                        (the whole path on CPU with a tiny random LLaVA)
 
 Modules (one concept each):
-  methods/      per-method adapters (how to load, configure and call each baseline); defaults.json holds the
-                paper's settings. methods/base.py documents the interface for the baselines' adapters.
+  methods/      per-method adapters (how to load, configure and call each baseline); the method registry
+                (debias_core/data/methods.json, eval.registry) holds the paper's settings. methods/base.py documents the interface for the baselines' adapters.
   benchmarks    the registry: question file, image folder, prompt suffix, LLaVA eval module, scorer kind
   questions     reading LLaVA-format question files (jsonl, ScienceQA json, MMBench tsv) into samples
   answers       answer jsonl: one write per answer, resume after SIGKILL, LLaVA's chunk split, checked merge

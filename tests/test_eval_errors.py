@@ -93,7 +93,12 @@ def _script(cmd, env):
     ("bash scripts/run_llava.sh", {"CKPT": "liuhaotian/llava-v1.5-7b", "DATA_DIR": "/nonexistent/data"},
      r"^error: dataset folder DATA_DIR=/nonexistent/data does not exist"),
 ])
-def test_run_scripts_stop_with_one_line(cmd, env, message):
+def test_run_scripts_stop_with_one_line(cmd, env, message, tmp_path):
+    if env.get("CKPT") == "liuhaotian/llava-v1.5-7b":   # a downloaded hub checkpoint: the next check is the data
+        snap = tmp_path / "hub" / "models--liuhaotian--llava-v1.5-7b" / "snapshots" / "0"
+        snap.mkdir(parents=True)
+        (snap / "config.json").write_text("{}")
+        env = {**env, "HF_HUB_CACHE": str(tmp_path / "hub")}
     r = _script(cmd, {"PYTHON": sys.executable, **env})
     assert r.returncode == 2, r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -142,7 +147,8 @@ def test_adapter_argument_types_and_budget_label():
     with pytest.raises(EvalError, match="layer_list=3 should be a list like its default"):
         PDrop({"layer_list": 3})
     assert get_adapter("llava").budget() == "all"
-    assert json.loads((ROOT / "eval" / "methods" / "defaults.json").read_text())["himap"]["preprocess"]["science"] == "crop"
+    from eval.methods.base import method_spec
+    assert method_spec("himap")["preprocess"]["science"] == "crop"
 
 
 def test_every_method_with_defaults_has_a_registered_adapter():

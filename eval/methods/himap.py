@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..common import EvalError
 from .llava113 import Llava113Adapter
 
-# defaults.json argument -> HiMAP's config key (as src/HiMAP/inference/eval_scivqa.py sets them)
+# registry argument -> HiMAP's config key (as src/HiMAP/inference/eval_scivqa.py sets them)
 CONFIG_KEYS = {"sys_length": "hmap_v_sys_length", "img_length": "hmap_v_img_length",
                "hmap_v_attn_txt_layer": "hmap_v_attn_txt_layer", "hmap_v_attn_txt_rank": "hmap_v_attn_txt_rank",
                "hmap_v_attn_img_layer": "hmap_v_attn_img_layer", "hmap_v_attn_img_rank": "hmap_v_attn_img_rank"}

@@ -11,8 +11,9 @@ model_vqa_mmbench.py alike), reproduced here:
   - pad preprocessing (``process_images``) in every module; text-only questions (ScienceQA) pass
     ``images=None`` and are never pruned.
 SparseVLMs finds the image start in ``input_ids`` itself (``pre_prompt_length_list``): no sys-length argument.
-flash-attn 2.3.3 is mandatory: the pruning layers run flash-attn's kernel; without it this adapter stops with an
-EvalError before loading. The decoder layers assert sdpa attention (transformers 4.37's default for LLaVA-1.5).
+The pruning layers run flash-attn's kernel where transformers enabled flash-attn, and otherwise the same attention in
+PyTorch SDPA (patches/SparseVLMs/0003; the kernel, not the maths, differs). Only a tree without that patch and without
+flash-attn is refused. The decoder layers assert sdpa attention (transformers 4.37's default for LLaVA-1.5).
 """
 from __future__ import annotations
 
@@ -40,10 +41,7 @@ class SparseVLMAdapter(Adapter):
     name = "sparsevlm"
 
     def check_environment(self) -> None:
-        super().check_environment()
-        if importlib.util.find_spec("flash_attn") is None:
-            raise EvalError(f"SparseVLMs needs {FLASH_ATTN} (its pruning layers run LlamaDynamicvitFlashAttention2) "
-                            f"and this environment has no flash_attn package; {FLASH_HINT}")
+        super().check_environment()   # flash-attn is optional: patches/SparseVLMs/0003 falls back to PyTorch SDPA
 
     def load(self, model_path: str, *, model_base: str | None = None, device: str = "cuda", dtype=None) -> Loaded:
         cfg = checkpoint_config(model_path)
@@ -62,10 +60,12 @@ class SparseVLMAdapter(Adapter):
             raise EvalError(f"SparseVLMs' loader returned {type(loaded.model).__name__}, not "
                             f"LlavaLlamaDynamicForCausalLM; the checkpoint name {loaded.model_name!r} must contain "
                             f"'llava' (and neither 'mpt', 'mistral' nor 'lora')")
-        llama = importlib.import_module("transformers.models.llama.modeling_llama")
-        if getattr(llama, "flash_attn_func", None) is None:
-            raise EvalError(f"flash_attn is importable but transformers did not enable it (it needs CUDA and "
-                            f"flash-attn >= 2.1); SparseVLMs needs {FLASH_ATTN} working: {FLASH_HINT}")
+        sparse = importlib.import_module("llava.model.language_model.modelling_sparse_llama")
+        if "_flash_attention_forward" not in vars(sparse.LlamaDynamicvitFlashAttention2):
+            llama = importlib.import_module("transformers.models.llama.modeling_llama")
+            if getattr(llama, "flash_attn_func", None) is None:
+                raise EvalError("third_party/SparseVLMs lacks patches/SparseVLMs/0003 (the SDPA fallback) and "
+                                f"flash-attn is not enabled; run bash scripts/apply_patches.sh SparseVLMs, or {FLASH_HINT}")
         return loaded
 
     def configure(self, loaded: Loaded) -> None:
