@@ -105,7 +105,7 @@ def check_device(spec: str) -> None:
 
 def populate_hint(name: str) -> str:
     return (f"git submodule update --init third_party/{name} "
-            f"(offline: ../shared/tools/populate-third-party {name})")
+            f"(offline: clone it from a local git snapshot and check out the pin)")
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

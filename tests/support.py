@@ -36,7 +36,7 @@ def require_populated(name: str) -> Path:
     path = THIRD_PARTY / name
     if not (path / ".git").exists():
         pytest.skip(f"third_party/{name} is not populated, so the {name} patches and model were not tested; "
-                    f"run `git submodule update --init third_party/{name}` (or ../shared/tools/populate-third-party)")
+                    f"run `git submodule update --init third_party/{name}` (offline: clone it from a local git snapshot and check out the pin)")
     return path
 
 
@@ -99,7 +99,7 @@ def run_probe(script: Path, pythonpath: list[Path], args: list[str], *, env: dic
 
 def valid_positions(size, threshold: float, grid: int = 24, resolution: int = 336) -> set[int]:
     """Raster indices (of the grid × grid visual tokens) whose pad fraction is ≤ ``threshold``, from LLaVA-1.5's
-    expand2square geometry (UPSTREAM.md §4.5) for an image of ``size`` = (W, H) shown at ``resolution`` px,
+    expand2square geometry (docs/deviations.md) for an image of ``size`` = (W, H) shown at ``resolution`` px,
     written out here independently of debias_core."""
     w, h = size
     s, m = max(w, h), min(w, h)

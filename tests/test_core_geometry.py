@@ -1,4 +1,4 @@
-"""Padding geometry of LLaVA-1.5 `pad` preprocessing (debias_core.geometry); UPSTREAM.md §4.5."""
+"""Padding geometry of LLaVA-1.5 `pad` preprocessing (debias_core.geometry): exact expand2square, docs/deviations.md."""
 from fractions import Fraction
 
 import numpy as np
@@ -80,7 +80,7 @@ def test_keep_count_grows_with_the_threshold(w, h, thr_lo, thr_hi):
 
 # ------------------------------------------------------------------------------- exact values
 
-# UPSTREAM.md §4.5 "Valid-patch counts": W×H -> (τ=0.5, τ=0.01 exact, τ=0.01 official)
+# valid-patch counts: W×H -> (τ=0.5, τ=0.01 exact, τ=0.01 official)
 VALID_COUNTS = {
     (640, 480): (432, 432, 432),
     (640, 427): (384, 360, 384),

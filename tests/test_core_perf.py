@@ -1,4 +1,4 @@
-"""Performance contract of the ranking-site call (issue 2 §2): tables are cached per (geometry, image
+"""Performance contract of the ranking-site call : tables are cached per (geometry, image
 size, dtype, device); the call does no file I/O and reads no device value (no host–device sync).
 
 "No sync" is proven on torch's ``meta`` device: a meta tensor has no data, so any .item(), .cpu(),

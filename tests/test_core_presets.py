@@ -1,4 +1,4 @@
-"""Paper presets and trend resolution (debias_core.presets); the parameters of UPSTREAM.md §4.2–4.4.
+"""Paper presets and trend resolution (debias_core.presets); the parameters recovered from the official weight files.
 
 The comparison with the published weight files is tests/test_presets_reference.py."""
 import json
@@ -23,7 +23,7 @@ def test_preset_names_cover_every_method_and_benchmark():
 
 
 def test_exponential_preset_values():
-    # UPSTREAM.md §4.2: HiMAP GQA b = 2.172256788986171e-03, amplitude e^{575b} ≈ 3.49
+    # recovered from the official weight files: HiMAP GQA b = 2.172256788986171e-03, amplitude e^{575b} ≈ 3.49
     t = paper_trend("himap", "gqa")
     assert isinstance(t, ExponentialTrend) and t.b == 2.172256788986171e-03 and t.n == 576
     w = t.weights()
@@ -35,7 +35,7 @@ def test_fastv_preset_is_the_cubic():
     t = resolve_trend("paper:fastv")
     assert isinstance(t, PolynomialTrend)
     w = t.weights()
-    assert w[0] == 1.0 and w[-1] == pytest.approx(0.3582392188958338, abs=1e-15)   # UPSTREAM.md §4.3
+    assert w[0] == 1.0 and w[-1] == pytest.approx(0.3582392188958338, abs=1e-15)   # FastV's published cubic
     x = np.arange(576) / 575
     np.testing.assert_allclose(1 / w, 1 + 1.7337386219241522 * x - 4.826433446361354 * x ** 2
                                + 4.884125654043751 * x ** 3, rtol=1e-14)
@@ -52,7 +52,7 @@ def test_aliases():
 
 
 def test_pad_thresholds_per_method():
-    # UPSTREAM.md §4.4: PyramidDrop 0.01, the others 0.5
+    # the official thresholds: PyramidDrop 0.01, the others 0.5
     assert pad_threshold("pdrop") == 0.01 and pad_threshold("pyramiddrop") == 0.01
     for m in ("fastv", "sparsevlm", "himap", "tokencarve"):
         assert pad_threshold(m) == 0.5

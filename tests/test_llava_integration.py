@@ -153,7 +153,7 @@ def test_forward_gives_attention_over_the_visual_span(llava_run):
 
 
 def test_pixel_oracle_agrees_with_the_geometry(llava_run):
-    """Sanity of the oracle itself (UPSTREAM.md §4.5: counts match for real pixels)."""
+    """Sanity of the oracle itself (exact geometry: counts match for real pixels)."""
     for b, size in enumerate(IMAGE_SIZES):
         geometry = ~torch.from_numpy(dc.valid_mask(dc.pad_fractions(size), 0.5).reshape(-1))
         assert torch.equal(llava_run["padding"][b], geometry), size

@@ -1,8 +1,8 @@
 """The paper presets regenerate the official repo's 41 published weight vectors to ≤ 1e-12.
 
-Reference: ../shared/reference/official-weights/<Method>/<file>.npy (intcomp/attention-bias @ e75ebe7,
-playground/data/weight), file names as published (MME.npy vs mme.npy, mm-vet.npy vs mmvet.npy).
-Skips with a message where that folder is absent (a user's fresh clone has no ../shared).
+Reference: third_party/attention-bias/playground/data/weight/<Method>/<file>.npy (the official repository at its
+pin), file names as published (MME.npy vs mme.npy, mm-vet.npy vs mmvet.npy). Skips with a message where that
+submodule is not populated.
 """
 import subprocess
 import sys
@@ -14,7 +14,7 @@ import pytest
 from debias_core import BENCHMARKS, resolve_trend
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-weights"
+REFERENCE = REPO / "third_party" / "attention-bias" / "playground" / "data" / "weight"
 TOLERANCE = 1e-12
 
 METHOD_DIRS = {"HiMAP": "himap", "PyramidDrop": "pdrop", "SparseVLMs": "sparsevlm", "TokenCarve": "tokencarve"}
@@ -39,7 +39,7 @@ def expected_files() -> dict[str, str]:
 def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.skip(f"{REFERENCE} is absent, so the presets were not compared with the official weight files "
-                    f"(they live in the workspace's ../shared/reference, not in the repository)")
+                    f"(git submodule update --init third_party/attention-bias fetches them)")
     return REFERENCE
 
 

@@ -1,7 +1,7 @@
 """Plain LLaVA-1.5, unpruned: the reference every pruning method is compared with.
 
 Runs from third_party/LLaVA (populated, at its pin) or from the installed llava-torch 1.2.2.post1 (same
-LLaVA-1.5 inference path, UPSTREAM.md §1.1). ``--method-arg source=auto|third_party|installed``; auto prefers
+LLaVA-1.5 inference path on transformers 4.37.2). ``--method-arg source=auto|third_party|installed``; auto prefers
 third_party/LLaVA. There is no ranking site, so the debias mode cannot change its answers.
 """
 from __future__ import annotations

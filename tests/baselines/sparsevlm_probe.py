@@ -7,7 +7,7 @@ Run in a fresh interpreter with an exported SparseVLMs tree (pristine or patched
     python sparsevlm_probe.py run OUT --mode off --image 400x200 [--trend paper:sparsevlm/gqa] [--flat]
 
 ``run`` prints one JSON line last. Everything here is probe-side; the patches stay untouched:
-  * CPU stand-ins (UPSTREAM.md §2.3 "CPU test"): SDPA for flash-attn's ``_flash_attention_forward``,
+  * CPU stand-ins: SDPA for flash-attn's ``_flash_attention_forward``,
     a dummy ``torch.cuda.Event``/``synchronize``, ``Tensor.cuda`` as the identity (decode-time position ids);
   * observation: wrappers around ``attn_postprocess_topk`` (the kept mask per pruning layer),
     ``Tensor.topk`` (the recycle pick, the only 1-D ``.topk`` in the forward) and ``cluster_and_merge``

@@ -1,6 +1,6 @@
 """iLLaVA on LLaVA-1.5 (the port in patches/LLaVA): the series applies at the pin, and a tiny random LLaVA-1.5
 (eval/tiny_llava.py, 3 decoder layers) through upstream LLaVA's loader, preprocessing and
-LlavaLlamaForCausalLM.generate (tests/baselines/llava_illava_probe.py, in subprocesses) behaves as issue 5 asks:
+LlavaLlamaForCausalLM.generate (tests/baselines/llava_illava_probe.py, in subprocesses) behaves as the project requires:
 
 - port disabled (the default): tokens and logits bit-identical to unpatched LLaVA;
 - port enabled, DEBIAS=off: iLLaVA's procedure at layer K = 2 (128 visual tokens kept: 127 + the merge host),

@@ -1,5 +1,5 @@
 """PyramidDrop: patches/PyramidDrop apply at the pin, and a tiny random LLaVA-1.5 run through PDrop's own
-LlavaLlamaForCausalLM_PDrop.generate (tests/baselines/pdrop_probe.py, in subprocesses) behaves as issue 3 asks:
+LlavaLlamaForCausalLM_PDrop.generate (tests/baselines/pdrop_probe.py, in subprocesses) behaves as the project requires:
 
 - DEBIAS=off: kept indices, per-layer lengths, decode positions, tokens and logits bit-identical to upstream;
 - pad / full: no padding token survives any of the three stages; keep counts capped, and the capped counts
@@ -123,7 +123,7 @@ class TestContract(BaselineContract):
     def padded(self, probe, case):
         mode, size_key = case.split("-")
         (size, n_valid), valid = SIZES[size_key], support.valid_positions(SIZES[size_key][0], THRESHOLD)
-        assert len(valid) == n_valid  # UPSTREAM.md §4.5 table, τ = 0.01
+        assert len(valid) == n_valid  # exact expand2square geometry (docs/deviations.md), τ = 0.01
         expected_k = [min(int(576 * r), n_valid) for r in RATIOS]
         assert expected_k != [int(576 * r) for r in RATIOS], "the cap must bite for this image size"
         return _run(probe("patched", mode, size)), valid, expected_k

@@ -1,6 +1,6 @@
 """TokenCarve: patches/TokenCarve apply at the pin, and a tiny random model of TokenCarve's real architecture
 (its own Llama files, loaded with importlib under transformers.models.llama; tests/baselines/tokencarve_probe.py,
-in subprocesses) behaves as issue 3 asks:
+in subprocesses) behaves as the project requires:
 
 - DEBIAS=off: AV/SV/fused top-k, kept indices, per-layer lengths, decode positions, tokens and logits
   bit-identical to upstream, through LlamaForCausalLM.generate and through LLaVA's LlavaLlamaForCausalLM;
@@ -185,7 +185,7 @@ class TestContract(BaselineContract):
         mode, key = case.split("-")
         size, nums, n_valid = PADDED[key]
         valid = support.valid_positions(size, THRESHOLD)
-        assert len(valid) == n_valid  # UPSTREAM.md §4.5 table, τ = 0.5
+        assert len(valid) == n_valid  # exact expand2square geometry (docs/deviations.md), τ = 0.5
         r, final = counts(nums, n_valid)
         return _run(results["probe"]("patched", mode, size, nums=nums)), valid, [r, r, r, final]
 
