@@ -242,14 +242,14 @@ def test_splits_and_training_workers_share_no_image(monkeypatch):
     per_split = {name: _image_hashes(data.make_items(data.split_image_rng(seed, i), "x.png", count)[0]
                                      for i in range(4)) for name, seed in data.SPLIT_SEEDS.items()}
     rendered = []
-    original = data.make_items
+    original = data._make_items   # what the stream calls (it also keeps the objects for training targets)
 
     def recording(rng, name, n):
-        image, items = original(rng, name, n)
+        image, items, objects = original(rng, name, n)
         rendered.append(image)
-        return image, items
+        return image, items, objects
 
-    monkeypatch.setattr(data, "make_items", recording)
+    monkeypatch.setattr(data, "_make_items", recording)
     per_worker, first_yields_by_worker = [], []
     for worker in (0, 1):
         rendered.clear()
@@ -423,3 +423,20 @@ def test_exported_assets_reproduce_the_same_images(tmp_path, monkeypatch):
     there = [data.make_items(np.random.default_rng(seed), "x.png", 1)[0].tobytes() for seed in seeds]
     assert here == there
     assert assets.photos_fingerprint() == fingerprint_here
+
+
+def test_stream_objects_are_the_images_objects():
+    """with_objects yields the same samples plus the object list whose boxes hold the drawn colours."""
+    plain = data.training_stream(7, 0)
+    rich = data.training_stream(7, 0, with_objects=True)
+    for _ in range(3):
+        a, b = next(plain), next(rich)
+        assert a[0].tobytes() == b[0].tobytes() and a[1:] == b[1:3]
+        objects = b[3]
+        assert objects and all({"shape", "color", "glyph", "box"} <= set(o) for o in objects)
+        pixels = np.asarray(b[0].convert("RGB"), dtype=np.int16)
+        for o in objects:
+            x0, y0, x1, y1 = o["box"]
+            patch = pixels[y0:y1, x0:x1].reshape(-1, 3)
+            near = np.abs(patch - np.array(data.COLORS[o["color"]])).sum(axis=1) < 60
+            assert near.mean() > 0.2, (o, near.mean())

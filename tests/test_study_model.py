@@ -236,3 +236,15 @@ def test_run_refuses_unknown_methods(capsys):
 
     assert R.main(["--methods", "fastv,nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_patch_targets_follow_llava_padding():
+    from study.train import patch_targets
+
+    # 400 x 200 pads to 400 x 400 with the content at rows 100..299; a box at the content's top-left corner
+    t = patch_targets([{"box": (0, 0, 100, 50), "color": "red", "shape": "star", "glyph": "A"}], (400, 200))
+    grid = t.reshape(24, 24, 3)
+    rows, cols = grid[..., 0].nonzero(as_tuple=True)
+    assert sorted(set(rows.tolist())) == [6, 7, 8] and sorted(set(cols.tolist())) == [0, 1, 2, 3, 4, 5]
+    assert grid[6, 0].tolist() == [1, 5, 1]            # red = 1st colour, star = 5th shape, "A" = 1st glyph
+    assert int(grid[:6].sum()) == 0 and int(grid[9:].sum()) == 0
