@@ -34,7 +34,8 @@ class Benchmark:
     preset: str | None = None   # benchmark name of the paper's trend presets (None: no preset)
     data_hint: str = "the benchmark's images"
     scale: float = 1.0          # headline metric / scale = percent, for averages (MME perception: 2000 max)
-    extra_files: tuple = field(default_factory=tuple)  # files the scorer needs, relative to folder
+    extra_files: tuple = field(default_factory=tuple)  # files the scorer needs, relative to folder (the run scripts
+    #                                                    check them before any answer; POPE's coco/ labels have their own check)
 
     def root(self, data_dir) -> Path:
         return Path(data_dir) / self.folder
@@ -50,8 +51,7 @@ class Benchmark:
         if data_dir is None:
             raise EvalError(f"no data folder given for {self.key}: set DATA_DIR (or --data-dir) to LLaVA's "
                             f"playground/data/eval")
-        for path in (self.root(data_dir), self.questions_path(data_dir), self.images_path(data_dir),
-                     *(self.root(data_dir) / f for f in self.extra_files)):   # and what the scorer reads
+        for path in (self.root(data_dir), self.questions_path(data_dir), self.images_path(data_dir)):
             if path is not None and not path.exists():
                 raise EvalError(f"{self.title}: {path} does not exist; "
                                 + GET_DATA.format(what=self.data_hint, path=self.root(data_dir)))
@@ -72,7 +72,7 @@ REGISTRY: dict[str, Benchmark] = {b.key: b for b in [
     B("mmvet", "MM-Vet", "mm-vet", "llava-mm-vet.jsonl", "images", "vqa", "judge", "total",
       max_new_tokens=1024, preset="mmvet", data_hint="mm-vet images and mm-vet.json"),
     B("pope", "POPE", "pope", "llava_pope_test.jsonl", "val2014", "loader", "local", "f1", preset="pope",
-      extra_files=('coco',), data_hint="COCO val2014 images and POPE's coco/coco_pope_*.json"),
+      data_hint="COCO val2014 images and POPE's coco/coco_pope_*.json"),
     B("scienceqa", "ScienceQA-IMG", "scienceqa", "llava_test_CQM-A.json", "images/test", "science", "local",
       "img_accuracy", fmt="sqa", suffix=SINGLE_PRED, max_new_tokens=1024, image_only=True, preset="scienceqa",
       extra_files=('problems.json', 'pid_splits.json'), data_hint="ScienceQA images/test, problems.json and pid_splits.json"),
@@ -86,7 +86,7 @@ REGISTRY: dict[str, Benchmark] = {b.key: b for b in [
       extra_files=('SEED-Bench.json',), data_hint="SEED-Bench images, extracted video frames and SEED-Bench.json"),
     # The embedded demo's benchmarks (eval.synthetic): POPE-format yes/no questions on generated images.
     *[B(f"synthetic_{a}", f"Synthetic-{a}", f"synthetic/{a}", "llava_synthetic.jsonl", "images", "loader", "local",
-        "f1", extra_files=("coco",), data_hint="python -m eval.synthetic DATA_DIR") for a in ("wide", "tall", "square")],
+        "f1", data_hint="python -m eval.synthetic DATA_DIR") for a in ("wide", "tall", "square")],
     # Any LLaVA-format question file with single-word answers: DATA_DIR holds questions.jsonl (question_id, image,
     # text), images/ and answers.jsonl (question_id, answer: a string or a list of accepted strings); scored by
     # exact match after LLaVA's answer normalisation (eval.scoring.score_exact_match).

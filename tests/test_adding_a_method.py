@@ -130,7 +130,8 @@ def test_the_toy_answers_every_question_through_the_driver(setup, registered_run
             assert all(r["metadata"]["method"] == "toy" and r["metadata"]["mode"] == mode for r in rows)
             assert all(r["metadata"]["budget"] == str(KEEP) for r in rows)
             run = json.loads((registered_run["answers"] / bench / f"toy-{KEEP}" / folder / "run.json").read_text())
-            assert run["pad_threshold"] == 0.5  # the fastv family's, from the registry entry's trend_method
+            # the fastv family's, from the registry entry's trend_method (recorded where it can change answers)
+            assert run["pad_threshold"] == (0.5 if mode == "full" else None)
 
 
 def test_the_toy_ranks_through_debias_core_once_per_sample(setup, registered_run):

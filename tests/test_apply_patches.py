@@ -451,7 +451,7 @@ def test_refresh_round_trip_is_byte_identical(proj):
     d = proj.root / "patches" / "Up"
     files = sorted(d.glob("*.patch"))
     assert [f.name[:5] for f in files] == ["0001-", "0002-", "0003-"]
-    assert r.stdout.count("added") == 3 and "apply cleanly" in r.stdout
+    assert r.stdout.count("added") == 3 and "recorded patches/Up/series.tree (3 patch(es)" in r.stdout
     text = files[0].read_text()
     assert text.startswith("From 0000000000000000000000000000000000000000 ")
     assert "[PATCH 1/3]" not in text and "Subject: [PATCH] Change b to B" in text

@@ -239,7 +239,8 @@ def test_slurm_array_template_runs_chunks_then_merges_and_scores(tiny, one_shot,
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     calls = (tmp_path / "sbatch.log").read_text().splitlines()
     assert "--array=0-1" in calls[0] and calls[0].endswith("scripts/slurm/eval_array.sbatch")
-    assert "--dependency=afterok:101" in calls[1] and calls[1].endswith("scripts/slurm/merge_score.sbatch")
+    # afterany: the merge runs when every task has ended, and names the chunks to resubmit if one failed
+    assert "--dependency=afterany:101" in calls[1] and calls[1].endswith("scripts/slurm/merge_score.sbatch")
     run = answers / "tiny-llava" / "synthetic_square" / "llava-all" / "off"
     assert (run / "2_0.jsonl").exists() and (run / "2_1.jsonl").exists() and (run / "score.json").exists()
     assert _comparable(_rows(run / "merge.jsonl")) == _comparable(
