@@ -132,6 +132,9 @@ pt_worktree_tree() {
     if [[ -e "$PT_SUB/$path" || -L "$PT_SUB/$path" ]]; then present+=("$path"); fi
   done < <(pt_changed_paths "$1" "$2")
   if ((${#present[@]})); then
+    # Re-hash the series' paths from scratch: a file the series rewrote within the same second as its checkout,
+    # with the same size, would otherwise pass git's stat check as unchanged (seen after a fast Ctrl-C rerun).
+    GIT_INDEX_FILE=$idx pt_g rm --cached -q --ignore-unmatch -- "${present[@]}" >/dev/null
     GIT_INDEX_FILE=$idx pt_g add -f -- "${present[@]}" >/dev/null
   fi
   GIT_INDEX_FILE=$idx pt_g write-tree --missing-ok
