@@ -160,6 +160,12 @@ def test_paper_schedule_and_debiasing_reach_the_ranking(setup, run):
     assert any(c["capped"] < c["k"] for c in full_caps), "no image made the cap bite (the test would be vacuous)"
 
 
-def test_missing_flash_attn_stops_with_a_clear_error(setup, tmp_path):
+def test_missing_flash_attn_is_no_longer_a_stop(setup, tmp_path):
+    """Without flash-attn (this environment has none) the adapter accepts the run: patches/SparseVLMs/0003 falls
+    back to PyTorch SDPA (tests/baselines/test_sparsevlm_sdpa.py checks that fallback's kept tokens)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("flash_attn") is None, "this test needs an environment without flash-attn"
     r, _, _ = run_driver({**setup, "root": tmp_path}, "no-flash", "--mode", "off", "--check-only", stand_ins=False)
-    assert r.returncode == 2 and "flash-attn 2.3.3" in r.stderr and "flash_attn" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "flash" not in r.stderr.lower(), r.stderr[-3000:]
