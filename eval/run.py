@@ -95,13 +95,12 @@ def resolve_debias(mode_arg: str | None, trend_arg: str | None, adapter, bench) 
         if m is None:
             raise EvalError(f"method {adapter.name} has no paper trend; mode {mode} needs --trend "
                             f"(e.g. paper:fastv or calibrated:<file>)")
-        if m == "fastv":
-            trend = "paper:fastv"
-        elif bench.preset is None:
+        from .registry import paper_trend_name
+
+        trend = paper_trend_name(adapter.name, bench.preset)
+        if trend is None:
             raise EvalError(f"the paper has no {m} trend for {bench.title}; pass --trend calibrated:<file> "
                             f"(python -m debias_core.calibrate) or another preset")
-        else:
-            trend = f"paper:{m}/{bench.preset}"
     env_method = os.environ.get("DEBIAS_METHOD")
     if env_method and adapter.trend_method and method_name(env_method) != adapter.trend_method:
         raise EvalError(f"DEBIAS_METHOD={env_method} disagrees with --method {adapter.name} "

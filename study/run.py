@@ -91,14 +91,15 @@ def supported(method: str, keep: int) -> bool:
 
 
 def trend_method(method: str) -> str:
-    from eval.methods.base import method_spec
+    from eval.registry import method as registry_method
 
-    return method_spec(method)["trend_method"]
+    return registry_method(method)["trend_method"]
 
 
 def paper_trend(method: str) -> str:
-    tm = trend_method(method)
-    return "paper:fastv" if tm == "fastv" else f"paper:{tm}/{PAPER_BENCHMARK}"
+    from eval.registry import paper_trend_name
+
+    return paper_trend_name(method, PAPER_BENCHMARK)
 
 
 def plan(methods, budgets, modes, controls, image_start: int, trends_dir: Path, calibrated: bool = True) -> list[Job]:
