@@ -148,6 +148,10 @@ def demo_trend(method: str) -> str:
 # Methods whose model needs more than the shared one: TokenCarve's SVD needs hidden_size >= 576 (a wide model
 # for all would make every method slow on CPU). method -> (layers, hidden).
 OWN_MODEL = {"tokencarve": (3, 640)}
+# Methods whose upstream code cannot load the demo's tiny model at all, and why.
+DEMO_CANNOT = {"sparsevlm": "its loader attaches attention modules to exactly 32 decoder layers (LLaVA-1.5-7B's); "
+                            "the demo's tiny model has fewer (tests/baselines/test_sparsevlm*.py run it on a "
+                            "32-layer tiny model)"}
 
 
 def build_model(methods: list[tuple[str, str]], out: Path, trees: Path, layers: int, hidden: int = 64) -> Path:
@@ -347,7 +351,7 @@ def main(argv=None) -> int:
                 export_tree(upstream, trees / upstream, paths=[p for p in sys_path if p] or None)
             methods = candidates[:1]
             for method, python in candidates[1:]:
-                why = _adapter_refuses(Path(python), method, trees)
+                why = DEMO_CANNOT.get(method) or _adapter_refuses(Path(python), method, trees)
                 if why:
                     print(f"demo: not running {method}: {why}", flush=True)
                 else:
