@@ -13,7 +13,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 STUDY_ASSETS=$PWD/$carry/assets \
        SMOLLM2_GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 py() { PYTHONPATH=$site/437:$site/common:$PWD python3 "$@"; }
-model=$PWD/models/llava-smollm2-study
+model=$PWD/outputs/llava-smollm2-study   # outputs/ is ignored: it stays on a warm machine between calls
 
 case ${1:-} in
   install)
