@@ -17,7 +17,6 @@ assembled from other inputs is replaced only with ``--force``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,11 +37,9 @@ class CheckpointError(Exception):
 
 
 def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from analysis.smollm2 import file_sha256   # one streaming sha256 for the project's large files
+
+    return file_sha256(path)
 
 
 def trained_file(path=None) -> Path:
