@@ -17,7 +17,6 @@ Conversion check (stored in the cache's meta.json and in every study result):
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -61,12 +60,7 @@ def find_gguf(path=None) -> Path:
                       f"or point SMOLLM2_GGUF at the file")
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from debias_core.calibrate import file_sha256  # noqa: E402  (the project's one streaming sha256)
 
 
 @dataclass

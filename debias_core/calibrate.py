@@ -193,7 +193,7 @@ class Recording:
             if side_data is not None:
                 samples.extend(side_data.get("samples", []))
                 metas.append(side_data.get("meta", {}))
-            sources.append({"file": p.name, "sha256": _sha256(p), "sidecar": side.name if side_data else None})
+            sources.append({"file": p.name, "sha256": file_sha256(p), "sidecar": side.name if side_data else None})
         for st in merged.stages:  # stages that appeared in a later file only
             row_sample.setdefault(st, [])
             row_sample[st] = row_sample[st] + [-1] * (merged.count(st) - len(row_sample[st]))
@@ -378,7 +378,8 @@ def git_sha(root: Path | None = None) -> str:
     return sha if out.returncode == 0 and len(sha) == 40 else "unknown"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path) -> str:
+    """Streaming sha256 (hex) of a file: the project's one helper (recordings, trends, checkpoints, splits)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -534,7 +535,7 @@ def check_not_benchmark(calibration_set, benchmark) -> None:
     c, b = Path(str(calibration_set)), Path(str(benchmark))
     same = False
     if c.is_file() and b.is_file():
-        same = os.path.samefile(c, b) or (c.stat().st_size == b.stat().st_size and _sha256(c) == _sha256(b))
+        same = os.path.samefile(c, b) or (c.stat().st_size == b.stat().st_size and file_sha256(c) == file_sha256(b))
     elif not c.is_file() and not b.is_file():
         same = str(calibration_set).strip().lower() == str(benchmark).strip().lower()
     if same:

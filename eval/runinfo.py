@@ -35,12 +35,7 @@ IDENTITY = ("benchmark", "method", "method_args", "budget", "mode", "trend", "tr
             "question_sha256", "num_chunks")
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from debias_core.calibrate import file_sha256  # noqa: E402,F401  (re-exported: eval.run hashes question files)
 
 
 def trend_sha256(spec: str | None) -> str | None:

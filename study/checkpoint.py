@@ -36,10 +36,7 @@ class CheckpointError(Exception):
     """A user-facing problem with the study checkpoint (printed as one line)."""
 
 
-def sha256(path) -> str:
-    from analysis.smollm2 import file_sha256   # one streaming sha256 for the project's large files
-
-    return file_sha256(path)
+from debias_core.calibrate import file_sha256 as sha256  # noqa: E402  (the project's one streaming sha256)
 
 
 def trained_file(path=None) -> Path:

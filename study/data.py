@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -559,8 +558,7 @@ def read_items(split_dir: Path) -> list[Item]:
         return [item_from_record(json.loads(line)) for line in handle if line.strip()]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from debias_core.calibrate import file_sha256 as _sha256  # noqa: E402  (the project's one streaming sha256)
 
 
 def _manifest_key(manifest: dict) -> dict:
