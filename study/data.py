@@ -74,6 +74,7 @@ GLYPH_SHAPES = ("circle", "square", "diamond")
 _GLYPH_SCALE = {"circle": 0.6, "square": 0.58, "diamond": 0.48}
 _SPLIT_TAG = 1
 _STREAM_TAG = 2
+_CONVERSATION_TAG = 3
 _MAX_RENDER_TRIES = 30
 _MAX_PLACE_TRIES = 40
 
@@ -533,6 +534,22 @@ def training_stream(seed: int, worker: int = 0, *, with_objects: bool = False) -
             index = int(rng.integers(len(buffer)))
             buffer[index], buffer[-1] = buffer[-1], buffer[index]
             yield buffer.pop()
+
+
+def training_conversations(seed: int, worker: int = 0, *, turns: int = 3) -> Iterator[tuple]:
+    """Endless (image, [(question, answer), ...] of ``turns`` distinct questions, objects): one image per item,
+    for multi-turn training sequences as LLaVA-1.5's own instruction data has them (several questions about one
+    image in one conversation). Questions carry no answer-format suffix. Seeded apart from ``training_stream``
+    and from every written split, so no conversation shares an image with them or with another worker.
+    """
+    _check_seed("seed", seed)
+    _check_seed("worker", worker)
+    if not isinstance(turns, (int, np.integer)) or turns < 1:
+        raise ValueError(f"error: turns={turns!r} must be an integer >= 1")
+    rng = np.random.default_rng(np.random.SeedSequence([_CONVERSATION_TAG, int(seed), int(worker)]))
+    while True:
+        image, items, objects = _make_items(rng, "", int(turns))
+        yield image, [(item.question, item.answer) for item in items], objects
 
 
 def split_image_rng(seed: int, image_index: int) -> np.random.Generator:

@@ -8,9 +8,12 @@ What is trained (everything else is SmolLM2-135M-Instruct's pretrained weights, 
   a low-rank update (a frozen LLM could not learn to read a vision tower trained from scratch in minutes;
   full fine-tuning would overwrite the behaviour under study).
 
-Data: ``study.data.training_stream`` (endless, seeded, disjoint from the calibration and evaluation splits).
-Each sample is one image question in LLaVA's vicuna_v1 prompt; the loss is on the answer tokens and the
-end-of-sequence token only. Training is time-bounded: after ``--warmup-steps`` the step time is measured and the
+Data: ``study.data.training_conversations`` (endless, seeded, disjoint from the calibration and evaluation
+splits). Each sample is one image with ``--turns`` questions in one vicuna_v1 conversation, as LLaVA-1.5's own
+instruction data has several turns per image; every question ends with LLaVA's answer-format suffix, exactly as
+the evaluation question files have it (the first turn is token for token what the evaluation prompt is). The loss
+is on the answer tokens and their end-of-sequence tokens only. Several turns give several supervised answers per
+forward pass of the 576 visual tokens for about 10 % more tokens. ``--init FILE`` starts from an earlier run's trained.safetensors (its sha256 is recorded). Training is time-bounded: after ``--warmup-steps`` the step time is measured and the
 total number of steps fixed (and stored), then a cosine schedule runs to it.
 
 Resumable: every ``--save-every`` steps the trainable weights, AdamW moments and step are written
@@ -93,7 +96,13 @@ def patch_targets(objects, image_size, grid: int = 24, resolution: int = 336) ->
 
 class AuxHeads(torch.nn.Module):
     """Linear read-outs of colour, shape and glyph per patch from the features the projector sees (training only;
-    not part of the checkpoint). They give the vision tower, trained from scratch, a dense signal early on."""
+    not part of the checkpoint). They give the vision tower, trained from scratch, a dense signal early on.
+
+    Objects cover about a tenth of the patches, so a plain mean over patches is mostly "background" and stops
+    teaching once background is recognised; patches of an object weigh 1 and background patches
+    ``BACKGROUND_WEIGHT``."""
+
+    BACKGROUND_WEIGHT = 0.1
 
     def __init__(self, width: int):
         super().__init__()
@@ -103,29 +112,54 @@ class AuxHeads(torch.nn.Module):
                                           torch.nn.Linear(width, len(GLYPHS) + 1)])
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """features [B, 576, width], targets [B, 576, 3] -> mean cross-entropy over the three read-outs."""
-        return sum(torch.nn.functional.cross_entropy(h(features).flatten(0, 1).float(), targets[..., i].flatten())
-                   for i, h in enumerate(self.heads)) / 3
+        """features [B, 576, width], targets [B, 576, 3] -> weighted mean cross-entropy of the three read-outs."""
+        on_object = targets[..., 0].flatten() > 0
+        weight = torch.where(on_object, 1.0, self.BACKGROUND_WEIGHT)
+        total = 0.0
+        for i, head in enumerate(self.heads):
+            ce = torch.nn.functional.cross_entropy(head(features).flatten(0, 1).float(), targets[..., i].flatten(),
+                                                   reduction="none")
+            total = total + (ce * weight).sum() / weight.sum()
+        return total / len(self.heads)
+
+
+def conversation_tokens(tokenizer, turns: list[tuple[str, str]], prefix_len: int) -> tuple[list[int], list[int]]:
+    """(ids, labels) of everything after the image in a vicuna_v1 conversation about one image:
+    "\n{q1}{suffix} ASSISTANT: {a1}<eos>USER: {q2}{suffix} ASSISTANT: {a2}<eos>..." (LLaVA's separators " " and
+    the end-of-sequence token); labels are -100 except on the answers and their end-of-sequence tokens.
+    ``suffix`` is LLaVA's "Answer the question using a single word or phrase." line, as in the evaluation files."""
+    from .data import LLAVA_ANSWER_SUFFIX
+
+    ids: list[int] = []
+    labels: list[int] = []
+    for k, (question, answer) in enumerate(turns):
+        if k == 0:
+            asked = M.prompt_ids(tokenizer, question + LLAVA_ANSWER_SUFFIX)[prefix_len + 1:]
+        else:
+            asked = tokenizer(f"USER: {question}{LLAVA_ANSWER_SUFFIX} ASSISTANT:").input_ids
+        target = M.answer_ids(tokenizer, answer)
+        ids += asked + target
+        labels += [-100] * len(asked) + target
+    return ids, labels
 
 
 class Stream(torch.utils.data.IterableDataset):
-    """(pixels [3, 336, 336], suffix ids [T], labels [T]) from study.data.training_stream, one stream per worker."""
+    """(pixels [3, 336, 336], ids [T], labels [T], patch targets [576, 3]) from study.data.training_conversations,
+    one stream per worker."""
 
-    def __init__(self, tokenizer, seed: int, prefix_len: int):
-        self.tokenizer, self.seed, self.prefix_len = tokenizer, seed, prefix_len
+    def __init__(self, tokenizer, seed: int, prefix_len: int, turns: int):
+        self.tokenizer, self.seed, self.prefix_len, self.turns = tokenizer, seed, prefix_len, turns
 
     def __iter__(self):
-        from .data import training_stream
+        from .data import training_conversations
 
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         processor = image_processor()
-        for image, question, answer, objects in training_stream(self.seed, worker, with_objects=True):
-            ids = M.prompt_ids(self.tokenizer, question)
-            suffix = ids[self.prefix_len + 1:]
-            target = M.answer_ids(self.tokenizer, answer)
-            yield (pad_and_process(image, processor), torch.tensor(suffix + target),
-                   torch.tensor([-100] * len(suffix) + target), patch_targets(objects, image.size))
+        for image, turns, objects in training_conversations(self.seed, worker, turns=self.turns):
+            ids, labels = conversation_tokens(self.tokenizer, turns, self.prefix_len)
+            yield (pad_and_process(image, processor), torch.tensor(ids), torch.tensor(labels),
+                   patch_targets(objects, image.size))
 
 
 def collate(batch, pad_id: int):
@@ -143,7 +177,8 @@ def collate(batch, pad_id: int):
 
 
 def validation_batches(tokenizer, prefix_len: int, n: int, batch: int, seed: int):
-    """A fixed validation slice drawn from the calibration split's seed (never the evaluation split)."""
+    """A fixed validation slice of single questions in the evaluation prompt format (own seed; never the
+    evaluation split)."""
     from .data import training_stream
 
     processor = image_processor()
@@ -151,11 +186,8 @@ def validation_batches(tokenizer, prefix_len: int, n: int, batch: int, seed: int
     for k, (image, question, answer) in enumerate(training_stream(VALIDATION_SEED + seed, 0)):
         if k == n:
             break
-        ids = M.prompt_ids(tokenizer, question)
-        suffix = ids[prefix_len + 1:]
-        target = M.answer_ids(tokenizer, answer)
-        items.append((pad_and_process(image, processor), torch.tensor(suffix + target),
-                      torch.tensor([-100] * len(suffix) + target)))
+        ids, labels = conversation_tokens(tokenizer, [(question, answer)], prefix_len)
+        items.append((pad_and_process(image, processor), torch.tensor(ids), torch.tensor(labels)))
     return [collate(items[i:i + batch], tokenizer.eos_token_id) for i in range(0, len(items), batch)]
 
 
@@ -257,13 +289,13 @@ def load_resume(folder: Path, vlm, wrapped, opt):
 # ------------------------------------------------------------------------------------------------ train
 
 SETTINGS_THAT_MATTER = ("llm_source", "batch", "lr_vision", "lr_lora", "seed", "lora_rank", "lora_alpha", "minutes",
-                        "max_steps", "rope_theta", "aux_weight")
+                        "max_steps", "rope_theta", "aux_weight", "turns", "init_sha256")
 
 
 def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float = 6.0, max_steps: int | None = None,
           batch: int = 64, lr_vision: float = 5e-4, lr_lora: float = 6e-4, seed: int = 0, device: str = "cpu",
-          workers: int = 0, warmup_steps: int = 60, aux_weight: float = 1.0, save_every: int = 200, val_every: int = 200, val_n: int = 256,
-          log=print) -> dict:
+          workers: int = 0, warmup_steps: int = 60, aux_weight: float = 1.0, save_every: int = 200, val_every: int = 200,
+          val_n: int = 256, turns: int = 3, init: Path | None = None, log=print) -> dict:
     """Train and write DIR/trained.safetensors + DIR/train.json; returns the train.json record."""
     from safetensors.torch import save_file
 
@@ -271,12 +303,27 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
     out.mkdir(parents=True, exist_ok=True)
     if (out / TRAINED).exists():
         raise FileExistsError(f"{out / TRAINED} exists: training there finished; choose another --out")
+    if turns < 1:
+        raise ValueError(f"--turns {turns} must be at least 1")
     spec = M.LoraSpec()
+    init_sha256 = None
+    if init is not None:
+        from debias_core.calibrate import file_sha256
+
+        if not Path(init).is_file():
+            raise FileNotFoundError(f"--init {init}: no such file; pass a trained.safetensors of an earlier run")
+        init_sha256 = file_sha256(Path(init))
     settings = dict(llm_source=llm_source, batch=batch, lr_vision=lr_vision, lr_lora=lr_lora, seed=seed, aux_weight=aux_weight,
                     lora_rank=spec.rank, lora_alpha=spec.alpha, minutes=minutes, max_steps=max_steps,
-                    rope_theta=M.ROPE_THETA, vision=M.VISION, lora_targets=list(M.LORA_TARGETS))
+                    rope_theta=M.ROPE_THETA, vision=M.VISION, lora_targets=list(M.LORA_TARGETS), turns=turns,
+                    init=str(init) if init else None, init_sha256=init_sha256,
+                    aux_background_weight=AuxHeads.BACKGROUND_WEIGHT)
     torch.manual_seed(seed)
     vlm, tokenizer, config, wrapped = build(llm_source, gguf, seed, spec)
+    if init is not None:
+        from safetensors.torch import load_file
+
+        load_trainable(vlm, wrapped, {k: v.float() for k, v in load_file(str(init)).items()})
     cuda = device.startswith("cuda")
     if cuda:
         vlm.llm.to(torch.bfloat16)  # frozen base in bf16; LoRA, vision tower and projector train in fp32
@@ -306,7 +353,7 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
         log(f"resuming at step {step} of {total}")
 
     val = validation_batches(tokenizer, prefix_len, val_n, batch, seed)
-    loader = torch.utils.data.DataLoader(Stream(tokenizer, TRAIN_SEED + 100_000 * seed + step, prefix_len), batch_size=batch,
+    loader = torch.utils.data.DataLoader(Stream(tokenizer, TRAIN_SEED + 100_000 * seed + step, prefix_len, turns), batch_size=batch,
                                          num_workers=workers, collate_fn=functools.partial(collate, pad_id=tokenizer.eos_token_id),
                                          persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)

