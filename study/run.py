@@ -322,6 +322,36 @@ def calibrate_trends(results: list[dict], out: Path) -> Path:
     return trends
 
 
+def finished_results(out: Path) -> list[dict]:
+    """Every finished run's record under OUT/runs (its done.json), calibration runs included."""
+    return [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").rglob("done.json"))]
+
+
+def report_main(argv=None) -> int:
+    """``python -m study report --out DIR``: the report of the finished runs in DIR, e.g. when a run was cut off
+    (a later ``python -m study run`` resumes and reports again)."""
+    from .report import write_report
+
+    p = argparse.ArgumentParser(prog="python -m study report", description=report_main.__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "study")
+    p.add_argument("--model", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--note", default=None, help="a paragraph printed first in report.md (e.g. what is missing)")
+    p.add_argument("--device", default=None, help="the machine the runs ran on, recorded in study.json")
+    a = p.parse_args(argv)
+    results = finished_results(a.out)
+    if not results:
+        print(f"error: no finished runs under {a.out / 'runs'}; run python -m study run first", file=sys.stderr)
+        return 2
+    if not (a.model / "study.json").is_file():
+        print(f"error: {a.model} is not an assembled study checkpoint; run python -m study assemble", file=sys.stderr)
+        return 2
+    settings = {"rebuilt_from": str(a.out), "device": a.device, "note": a.note,
+                "n_eval": max(r.get("n", 0) for r in results)}
+    print(write_report(a.out, results, a.out / "data" / "eval", trends=a.out / "trends", skipped={},
+                       settings=settings, model=a.model))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
