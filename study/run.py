@@ -35,7 +35,19 @@ from pathlib import Path
 
 from .checkpoint import DEFAULT_OUT, ROOT
 
-METHODS = ("fastv", "pdrop", "sparsevlm", "himap", "tokencarve", "illava")
+
+
+def study_methods() -> tuple[str, ...]:
+    """Registry methods whose adapter defines study budgets (``budget_args``), in registry order."""
+    from eval.methods.base import Adapter, adapter_class
+    from eval.registry import methods
+
+    return tuple(k for k in methods() if adapter_class(k).budget_args.__func__ is not Adapter.budget_args.__func__)
+
+
+METHODS = study_methods()
+# The controls replace the ranking score at this method's site (study/observer/sitecustomize.py hooks its layer).
+CONTROL_METHOD = "fastv"
 MODES = ("off", "pad", "pos", "full")
 BUDGETS = (128, 64, 32)
 PAPER_BENCHMARK = "gqa"   # the paper preset used on the study model: its closest benchmark (short-answer VQA)
@@ -68,26 +80,19 @@ class Job:
 # ------------------------------------------------------------------------------------------------ plan
 
 def method_args(method: str, keep: int, image_start: int) -> list[str]:
-    """The paper's settings for ``method`` scaled to keep ``keep`` visual tokens (128 = the paper's FastV budget)."""
-    f = keep / 128
-    if method == "fastv":
-        return [f"fast_v_attention_rank={keep}", f"fast_v_sys_length={image_start}"]
-    if method == "pdrop":
-        return ["image_token_ratio_list=" + ",".join(f"{r * f:.4f}" for r in (0.32, 0.16, 0.08))]
-    if method == "sparsevlm":
-        return [f"retained_tokens={keep}"]
-    if method == "himap":
-        return [f"hmap_v_attn_txt_rank={round(115 * f)}", f"hmap_v_attn_img_rank={round(90 * f)}",
-                f"sys_length={image_start}"]
-    if method == "tokencarve":
-        return [f"token_carve_image_token_nums={round(64 * f)}", f"token_carve_sys_length={image_start}"]
-    if method == "illava":
-        return [f"illava_llm_r={576 - keep}"]
-    raise StudyError(f"method {method!r} has no study settings; choose from {', '.join(METHODS)}")
+    """The paper's settings for ``method`` scaled to keep ``keep`` visual tokens (its adapter's ``budget_args``)."""
+    from eval.methods.base import adapter_class
+
+    try:
+        return adapter_class(method).budget_args(keep, image_start)
+    except NotImplementedError as e:
+        raise StudyError(f"{e}; choose from {', '.join(METHODS)}") from None
 
 
 def supported(method: str, keep: int) -> bool:
-    return not (method == "sparsevlm" and keep not in (128, 64))
+    from eval.methods.base import adapter_class
+
+    return adapter_class(method).supports_budget(keep)
 
 
 def trend_method(method: str) -> str:
@@ -117,8 +122,8 @@ def plan(methods, budgets, modes, controls, image_start: int, trends_dir: Path, 
                     jobs.append(Job(f"{m}/{keep}/{mode}-{label}", m, "eval", mode, spec, label, keep, args))
     for c in controls:
         for keep in budgets:
-            jobs.append(Job(f"control-{c.replace(':', '')}/{keep}/off--", "fastv", "eval", "off", None, "-", keep,
-                            tuple(method_args("fastv", keep, image_start)), control=c, kind="control"))
+            jobs.append(Job(f"control-{c.replace(':', '')}/{keep}/off--", CONTROL_METHOD, "eval", "off", None, "-",
+                            keep, tuple(method_args(CONTROL_METHOD, keep, image_start)), control=c, kind="control"))
     return jobs
 
 
@@ -442,7 +447,7 @@ def study(a) -> int:
     trends = calibrate_trends(cal, out)
     if a.stop_after == "calibration":
         return 0
-    if skipped.get("fastv"):
+    if skipped.get(CONTROL_METHOD):
         controls = []
     jobs = plan(methods, budgets, modes, controls, s0, trends, calibrated=not a.no_calibrated)
     results, failed = run_all(jobs, out, a.model, data, envs, limit=None, parallel=a.parallel)

@@ -28,20 +28,15 @@ class Kept:
 
 
 def final_budget(method: str, args: dict) -> int:
-    """Visual tokens the method's last ranking stage keeps, from its arguments (before the padding cap)."""
-    if method == "fastv":
-        return int(args["fast_v_attention_rank"])
-    if method == "tokencarve":
-        return int(args["token_carve_image_token_nums"])
-    if method == "himap":
-        return int(args["hmap_v_attn_img_rank"])
-    if method == "pdrop":
-        return int(576 * float(args["image_token_ratio_list"][-1]))
-    if method == "sparsevlm":  # SparseVLMs' own schedule (score.py): tokens left after its last ranking layer
-        return {192: 110, 128: 36, 64: 17}[int(args["retained_tokens"])]
-    if method == "illava":
-        return 576 - int(args["illava_llm_r"])
-    raise ValueError(f"no final budget rule for method {method!r}")
+    """Visual tokens the method's last ranking stage keeps, from its arguments (before the padding cap): its
+    adapter's ``final_kept``."""
+    from eval.common import EvalError
+    from eval.methods.base import adapter_class
+
+    try:
+        return adapter_class(method).final_kept(args)
+    except (EvalError, NotImplementedError) as e:
+        raise ValueError(f"no final budget rule for method {method!r}: {e}") from None
 
 
 def kept_sets(recording, *, mode: str, trend, method_key: str, trend_method, final_k: int) -> dict[str, Kept]:

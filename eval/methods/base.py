@@ -283,6 +283,25 @@ class Adapter:
             out = out[:, ids.shape[1]:]  # LLaVA 1.1.x returns prompt + answer
         return loaded.tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()
 
+    # ---------------------------------------------------------------- budgets (the study model)
+    @classmethod
+    def budget_args(cls, keep: int, image_start: int) -> list[str]:
+        """``--method-arg`` values with which the method keeps about ``keep`` visual tokens at its last ranking
+        stage: the paper's settings scaled by keep / 128 (128 is FastV's paper budget). ``image_start`` is the
+        model's first visual position (the study model's is 32, LLaVA-1.5-7B's 35). Used by ``python -m study``."""
+        raise NotImplementedError(f"{cls.name}: no budget_args (docs/adding_a_method.md, 'The study')")
+
+    @classmethod
+    def supports_budget(cls, keep: int) -> bool:
+        """Whether ``budget_args(keep, ...)`` is a setting the method defines."""
+        return True
+
+    @classmethod
+    def final_kept(cls, args: dict) -> int:
+        """Visual tokens the last ranking stage keeps under ``args`` (the registry's defaults with the run's
+        overrides, typed), before any padding cap."""
+        raise NotImplementedError(f"{cls.name}: no final_kept (docs/adding_a_method.md, 'The study')")
+
     # ---------------------------------------------------------------- labels
     def budget(self) -> str:
         """Budget label for paths and metadata, e.g. '128', '2-10-20_0.32-0.16-0.08'; 'all' = no pruning."""
@@ -298,3 +317,8 @@ class Adapter:
 def import_adapter(path: str) -> type[Adapter]:
     module, _, cls = path.partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def adapter_class(key: str) -> type[Adapter]:
+    """The adapter class the registry names for method ``key`` (importing it imports no upstream code)."""
+    return import_adapter(method_spec(key)["adapter"])

@@ -17,6 +17,14 @@ class FastVAdapter(Llava113Adapter):
     image_length_key = "fast_v_image_token_length"
     site_module = "transformers.models.llama.modeling_llama"
 
+    @classmethod
+    def budget_args(cls, keep: int, image_start: int) -> list[str]:
+        return [f"fast_v_attention_rank={keep}", f"fast_v_sys_length={image_start}"]
+
+    @classmethod
+    def final_kept(cls, args: dict) -> int:
+        return int(args["fast_v_attention_rank"])
+
     def activate(self):
         lv = super().activate()
         import transformers.models.llama.modeling_llama as ml

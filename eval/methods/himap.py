@@ -24,6 +24,17 @@ class HiMAPAdapter(Llava113Adapter):
     image_length_key = "img_length"
     site_module = "llava.model.language_model.himap"
 
+    @classmethod
+    def budget_args(cls, keep: int, image_start: int) -> list[str]:
+        """The paper's 115 tokens after the text-guided stage and 90 after the image stage, scaled by keep / 128."""
+        f = keep / 128
+        return [f"hmap_v_attn_txt_rank={round(115 * f)}", f"hmap_v_attn_img_rank={round(90 * f)}",
+                f"sys_length={image_start}"]
+
+    @classmethod
+    def final_kept(cls, args: dict) -> int:
+        return int(args["hmap_v_attn_img_rank"])
+
     def activate(self):
         lv = super().activate()
         import importlib.util

@@ -22,6 +22,15 @@ PORT = "llava/model/language_model/illava_llama.py"
 class ILLaVAPortAdapter(Adapter):
     name = "illava"
 
+    @classmethod
+    def budget_args(cls, keep: int, image_start: int) -> list[str]:
+        """iLLaVA merges away ``illava_llm_r`` of the 576 tokens in the LLM: r = 576 - keep."""
+        return [f"illava_llm_r={576 - keep}"]
+
+    @classmethod
+    def final_kept(cls, args: dict) -> int:
+        return 576 - int(args["illava_llm_r"])
+
     def check_environment(self) -> None:
         super().check_environment()
         if not (self.upstream_dir() / PORT).is_file():

@@ -30,6 +30,15 @@ def checkpoint_config(model_path: str) -> dict | None:
 class PDropAdapter(Adapter):
     name = "pdrop"
 
+    @classmethod
+    def budget_args(cls, keep: int, image_start: int) -> list[str]:
+        """The paper's ratios 0.32 / 0.16 / 0.08 after layers 8 / 16 / 24, scaled so the last stage keeps ~keep."""
+        return ["image_token_ratio_list=" + ",".join(f"{r * keep / 128:.4f}" for r in (0.32, 0.16, 0.08))]
+
+    @classmethod
+    def final_kept(cls, args: dict) -> int:
+        return int(576 * float(args["image_token_ratio_list"][-1]))
+
     def load(self, model_path: str, *, model_base: str | None = None, device: str = "cuda", dtype=None) -> Loaded:
         cfg = checkpoint_config(model_path)
         attn = (cfg or {}).get("_attn_implementation")

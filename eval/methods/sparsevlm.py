@@ -39,6 +39,21 @@ def checkpoint_config(model_path: str) -> dict | None:
 
 class SparseVLMAdapter(Adapter):
     name = "sparsevlm"
+    # SparseVLMs' own schedule (its score.py): visual tokens left after its last ranking layer per budget
+    LAST_STAGE_KEPT = {192: 110, 128: 36, 64: 17}
+
+    @classmethod
+    def budget_args(cls, keep: int, image_start: int) -> list[str]:
+        """SparseVLMs defines its schedule for ``retained_tokens`` 192, 128 and 64 only."""
+        return [f"retained_tokens={keep}"]
+
+    @classmethod
+    def supports_budget(cls, keep: int) -> bool:
+        return keep in (128, 64)
+
+    @classmethod
+    def final_kept(cls, args: dict) -> int:
+        return cls.LAST_STAGE_KEPT[int(args["retained_tokens"])]
 
     def check_environment(self) -> None:
         super().check_environment()   # flash-attn is optional: patches/SparseVLMs/0003 falls back to PyTorch SDPA

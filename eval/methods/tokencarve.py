@@ -42,6 +42,15 @@ SV_AV_MODES = {0: "fusion (the paper)", 1: "SV only", 2: "AV only"}
 class TokenCarveAdapter(Adapter):
     name = "tokencarve"
 
+    @classmethod
+    def budget_args(cls, keep: int, image_start: int) -> list[str]:
+        """The paper's 64 kept tokens scaled by keep / 128."""
+        return [f"token_carve_image_token_nums={round(64 * keep / 128)}", f"token_carve_sys_length={image_start}"]
+
+    @classmethod
+    def final_kept(cls, args: dict) -> int:
+        return int(args["token_carve_image_token_nums"])
+
     def __init__(self, overrides: dict | None = None):
         super().__init__(overrides)
         self._stock_forward = None
