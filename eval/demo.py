@@ -352,8 +352,9 @@ def kept_summary(kept: dict, items: dict) -> list[dict]:
     return rows
 
 
-def write_kept_table(rows: list[dict], out_dir: Path) -> Path:
-    """report/kept_tokens.md (+ .json): evidence recall and padding share per method, off vs full."""
+def write_kept_table(rows: list[dict], kept: dict, out_dir: Path) -> Path:
+    """report/kept_tokens.md: evidence recall and padding share per method, off vs full; report/kept_tokens.json:
+    {"summary": rows, "kept": {run name: {question_id: kept raster indices}}}."""
     by_method = {}
     for r in rows:
         by_method.setdefault(r["method"], {})[r["mode"]] = r
@@ -370,7 +371,7 @@ def write_kept_table(rows: list[dict], out_dir: Path) -> Path:
             "half padding. Measured from each run's recording as the study measures them (study.selection).")
     path = out_dir / "kept_tokens.md"
     path.write_text("\n".join(lines) + "\n\n" + note + "\n")
-    (out_dir / "kept_tokens.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / "kept_tokens.json").write_text(json.dumps({"summary": rows, "kept": kept}))
     return path
 
 
@@ -521,7 +522,7 @@ def kept_tokens_step(runs: list[Run], model: Path, data: Path, out: Path) -> Pat
         return draw_stand_in(items, model, data, figure)
     print(f"demo: [5/5] kept tokens vs evidence, off vs full: {', '.join(dict.fromkeys(r.method for r in runs if ranks(r.method)))}",
           flush=True)
-    table = write_kept_table(kept_summary(kept, items), out / "report")
+    table = write_kept_table(kept_summary(kept, items), kept, out / "report")
     print(table.read_text())
     return draw_figure(kept, items, answers, model, data, figure)
 
