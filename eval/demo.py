@@ -335,20 +335,23 @@ def kept_tokens(runs: list[Run], model: Path, out: Path) -> dict[str, dict[str, 
 
 
 def kept_summary(kept: dict, items: dict) -> list[dict]:
-    """Per run: mean evidence recall (questions with evidence patches), mean padding share, mean kept count."""
-    import numpy as np
+    """Per run: mean evidence recall over the questions with evidence patches, mean padding share and mean kept
+    count over the questions with a kept set (None where no question has one)."""
     from study.selection import evidence_recall, padding_share
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
 
     rows = []
     for name, per_question in kept.items():
         recall = [evidence_recall(k, items[q]["patches"]) for q, k in per_question.items()]
-        pad = [padding_share(k, items[q]["item"].image_size) for q, k in per_question.items()]
         method, mode = name.rsplit("-", 1)
         rows.append({"method": method, "mode": mode, "questions": len(per_question),
-                     "evidence_recall": float(np.mean([r for r in recall if r is not None])),
-                     "with_evidence": sum(r is not None for r in recall),
-                     "padding_share": float(np.mean([p for p in pad if p is not None])),
-                     "kept": float(np.mean([len(k) for k in per_question.values()]))})
+                     "with_evidence": sum(r is not None for r in recall), "evidence_recall": mean(recall),
+                     "padding_share": mean(padding_share(k, items[q]["item"].image_size)
+                                           for q, k in per_question.items()),
+                     "kept": mean(len(k) for k in per_question.values())})
     return rows
 
 
@@ -358,14 +361,15 @@ def write_kept_table(rows: list[dict], kept: dict, out_dir: Path) -> Path:
     by_method = {}
     for r in rows:
         by_method.setdefault(r["method"], {})[r["mode"]] = r
-    lines = ["| method | kept tokens | evidence recall off → full | padding share off → full | questions (with evidence) |",
+    lines = ["| method | kept tokens off → full | evidence recall off → full | padding share off → full | "
+             "questions (with evidence) |",
              "|---|---|---|---|---|"]
+    def pair(field, fmt):
+        return " → ".join("–" if modes[m][field] is None else format(modes[m][field], fmt) for m in ("off", "full"))
+
     for method, modes in by_method.items():
-        off, full = modes["off"], modes["full"]
-        lines.append(f"| {registry.display_name(method)} | {off['kept']:.0f} → {full['kept']:.0f} | "
-                     f"{off['evidence_recall']:.0%} → {full['evidence_recall']:.0%} | "
-                     f"{off['padding_share']:.0%} → {full['padding_share']:.0%} | "
-                     f"{off['questions']} ({off['with_evidence']}) |")
+        lines.append(f"| {registry.display_name(method)} | {pair('kept', '.0f')} | {pair('evidence_recall', '.0%')} | "
+                     f"{pair('padding_share', '.0%')} | {modes['off']['questions']} ({modes['off']['with_evidence']}) |")
     note = ("Evidence recall: share of the evidence patches (the patches of the objects that decide the answer) "
             "among the visual tokens the last ranking stage kept; padding share: kept tokens that are more than "
             "half padding. Measured from each run's recording as the study measures them (study.selection).")
@@ -424,7 +428,7 @@ def draw_figure(kept: dict, items: dict, answers: dict, model: Path, data: Path,
                         "kept": {col: kept[name][qid] for col, name in columns.items()},
                         "answers": {col: answers[name][qid] for col, name in columns.items() if name in answers}})
     title = ("Visual tokens kept by each baseline's own code on the study model (real SmolLM2-135M weights) with "
-             f"the study's settings for budget {BUDGET} (FastV keeps {BUDGET}; each panel gives the count), off vs "
+             f"the study's settings for budget {BUDGET} (each panel gives the count its last stage kept), off vs "
              "full debiasing; red boxes: the objects that decide the answer")
     proc = loaded.image_processor
     return draw_kept(entries, out_png, mean=proc.image_mean, std=proc.image_std, title=title)
