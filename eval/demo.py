@@ -21,9 +21,9 @@
    a stand-in: the ranking of the baseline that runs on the reference model's own upstream (the iLLaVA port),
    computed on plain LLaVA.
 
-The model is weak (about 39 % unpruned on the study's 600 evaluation questions, chance about 29 %) and a dozen
-questions give accuracy intervals of about +-25 points: read the accuracies as the machinery working on real
-weights, and the kept-token numbers as what the selection does.
+A dozen questions give accuracy intervals of about +-25 points: read the accuracies as the machinery working on
+real weights and the kept-token numbers as what each selection does; the study's own numbers (600 questions, every
+budget) are in docs/study.md.
 """
 from __future__ import annotations
 
