@@ -4,7 +4,7 @@ Here (network to PyPI, populated third_party/):   python -m bench.carry prepare 
 There (Python 3.12, its own torch):               python -m bench.latency --carry .carry/bench --out $OUT
 The study's bundle (study/carry.py: the same wheels and trees, installed into /tmp/study-site) serves too:
                                                   python -m bench.latency --carry .carry/study --site /tmp/study-site
-Trees alone (e.g. one the bundle lacks):          python -m bench.carry trees .carry/study
+Trees alone (e.g. one the bundle lacks):          python -m bench.carry trees .carry/study [NAME...]
 
 prepare: wheels for the two transformers stacks (4.37.2 for LLaVA, PyramidDrop, SparseVLMs, TokenCarve and
 the iLLaVA port; 4.31.0 for HiMAP and FastV's fork) and exports of each upstream at its pin with our series
@@ -81,11 +81,18 @@ def prepare(out: Path, python_version: str = "3.12") -> None:
     print(f"{out}: {size / 2 ** 20:.1f} MiB")
 
 
-def export_trees(out: Path) -> None:
-    """out/trees/<Name>: each benchmarked upstream at its pin with our series (only its bench_tree paths)."""
+def export_trees(out: Path, names: list[str] | None = None) -> None:
+    """out/trees/<Name>: each benchmarked upstream (or those in ``names``) at its pin with our series (only its
+    bench_tree paths)."""
     from eval.upstream import export_tree
 
+    unknown = sorted(set(names or []) - set(trees()))
+    if unknown:
+        raise registry.RegistryError(f"upstream(s) {', '.join(unknown)} have no bench_tree in the registry; the "
+                                     f"benchmark carries {', '.join(trees())}")
     for name, paths in trees().items():
+        if names and name not in names:
+            continue
         dest = Path(out) / "trees" / name
         if dest.exists():
             shutil.rmtree(dest)
@@ -134,10 +141,14 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="python -m bench.carry")
     p.add_argument("action", choices=["prepare", "install", "trees"])
     p.add_argument("dir", type=Path)
+    p.add_argument("names", nargs="*", help="trees: only these upstreams (default: every one the benchmark runs)")
     a = p.parse_args()
     if a.action == "prepare":
         prepare(a.dir)
     elif a.action == "trees":
-        export_trees(a.dir)
+        try:
+            export_trees(a.dir, a.names)
+        except registry.RegistryError as e:
+            sys.exit(f"error: {e}")
     else:
         print(install(a.dir))

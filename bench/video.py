@@ -6,7 +6,7 @@ projector have the same shapes (Vicuna-7B, mlp2x_gelu from 1024 features), so th
 not copied, into ``<ckpt>-video/`` beside a Video-LLaVA config. The LanguageBind video tower is built in memory
 with random fp16 weights: the CLIP tower's dimensions (ViT-L/14, or the tiny one) at 224 px with 8 frames and
 temporal attention, i.e. 8 × 257 = 2,056 visual tokens. Input: a random [3, 8, 224, 224] clip fed as a tensor
-(the video processor and decord are not used, so their imports may be stand-ins: video_imports), after the
+(the video processor, decord and LoRA are not used, so their imports may be stand-ins: video_imports), after the
 35-token prefix of the llava_v1 template, with Video-LLaVA's 8 <image> placeholders, then 40 question tokens.
 Pruning: FastV at layer K keeping R of the 2,056 tokens (the registry's video args; run_video.sh's defaults);
 mode full debiases with a synthetic exponential trend over the 2,056 positions (no video trend is published;
@@ -15,6 +15,7 @@ latency does not depend on its values).
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import json
 import os
 import sys
@@ -88,7 +89,7 @@ def _pruning(entry: dict) -> tuple[int, int]:
 
 def video_imports(tree: Path) -> list[str]:
     """Put the Video-LLaVA tree first on sys.path; register a stand-in for each processor import that fails
-    here (it raises when used). Returns the names stood in for."""
+    here (a StandIn). Returns the names stood in for."""
     if not (tree / "videollava" / "model").is_dir():
         raise EvalError(f"{tree} has no videollava/model; populate it (git submodule update --init "
                         f"third_party/Video-LLaVA, bash scripts/apply_patches.sh Video-LLaVA) or carry it "
@@ -106,23 +107,39 @@ def video_imports(tree: Path) -> list[str]:
     return stood_in
 
 
-def _stand_in(name: str) -> None:
-    def missing(attr: str):
+class StandIn:
+    """Whatever is asked of a stand-in module: any attribute, call or subclassing gives another stand-in
+    (Video-LLaVA's processor modules call some at import, e.g. decord.bridge.set_bridge); nothing of it runs in
+    the benchmark, which feeds tensors."""
+
+    def __init__(self, name: str = "stand-in", *args, **kwargs):
+        self._name = name if isinstance(name, str) else "stand-in"
+
+    def __getattr__(self, attr: str):
         if attr.startswith("__"):
             raise AttributeError(attr)
+        return StandIn(f"{self._name}.{attr}")
 
-        def fail(*args, **kwargs):
-            raise NotImplementedError(f"{name}.{attr} is a stand-in of bench/video.py: the benchmark feeds "
-                                      f"Video-LLaVA tensors, not video files")
-        return type(attr, (), {"__init__": fail, "__call__": fail})
+    def __call__(self, *args, **kwargs):
+        return StandIn(f"{self._name}()")
 
+    def __mro_entries__(self, bases):
+        return (StandIn,)
+
+
+def _stand_in(name: str) -> None:
     module = types.ModuleType(name)
-    module.__getattr__ = missing
+    module.__getattr__ = lambda attr: StandIn(f"{name}.{attr}") if not attr.startswith("__") else _no(attr)
     module.__path__ = []
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)  # find_spec() asks for it
     sys.modules[name] = module
     parent, _, child = name.rpartition(".")
     if parent in sys.modules:
         setattr(sys.modules[parent], child, module)
+
+
+def _no(attr: str):
+    raise AttributeError(attr)
 
 
 def video_checkpoint(ckpt: Path) -> Path:
@@ -140,7 +157,9 @@ def video_checkpoint(ckpt: Path) -> Path:
             (out / f.name).symlink_to(f.resolve())
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg.pop("mm_vision_tower", None)
-    cfg.update(mm_video_tower=str(tower.resolve()), mm_image_tower=None, mm_vision_select_feature="patch")
+    # 3072: Video-LLaVA's training scripts' --tokenizer_model_max_length (LLaVA-1.5's 2048 would cut the prompt)
+    cfg.update(mm_video_tower=str(tower.resolve()), mm_image_tower=None, mm_vision_select_feature="patch",
+               tokenizer_model_max_length=3072)
     (out / "config.json.tmp").write_text(json.dumps(cfg, indent=2))
     os.replace(out / "config.json.tmp", out / "config.json")  # last: a half-built folder is rebuilt
     return out

@@ -78,9 +78,30 @@ class AdapterWorkload:
         self.adapter.generate(self.loaded, self.ids, self.pixels, self.image.size, max_new_tokens=new_tokens)
 
 
+def cpu_stand_ins() -> None:
+    """For CPU smoke runs only: upstream code that times itself with CUDA events or moves tensors with .cuda()
+    (SparseVLMs' generate) gets no-op events, a no-op synchronize and .cuda() as the identity."""
+    import torch
+
+    class Event:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def record(self, *args, **kwargs):
+            pass
+
+        def elapsed_time(self, other):
+            return 0.0
+
+    torch.cuda.Event, torch.cuda.synchronize = Event, (lambda *args, **kwargs: None)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
 def prepare(name: str, ckpt: Path, device: str):
     """The workload of method ``name`` (the benchmark's LLaVA-1.5 checkpoint ``ckpt``), its model made to
     always generate the full length (random weights would stop at a random EOS)."""
+    if not device.startswith("cuda"):
+        cpu_stand_ins()
     driver = registry.methods(driver=None)[name]["driver"]
     if driver == registry.DRIVER:
         work = AdapterWorkload(name, ckpt, device)
