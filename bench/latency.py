@@ -157,56 +157,70 @@ def _peak_memory_gib(work, mode: str, new_tokens: int) -> float:
 
 
 def bench_call(reps: int = 2000, device: str = "cuda") -> list[dict]:
-    """debias + keep_cap + topk vs plain topk on one score vector, wall µs per call (launch-bound)."""
+    """debias + keep_cap + topk vs plain topk on one score vector, wall µs per call (launch-bound), at N = 576
+    (LLaVA-1.5's span, fp16 and bf16) and 2,056 (Video-LLaVA's)."""
     import torch
 
-    import debias_core
     from debias_core import ExponentialTrend
     from debias_core.presets import METHODS as FAMILIES, pad_threshold, single_trend_families
 
-    rows = []
     # the paper family with the lowest pad threshold (the most padding suppressed), with its trend
     family = min(FAMILIES, key=pad_threshold)
     preset = f"paper:{family}" if family in single_trend_families() else f"paper:{family}/{BENCH_TREND_BENCHMARK}"
-    cases = [(576, dict(image_size=IMAGE_SIZE), preset),
+    cases = [(576, dict(image_size=IMAGE_SIZE), preset, family),
              (2056, dict(image_size=None, preprocess="none", span_length=2056),
-              ExponentialTrend(a=1.0, b=0.002, n=2056))]  # no published video trend: a synthetic one
-    for n, ctx, trend in cases:
-        for dtype in (torch.float16, torch.bfloat16):
-            scores = torch.rand(n, device=device, dtype=dtype)
-            debias_core.configure(mode="full", trend=trend, method=family if n == 576 else None)
-            with debias_core.sample(**ctx):
-                def plain():
-                    return scores.topk(128).indices
+              ExponentialTrend(a=1.0, b=0.002, n=2056), None)]  # no published video trend: a synthetic one
+    return [_call_case(n, ctx, trend, method, dtype, reps, device) for n, ctx, trend, method in cases
+            for dtype in (torch.float16, torch.bfloat16)]
 
-                def debiased():
-                    return debias_core.debias(scores).topk(debias_core.keep_cap(128)).indices
 
-                result = {"n": n, "dtype": str(dtype).replace("torch.", "")}
-                for label, fn in (("topk_us", plain), ("debias_topk_us", debiased)):
-                    for _ in range(50):
-                        fn()
-                    sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        fn()
-                    sync(device)
-                    result[label] = (time.perf_counter() - t0) / reps * 1e6
-                if device.startswith("cuda"):
-                    previous = torch.cuda.get_sync_debug_mode()
-                    torch.cuda.set_sync_debug_mode("error")
-                    try:
-                        debiased()
-                        result["host_syncs"] = "none"
-                    except RuntimeError as e:
-                        result["host_syncs"] = str(e)[:200]
-                    finally:
-                        torch.cuda.set_sync_debug_mode(previous)
-                else:
-                    result["host_syncs"] = "not checked (CPU)"
-                result["overhead_us"] = result["debias_topk_us"] - result["topk_us"]
-                rows.append(result)
-    return rows
+def _call_case(n: int, ctx: dict, trend, method, dtype, reps: int, device: str) -> dict:
+    """One row of bench_call: N random fp scores [n], debiased under ``trend`` in the sample context ``ctx``."""
+    import torch
+
+    import debias_core
+
+    scores = torch.rand(n, device=device, dtype=dtype)
+    debias_core.configure(mode="full", trend=trend, method=method)
+    with debias_core.sample(**ctx):
+        def plain():
+            return scores.topk(128).indices
+
+        def debiased():
+            return debias_core.debias(scores).topk(debias_core.keep_cap(128)).indices
+
+        result = {"n": n, "dtype": str(dtype).replace("torch.", "")}
+        for label, fn in (("topk_us", plain), ("debias_topk_us", debiased)):
+            result[label] = _wall_us_per_call(fn, reps, device)
+        result["host_syncs"] = _sync_check(debiased) if device.startswith("cuda") else "not checked (CPU)"
+    result["overhead_us"] = result["debias_topk_us"] - result["topk_us"]
+    return result
+
+
+def _wall_us_per_call(fn, reps: int, device: str) -> float:
+    for _ in range(50):  # warm-up
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
+def _sync_check(fn) -> str:
+    """"none", or the error of the first host-device synchronisation inside ``fn`` (CUDA sync-error mode)."""
+    import torch
+
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError as e:
+        return str(e)[:200]
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def worker(argv) -> int:
