@@ -352,8 +352,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class Run:
-    """One orchestrator run: the workers' environments and arguments, and bench.json under --out, rewritten
-    after every job (nothing is lost on a kill; a rerun measures only what is missing or failed)."""
+    """One orchestrator run: the workers' environments and arguments, and bench.json and bench.md under --out,
+    rewritten after every job (nothing is lost on a kill; a rerun measures only what is missing or failed)."""
 
     def __init__(self, args, envs: dict):
         self.a, self.envs = args, envs
@@ -379,9 +379,8 @@ class Run:
             "method", "--method", m, "--ckpt", str(a.ckpt), "--reps", str(a.reps), "--warmup", str(a.warmup),
             "--decode", str(a.decode), *self.common]
         self.results[m] = r = self._job(m, job)
-        meta = {"gpu": r.get("gpu", self.made.get("gpu")), "torch": self.made.get("torch"),
-                "date": time.strftime("%Y-%m-%d"), "reps": a.reps, "warmup": a.warmup, "host": platform.node()}
-        self.path.write_text(json.dumps({"meta": meta, "results": self.results}, indent=1))
+        self._save({"gpu": r.get("gpu", self.made.get("gpu")), "torch": self.made.get("torch"),
+                    "date": time.strftime("%Y-%m-%d"), "reps": a.reps, "warmup": a.warmup, "host": platform.node()})
         print(f"{m}: {'error: ' + r['error'] if 'error' in r else 'done'} ({time.time() - self.t0:.0f} s)", flush=True)
 
     def in_situ(self, m: str) -> None:
@@ -397,15 +396,16 @@ class Run:
         results[m]["in_situ"] = r.get("in_situ", {"error": r.get("error"), "log_tail": r.get("log_tail")})
         if "profile" in r:
             results[m]["in_situ_profile"] = r["profile"]
-        data = json.loads(self.path.read_text())
-        data["results"] = results
-        self.path.write_text(json.dumps(data, indent=1))
+        self._save(json.loads(self.path.read_text())["meta"])
 
-    def write_report(self) -> None:
+    def _save(self, meta: dict) -> None:
+        """bench.json (meta, results, summary) and bench.md as they stand: a killed run leaves both readable."""
         summary = summarise(self.results)
-        meta = json.loads(self.path.read_text())["meta"]
         self.path.write_text(json.dumps({"meta": meta, "results": self.results, "summary": summary}, indent=1))
         (self.a.out / "bench.md").write_text(markdown(self.results, summary, meta))
+
+    def write_report(self) -> None:
+        self._save(json.loads(self.path.read_text())["meta"])
         print((self.a.out / "bench.md").read_text())
 
 

@@ -17,7 +17,7 @@ BUILT_IN = registry.methods(driver=None, plugins=False)
 
 # files whose method lists and per-method settings derive from the registry: no method key may be typed in them
 DERIVED = ["scripts/test.sh", "scripts/bench.sh", "eval/report.py", "bench/latency.py", "bench/carry.py",
-           "bench/checkpoint.py", "eval/methods/__init__.py", "eval/methods/base.py", "tests/test_repo.py",
+           "bench/checkpoint.py", "bench/workload.py", "bench/insitu.py", "bench/report.py", "bench/video.py", "eval/methods/__init__.py", "eval/methods/base.py", "tests/test_repo.py",
            "debias_core/presets.py", "debias_core/config.py", "scripts/lib/common.sh", "scripts/lib/patches.sh",
            "scripts/slurm/eval_array.sbatch", "scripts/slurm/submit.sh", "scripts/slurm/merge_score.sbatch",
            "scripts/apply_patches.sh", "scripts/refresh_patches.sh", "scripts/check_envs.sh", "eval/video_qa.py"]
