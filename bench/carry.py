@@ -2,6 +2,9 @@
 
 Here (network to PyPI, populated third_party/):   python -m bench.carry prepare .carry/bench
 There (Python 3.12, its own torch):               python -m bench.latency --carry .carry/bench --out $OUT
+The study's bundle (study/carry.py: the same wheels and trees, installed into /tmp/study-site) serves too:
+                                                  python -m bench.latency --carry .carry/study --site /tmp/study-site
+Trees alone (e.g. one the bundle lacks):          python -m bench.carry trees .carry/study [NAME...]
 
 prepare: wheels for the two transformers stacks (4.37.2 for LLaVA, PyramidDrop, SparseVLMs, TokenCarve and
 the iLLaVA port; 4.31.0 for HiMAP and FastV's fork) and exports of each upstream at its pin with our series
@@ -27,6 +30,7 @@ WHEELS = {"437": ["transformers==4.37.2", "tokenizers==0.15.2", "huggingface-hub
 # reassembles the rest from the wheel of the same version
 FORK = "src/transformers/src/transformers"
 CALL = "_call"  # the job timing the debias call alone: runs in the reference method's stack
+SITE_ROOT = Path("/tmp/bench-site")
 
 
 def trees() -> dict:
@@ -34,10 +38,22 @@ def trees() -> dict:
     return {name: u["bench_tree"] for name, u in registry.upstreams().items() if u.get("bench_tree")}
 
 
+def fork_files() -> list[str]:
+    """The files of a transformers fork the benchmark carries, relative to FORK (the rest comes from the wheel)."""
+    return [p[len(FORK) + 1:] for paths in trees().values() for p in paths if p.startswith(FORK + "/")]
+
+
+# study/carry.py reassembles the fork from these too
+FORK_FILES = tuple(fork_files())
+
+
 def stack(method: str) -> str:
     """The wheel set (a key of WHEELS) that runs ``method`` (or CALL): its upstream's transformers version."""
     key = registry.reference_method() if method == CALL else method
-    version = registry.upstreams()[registry.method(key)["upstream"]]["transformers"]
+    every = registry.methods(driver=None)
+    if key not in every:
+        raise registry.RegistryError(f"method {key!r} is unknown; use one of {', '.join(every)}")
+    version = registry.upstreams()[every[key]["upstream"]]["transformers"]
     tag = _wheel_tag(version)
     if tag not in WHEELS:
         raise registry.RegistryError(f"{key} runs transformers {version}, for which bench/carry.py carries no "
@@ -51,8 +67,6 @@ def _wheel_tag(version: str) -> str:
 
 
 def prepare(out: Path, python_version: str = "3.12") -> None:
-    from eval.upstream import export_tree
-
     out = Path(out)
     wheels = out / "wheels"
     for stack, specs in WHEELS.items():
@@ -62,18 +76,32 @@ def prepare(out: Path, python_version: str = "3.12") -> None:
                         "--python-version", python_version, "--implementation", "cp",
                         *(x for plat in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
                           for x in ("--platform", plat)), "-d", str(dest), *specs], check=True)
+    export_trees(out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{out}: {size / 2 ** 20:.1f} MiB")
+
+
+def export_trees(out: Path, names: list[str] | None = None) -> None:
+    """out/trees/<Name>: each benchmarked upstream (or those in ``names``) at its pin with our series (only its
+    bench_tree paths)."""
+    from eval.upstream import export_tree
+
+    unknown = sorted(set(names or []) - set(trees()))
+    if unknown:
+        raise registry.RegistryError(f"upstream(s) {', '.join(unknown)} have no bench_tree in the registry; the "
+                                     f"benchmark carries {', '.join(trees())}")
     for name, paths in trees().items():
-        dest = out / "trees" / name
+        if names and name not in names:
+            continue
+        dest = Path(out) / "trees" / name
         if dest.exists():
             shutil.rmtree(dest)
         export_tree(name, dest, paths=paths)
         for pyc in dest.rglob("__pycache__"):
             shutil.rmtree(pyc)
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"{out}: {size / 2 ** 20:.1f} MiB")
 
 
-def install(carry: Path, site_root: Path = Path("/tmp/bench-site")) -> dict:
+def install(carry: Path, site_root: Path = SITE_ROOT) -> dict:
     """Install each stack's wheels into its own --target folder; reassemble FastV's fork. Returns the sites."""
     sites = {}
     for tag in WHEELS:
@@ -85,9 +113,9 @@ def install(carry: Path, site_root: Path = Path("/tmp/bench-site")) -> dict:
         sites[tag] = site
     for name, paths in trees().items():
         fork = Path(carry) / "trees" / name / FORK
-        fork_files = [p[len(FORK) + 1:] for p in paths if p.startswith(FORK + "/")]
-        if fork_files and fork.exists() and not (fork / "__init__.py").exists():
-            overlay = {f: (fork / f).read_bytes() for f in fork_files}
+        carried = [p[len(FORK) + 1:] for p in paths if p.startswith(FORK + "/")]
+        if carried and fork.exists() and not (fork / "__init__.py").exists():
+            overlay = {f: (fork / f).read_bytes() for f in carried}
             shutil.copytree(sites[_wheel_tag(registry.upstreams()[name]["transformers"])] / "transformers", fork,
                             dirs_exist_ok=True)
             for f, data in overlay.items():
@@ -95,9 +123,12 @@ def install(carry: Path, site_root: Path = Path("/tmp/bench-site")) -> dict:
     return sites
 
 
-def environment(carry: Path, method: str, site_root: Path = Path("/tmp/bench-site")) -> dict:
+def environment(carry: Path, method: str, site_root: Path = SITE_ROOT) -> dict:
+    """{"python", "env"} of ``method``'s worker: its stack's site (and a "common" site of packages every stack
+    shares, where the bundle has one: the study's), the repository, the carried trees."""
     tag = stack(method)
-    env = {"PYTHONPATH": os.pathsep.join([str(site_root / tag), str(ROOT)]),
+    sites = [site_root / tag] + ([site_root / "common"] if (site_root / "common").is_dir() else [])
+    env = {"PYTHONPATH": os.pathsep.join([*map(str, sites), str(ROOT)]),
            "EVAL_THIRD_PARTY": str(Path(carry).resolve() / "trees")}
     if tag == "431":
         env["BENCH_HIDE_TOKENIZERS"] = "1"
@@ -108,7 +139,16 @@ if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m bench.carry")
-    p.add_argument("action", choices=["prepare", "install"])
+    p.add_argument("action", choices=["prepare", "install", "trees"])
     p.add_argument("dir", type=Path)
+    p.add_argument("names", nargs="*", help="trees: only these upstreams (default: every one the benchmark runs)")
     a = p.parse_args()
-    prepare(a.dir) if a.action == "prepare" else print(install(a.dir))
+    if a.action == "prepare":
+        prepare(a.dir)
+    elif a.action == "trees":
+        try:
+            export_trees(a.dir, a.names)
+        except registry.RegistryError as e:
+            sys.exit(f"error: {e}")
+    else:
+        print(install(a.dir))

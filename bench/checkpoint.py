@@ -25,8 +25,9 @@ LLAVA_V15_7B = {
     "use_mm_proj": True, "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right",
     "transformers_version": "4.31.0",
 }
-# A tiny variant with the same geometry (24×24 patches), for CPU smoke runs of the benchmark script.
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=21, num_attention_heads=4, num_key_value_heads=4,
+# A tiny variant with the same geometry (24×24 patches) and depth (SparseVLMs' builder attaches its attention
+# modules to exactly 32 layers; PyramidDrop ranks at layer 20), for CPU smoke runs of the benchmark script.
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=4,
             vocab_size=1000)
 TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
 CLIP_L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

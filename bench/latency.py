@@ -1,7 +1,7 @@
 """GPU latency of each patched method with DEBIAS=off vs full, beside unpruned LLaVA-1.5.
 
     python -m bench.latency --out outputs/bench                 # every method whose environment exists
-    python -m bench.latency --methods KEY,KEY --reps 30     # keys: python -m eval.registry methods --supports bench
+    python -m bench.latency --methods KEY,KEY --reps 30     # keys: python -m eval.registry methods --driver any --supports bench
     bash scripts/bench.sh                                        # the same, with the usual env lookup
 
 What it measures, per method (each in its own interpreter, its own environment):
@@ -15,6 +15,10 @@ What it measures, per method (each in its own interpreter, its own environment):
   torch.cuda.set_sync_debug_mode("error"), so any synchronisation in them raises;
 - the debias call alone (debias + keep_cap + topk vs plain topk) at N = 576 and 2,056, fp16 and bf16.
 Writes bench.json and bench.md under --out. Not a test: nothing here asserts a timing.
+
+Modules: workload (each method loaded with its input; video: Video-LLaVA's), insitu (--insitu), report
+(summary and bench.md), checkpoint (the random LLaVA-1.5-7B), carry (wheels and trees for a machine without
+network); this one runs each job in its method's interpreter (--worker) and collects the results.
 """
 from __future__ import annotations
 
@@ -30,33 +34,14 @@ from pathlib import Path
 
 from eval import registry
 
+from .insitu import bench_in_situ
+from .report import markdown, paired_overhead, summarise  # noqa: F401 (paired_overhead: the tests')
+from .workload import BENCH_TREND_BENCHMARK, CALL, IMAGE_SIZE, METHODS, REFERENCE, SITE_CALLS, prepare, sync
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = tuple(registry.methods(supports="bench", plugins=False))  # the registry's methods marked bench: true
-REFERENCE = registry.reference_method()  # unpruned LLaVA: every speedup is measured against it
-CALL = "_call"                           # the job that times the debias call alone
-IMAGE_SIZE = (640, 480)
-PREFIX, SUFFIX = 35, 40          # vicuna_v1 puts the image after 35 tokens; ~40 question tokens after it
-BENCH_TREND_BENCHMARK = "gqa"    # which paper preset the exponential methods use (latency does not depend on it)
 
 
 # ---------------------------------------------------------------------------------------------- worker side
-
-def _synthetic_ids(image_token_index: int, vocab: int = 32000):
-    import torch
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(3, vocab, (PREFIX - 1 + SUFFIX,), generator=g)
-    ids = torch.cat([torch.tensor([1]), text[:PREFIX - 1], torch.tensor([image_token_index]), text[PREFIX - 1:]])
-    return ids.unsqueeze(0)
-
-
-def _sync(device: str) -> None:
-    import torch
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-SITE_CALLS = ("debias", "mask_padding", "keep_cap", "positions")  # what the patches call in debias_core
-
 
 def _strict_sync(calls: dict, device: str):
     """Wrap debias_core's site functions: count calls and (on CUDA) raise on any host-device sync inside them."""
@@ -85,304 +70,157 @@ def _strict_sync(calls: dict, device: str):
     return lambda: [setattr(debias_core, n, f) for n, f in originals.items()]
 
 
-def _prepare(name: str, ckpt: Path, device: str):
-    """The method loaded through its eval adapter (the baseline's own loader, the paper's settings), the
-    benchmark's input (640×480 random image, synthetic prompt) and its paper trend (None: no ranking site)."""
-    from types import SimpleNamespace
-
-    import numpy as np
-    from PIL import Image
-
-    from eval.methods import get_adapter
-
-    adapter = get_adapter(name)
-    adapter.activate()
-    loaded = adapter.load(str(ckpt), device=device)
-    adapter.configure(loaded)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3),
-                                                              dtype=np.uint8))
-    grid, resolution = adapter.geometry(loaded)
-    trend = registry.paper_trend_name(name, BENCH_TREND_BENCHMARK)
-    return SimpleNamespace(adapter=adapter, loaded=loaded, image=image, pixels=adapter.image_tensor(loaded, image, "pad"),
-                           ids=_synthetic_ids(adapter.llava.IMAGE_TOKEN_INDEX, loaded.model.config.vocab_size),
-                           grid=grid, resolution=resolution, trend=trend)
-
-
 def bench_method(name: str, ckpt: Path, reps: int, warmup: int, decode: int, device: str = "cuda") -> dict:
-    import torch
-
+    """End to end: host syncs inside debias_core, prefill and prefill + ``decode`` tokens per mode (medians of
+    ``reps`` after ``warmup``, modes interleaved) and each mode's peak memory."""
     import debias_core
 
-    prep = _prepare(name, ckpt, device)
-    adapter, loaded, image, pixels, ids, trend = prep.adapter, prep.loaded, prep.image, prep.pixels, prep.ids, prep.trend
-    for cfg in (loaded.model.config, loaded.model.generation_config):
-        cfg.eos_token_id = None  # random weights: always generate the full length
-    modes = ("off", "full") if trend else ("off",)
-    debias_core.configure(mode="off", trend=trend, method=adapter.trend_method)
-
-    def generate(mode: str, new_tokens: int) -> float:
-        debias_core.configure(mode=mode)
-        with debias_core.sample(image_size=image.size, span_start=PREFIX, grid=prep.grid, resolution=prep.resolution):
-            _sync(device)
-            t0 = time.perf_counter()
-            adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=new_tokens)
-            _sync(device)
-            return time.perf_counter() - t0
-
-    out = {"method": name, "upstream": adapter.upstream_state(), "trend": trend, "modes": {}}
-    # host syncs: cold cache first (table uploads), then warm
-    syncs = {}
-    for mode in modes[1:]:
-        debias_core.clear_cache()
-        for label in ("cold", "warm"):
-            calls = {}
-            restore = _strict_sync(calls, device)
-            try:
-                generate(mode, 1)  # one prefill: the calls counted are the ranking calls per prefill
-                syncs[label] = {"ok": True, "calls": calls, "checked": device.startswith("cuda")}
-            except RuntimeError as e:
-                syncs[label] = {"ok": False, "error": str(e)[:300], "calls": calls}
-            finally:
-                restore()
-    out["host_syncs_in_debias_core"] = syncs or "n/a (no ranking site)"
-
+    work = prepare(name, ckpt, device)
+    modes = ("off", "full") if work.trend else ("off",)
+    debias_core.configure(mode="off", trend=work.trend, method=work.trend_method)
+    out = {"method": name, "upstream": work.upstream_state(), "trend": str(work.trend) if work.trend else None,
+           **({"input": work.input} if getattr(work, "input", None) else {}), "modes": {}}
+    out["host_syncs_in_debias_core"] = _host_syncs(work, modes[1:]) or "n/a (no ranking site)"
     for new_tokens, key in ((1, "prefill_ms"), (decode + 1, f"prefill_decode{decode}_ms")):
         # prefill also gets an A/A control ("off" twice, the second labelled "off_control"): its paired
         # difference measures the harness's own bias, against which the off → full difference is read
         arms = (*modes, "off_control") if key == "prefill_ms" and len(modes) > 1 else modes
-        n_reps = reps * 2 if key == "prefill_ms" else reps
-        for _ in range(warmup):
-            for arm in arms:
-                generate(arm.replace("_control", ""), new_tokens)
-        times = {arm: [] for arm in arms}
-        for i in range(n_reps):
-            order = arms if i % 2 == 0 else arms[::-1]  # alternate the order: no arm always runs first
-            for arm in order:
-                times[arm].append(generate(arm.replace("_control", ""), new_tokens) * 1e3)
-        for arm in arms:
-            t = sorted(times[arm])
-            out["modes"].setdefault(arm, {})[key] = {
-                "median": statistics.median(t), "p10": t[max(0, len(t) // 10)], "p90": t[min(len(t) - 1, len(t) * 9 // 10)],
-                "n": len(t), "runs": times[arm]}  # in rep order: full run i is paired with off run i
+        times = _interleaved_times(work, arms, new_tokens, reps * 2 if key == "prefill_ms" else reps, warmup)
+        for arm, runs in times.items():
+            out["modes"].setdefault(arm, {})[key] = _distribution(runs)
     for mode in modes:
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        generate(mode, decode + 1)
-        out["modes"][mode]["peak_memory_gib"] = (torch.cuda.max_memory_allocated() / 2 ** 30
-                                                 if device.startswith("cuda") else float("nan"))
+        out["modes"][mode]["peak_memory_gib"] = _peak_memory_gib(work, mode, decode + 1)
     return out
 
 
-def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profile: bool = False) -> dict:
-    """The debias_core calls (debias, mask_padding, keep_cap, positions, and indexing tracked positions) inside
-    real prefills, per mode (``off`` is the control: the same wrapper around calls that return what upstream
-    computes — their input; positions: upstream's torch.arange, indexed as upstream does; debias with mean_dim:
-    upstream's torch.mean, which full mode folds into its multiply-add —, i.e. what the measurement itself
-    costs). Per call: CUDA events recorded (asynchronously) before and after it, read after the prefill — the
-    GPU-timeline time, which covers the kernels and any gap while the GPU waits for the host to launch them —
-    and the host time (perf_counter).
-    Summed per prefill and divided by the prefill's wall time; modes alternate every rep."""
-    import torch
-
+def _timed_generate(work, mode: str, new_tokens: int) -> float:
+    """Seconds of one synchronised generate in debias mode ``mode``."""
     import debias_core
 
-    prep = _prepare(name, ckpt, device)
-    adapter, loaded, image, pixels, ids, grid, resolution, trend = (
-        prep.adapter, prep.loaded, prep.image, prep.pixels, prep.ids, prep.grid, prep.resolution, prep.trend)
-    tm = adapter.trend_method
-    events: list = []
-    host_s: list = []
-    originals = {n: getattr(debias_core, n) for n in SITE_CALLS}
-
-    class HostStamp:  # a CPU run (smoke test) has no CUDA events: its timeline is the host's
-        def record(self):
-            self.t = time.perf_counter()
-
-        def elapsed_time(self, end):
-            return (end.t - self.t) * 1e3
-
-    def stamp():
-        return torch.cuda.Event(enable_timing=True) if torch.device(device).type == "cuda" else HostStamp()
-
-    def timed(fn):
-        call = fn.__name__ if fn.__name__ != "<lambda>" else "index"
-
-        def wrapper(*args, **kwargs):
-            start, end = stamp(), stamp()
-            start.record()
-            t = time.perf_counter()
-            out = fn(*args, **kwargs)
-            host_s.append(time.perf_counter() - t)
-            end.record()
-            events.append((start, end, call, kwargs.get("stage", 0) if call == "debias" else None))
-            return out
-        return wrapper
-
-    # A multi-stage method re-indexes its positions at each stage: in mode full that is TrackedPositions.__getitem__
-    # (a gather of the debias rows), in mode off the same indexing of upstream's long arange. Both are timed, so the
-    # net share also holds what tracking adds there.
-    tracked_getitem = debias_core.TrackedPositions.__getitem__
-    index_long = timed(lambda positions, index: positions[index])
-
-    class TimedLongPositions:
-        __slots__ = ("t",)
-
-        def __init__(self, t):
-            self.t = t
-
-        def __getitem__(self, index):
-            return TimedLongPositions(index_long(self.t, index))
-
-    timed_positions = timed(originals["positions"])
-
-    def positions(*args, **kwargs):
-        out = timed_positions(*args, **kwargs)
-        return TimedLongPositions(out) if isinstance(out, torch.Tensor) else out
-
-    per_mode = {m: {"share_pct": [], "gpu_us": [], "host_us": [], "calls": [], "timed": [], "by_call": {},
-                    "by_stage": {}} for m in ("off", "full")}
-    try:
-        for n, fn in originals.items():
-            setattr(debias_core, n, timed(fn))
-        debias_core.positions = positions
-        debias_core.TrackedPositions.__getitem__ = timed(tracked_getitem)
-        for i in range(reps + 3):
-            for mode in (("off", "full") if i % 2 else ("full", "off")):
-                debias_core.configure(mode=mode, trend=trend, method=tm)
-                events.clear()
-                host_s.clear()
-                with debias_core.sample(image_size=image.size, span_start=PREFIX, grid=grid, resolution=resolution):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    adapter.generate(loaded, ids, pixels, image.size, max_new_tokens=1)
-                    _sync(device)
-                    wall_ms = (time.perf_counter() - t0) * 1e3
-                inside_ms = sum(a.elapsed_time(b) for a, b, _, _ in events)
-                if i >= 3:  # warm-up
-                    q = per_mode[mode]
-                    q["share_pct"].append(100 * inside_ms / wall_ms)
-                    q["gpu_us"].append(inside_ms * 1e3)
-                    q["host_us"].append(sum(host_s) * 1e6)
-                    q["calls"].append(sum(n in ("debias", "mask_padding") for _, _, n, _ in events))
-                    q["timed"].append(len(events))
-                    per_call: dict = {}
-                    per_stage: dict = {}
-                    for a, b, n, stage in events:
-                        per_call[n] = per_call.get(n, 0.0) + a.elapsed_time(b) * 1e3
-                        if stage is not None:
-                            per_stage[stage] = per_stage.get(stage, 0.0) + a.elapsed_time(b) * 1e3
-                    for n, us in per_call.items():
-                        q["by_call"].setdefault(n, []).append(us)
-                    for stage, us in per_stage.items():
-                        q["by_stage"].setdefault(stage, []).append(us)
-        if profile:
-            debias_core.configure(mode="full", trend=trend, method=tm)
-            profiled = _profile_prefill(prep, originals)
-    finally:
-        for n, fn in originals.items():
-            setattr(debias_core, n, fn)
-        debias_core.TrackedPositions.__getitem__ = tracked_getitem
-    med = statistics.median
-    full, off = per_mode["full"], per_mode["off"]
-    in_situ = {"overhead_pct_median": med(full["share_pct"]), "overhead_pct_max": max(full["share_pct"]),
-               "debias_us_per_prefill_median": med(full["gpu_us"]),
-               "host_us_per_prefill_median": med(full["host_us"]),
-               "control_us_per_prefill_median": med(off["gpu_us"]),
-               "control_pct_median": med(off["share_pct"]),
-               "net_pct_median": med(f - o for f, o in zip(full["share_pct"], off["share_pct"])),
-               "calls_per_prefill": med(full["calls"]), "n": len(full["share_pct"]),
-               "timed_per_prefill": {"full": med(full["timed"]), "off": med(off["timed"])},
-               # GPU-timeline µs per prefill by call (index/__getitem__: re-indexing long/tracked positions)
-               "by_call_us_median": {m: {n: round(med(v), 1) for n, v in per_mode[m]["by_call"].items()}
-                                     for m in ("full", "off")},
-               # the debias calls alone, by ranking stage (GPU-timeline µs per prefill)
-               "debias_by_stage_us_median": {m: {str(st): round(med(v), 1) for st, v in per_mode[m]["by_stage"].items()}
-                                             for m in ("full", "off")}}
-    return {"method": name, **({"profile": profiled} if profile else {}), "in_situ": in_situ}
+    debias_core.configure(mode=mode)
+    with work.sample():
+        sync(work.device)
+        t0 = time.perf_counter()
+        work.generate(new_tokens)
+        sync(work.device)
+        return time.perf_counter() - t0
 
 
-def _profile_prefill(prep, originals) -> list[dict]:
-    """One prefill under torch.profiler with each debias_core call marked: per call, its host time and the
-    operators (host µs) and kernels (device µs) inside it."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
+def _host_syncs(work, modes) -> dict:
+    """Per ranking mode, a cold-cache prefill (table uploads) then a warm one with every debias_core call under
+    the sync-error mode: {"cold"|"warm": {"ok", "calls" (the ranking calls per prefill), "checked"|"error"}}."""
     import debias_core
 
-    def marked(n, fn):
-        def wrapper(*args, **kwargs):
-            with record_function(f"debias_core.{n}"):
-                return fn(*args, **kwargs)
-        return wrapper
+    syncs = {}
+    for mode in modes:
+        debias_core.clear_cache()
+        for label in ("cold", "warm"):
+            calls = {}
+            restore = _strict_sync(calls, work.device)
+            try:
+                _timed_generate(work, mode, 1)
+                syncs[label] = {"ok": True, "calls": calls, "checked": work.device.startswith("cuda")}
+            except RuntimeError as e:
+                syncs[label] = {"ok": False, "error": str(e)[:300], "calls": calls}
+            finally:
+                restore()
+    return syncs
 
-    for n, fn in originals.items():
-        setattr(debias_core, n, marked(n, fn))
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with debias_core.sample(image_size=prep.image.size, span_start=PREFIX, grid=prep.grid, resolution=prep.resolution):
-            prep.adapter.generate(prep.loaded, prep.ids, prep.pixels, prep.image.size, max_new_tokens=1)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    out = []
-    for e in prof.events():
-        if e.name.startswith("debias_core."):
-            kids = [(c.name, round(c.cpu_time_total, 1), round(getattr(c, "device_time_total", 0.0), 1))
-                    for c in e.cpu_children]
-            out.append({"call": e.name, "host_us": round(e.cpu_time_total, 1),
-                        "device_us": round(getattr(e, "device_time_total", 0.0), 1), "ops": kids})
-    return out
+
+def _interleaved_times(work, arms, new_tokens: int, reps: int, warmup: int) -> dict:
+    """arm -> ms of ``reps`` generates after ``warmup`` rounds, the arms run in turn, the order reversed every
+    rep (no arm always runs first); an arm "<mode>_control" runs <mode> again."""
+    for _ in range(warmup):
+        for arm in arms:
+            _timed_generate(work, arm.replace("_control", ""), new_tokens)
+    times = {arm: [] for arm in arms}
+    for i in range(reps):
+        for arm in (arms if i % 2 == 0 else arms[::-1]):
+            times[arm].append(_timed_generate(work, arm.replace("_control", ""), new_tokens) * 1e3)
+    return times
+
+
+def _distribution(runs: list) -> dict:
+    t = sorted(runs)
+    return {"median": statistics.median(t), "p10": t[max(0, len(t) // 10)], "p90": t[min(len(t) - 1, len(t) * 9 // 10)],
+            "n": len(t), "runs": runs}  # in rep order: full run i is paired with off run i
+
+
+def _peak_memory_gib(work, mode: str, new_tokens: int) -> float:
+    import torch
+
+    cuda = work.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _timed_generate(work, mode, new_tokens)
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
 
 
 def bench_call(reps: int = 2000, device: str = "cuda") -> list[dict]:
-    """debias + keep_cap + topk vs plain topk on one score vector, wall µs per call (launch-bound)."""
+    """debias + keep_cap + topk vs plain topk on one score vector, wall µs per call (launch-bound), at N = 576
+    (LLaVA-1.5's span, fp16 and bf16) and 2,056 (Video-LLaVA's)."""
     import torch
 
-    import debias_core
     from debias_core import ExponentialTrend
     from debias_core.presets import METHODS as FAMILIES, pad_threshold, single_trend_families
 
-    rows = []
     # the paper family with the lowest pad threshold (the most padding suppressed), with its trend
     family = min(FAMILIES, key=pad_threshold)
     preset = f"paper:{family}" if family in single_trend_families() else f"paper:{family}/{BENCH_TREND_BENCHMARK}"
-    cases = [(576, dict(image_size=IMAGE_SIZE), preset),
+    cases = [(576, dict(image_size=IMAGE_SIZE), preset, family),
              (2056, dict(image_size=None, preprocess="none", span_length=2056),
-              ExponentialTrend(a=1.0, b=0.002, n=2056))]  # no published video trend: a synthetic one
-    for n, ctx, trend in cases:
-        for dtype in (torch.float16, torch.bfloat16):
-            scores = torch.rand(n, device=device, dtype=dtype)
-            debias_core.configure(mode="full", trend=trend, method=family if n == 576 else None)
-            with debias_core.sample(**ctx):
-                def plain():
-                    return scores.topk(128).indices
+              ExponentialTrend(a=1.0, b=0.002, n=2056), None)]  # no published video trend: a synthetic one
+    return [_call_case(n, ctx, trend, method, dtype, reps, device) for n, ctx, trend, method in cases
+            for dtype in (torch.float16, torch.bfloat16)]
 
-                def debiased():
-                    return debias_core.debias(scores).topk(debias_core.keep_cap(128)).indices
 
-                result = {"n": n, "dtype": str(dtype).replace("torch.", "")}
-                for label, fn in (("topk_us", plain), ("debias_topk_us", debiased)):
-                    for _ in range(50):
-                        fn()
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        fn()
-                    _sync(device)
-                    result[label] = (time.perf_counter() - t0) / reps * 1e6
-                if device.startswith("cuda"):
-                    previous = torch.cuda.get_sync_debug_mode()
-                    torch.cuda.set_sync_debug_mode("error")
-                    try:
-                        debiased()
-                        result["host_syncs"] = "none"
-                    except RuntimeError as e:
-                        result["host_syncs"] = str(e)[:200]
-                    finally:
-                        torch.cuda.set_sync_debug_mode(previous)
-                else:
-                    result["host_syncs"] = "not checked (CPU)"
-                result["overhead_us"] = result["debias_topk_us"] - result["topk_us"]
-                rows.append(result)
-    return rows
+def _call_case(n: int, ctx: dict, trend, method, dtype, reps: int, device: str) -> dict:
+    """One row of bench_call: N random fp scores [n], debiased under ``trend`` in the sample context ``ctx``."""
+    import torch
+
+    import debias_core
+
+    scores = torch.rand(n, device=device, dtype=dtype)
+    debias_core.configure(mode="full", trend=trend, method=method)
+    with debias_core.sample(**ctx):
+        def plain():
+            return scores.topk(128).indices
+
+        def debiased():
+            return debias_core.debias(scores).topk(debias_core.keep_cap(128)).indices
+
+        result = {"n": n, "dtype": str(dtype).replace("torch.", "")}
+        for label, fn in (("topk_us", plain), ("debias_topk_us", debiased)):
+            result[label] = _wall_us_per_call(fn, reps, device)
+        result["host_syncs"] = _sync_check(debiased) if device.startswith("cuda") else "not checked (CPU)"
+    result["overhead_us"] = result["debias_topk_us"] - result["topk_us"]
+    return result
+
+
+def _wall_us_per_call(fn, reps: int, device: str) -> float:
+    for _ in range(50):  # warm-up
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
+def _sync_check(fn) -> str:
+    """"none", or the error of the first host-device synchronisation inside ``fn`` (CUDA sync-error mode)."""
+    import torch
+
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError as e:
+        return str(e)[:200]
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def worker(argv) -> int:
@@ -433,16 +271,17 @@ def _run_worker(env_for: dict, args: list[str], timeout: int) -> dict:
     return {"error": f"exit {r.returncode}", "log_tail": tail}
 
 
-def environments(methods, carry: Path | None, trees: Path | None = None) -> dict:
-    """method -> {"python", "env"}: carried site folders (device runs) or each baseline's environment (with
-    ``trees``: exported, patched upstream trees instead of third_party/, as EVAL_THIRD_PARTY)."""
+def environments(methods, carry: Path | None, trees: Path | None = None, site: Path | None = None) -> dict:
+    """method -> {"python", "env"}: carried site folders (device runs: ``site``, default bench.carry's) or each
+    baseline's environment (with ``trees``: exported, patched upstream trees instead of third_party/, as
+    EVAL_THIRD_PARTY)."""
     from bench import carry as carrying
-    from eval.methods import method_spec
     if carry is not None:
-        return {m: carrying.environment(carry, m) for m in (*methods, CALL)}
+        return {m: carrying.environment(carry, m, site or carrying.SITE_ROOT) for m in (*methods, CALL)}
+    every = registry.methods(driver=None)
     out = {}
     for m in (*methods, CALL):
-        env_name = method_spec(REFERENCE if m == CALL else m)["env"]
+        env_name = every[REFERENCE if m == CALL else m]["env"]
         for cand in (ROOT / "envs" / f"venv-{env_name}" / "bin/python", ROOT / "envs" / f"conda-{env_name}" / "bin/python",
                      ROOT / f".venv-{env_name}" / "bin/python"):
             if cand.exists():
@@ -455,175 +294,48 @@ def environments(methods, carry: Path | None, trees: Path | None = None) -> dict
     return out
 
 
-def paired_overhead(off: list, full: list, seed: int = 0) -> dict:
-    """Median of the paired differences full_i − off_i (adjacent runs, so slow drift cancels), as % of the
-    median off time, with a bootstrap 95 % interval over the pairs."""
-    import numpy as np
-
-    d = np.asarray(full) - np.asarray(off)
-    base = float(np.median(off))
-    rng = np.random.default_rng(seed)
-    boot = np.median(d[rng.integers(0, len(d), (4000, len(d)))], axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"median_pct": 100 * float(np.median(d)) / base, "ci95_pct": [100 * lo / base, 100 * hi / base]}
-
-
-def summarise(results: dict) -> dict:
-    """Overhead ratio (full − off)/off and speedup retention per method, against unpruned LLaVA."""
-    ref = results.get(REFERENCE, {}).get("modes", {}).get("off", {})
-    call = {(r["n"], r["dtype"]): r for r in results.get(CALL, {}).get("call", [])}
-    per_call_us = call.get((576, "float16"), {}).get("overhead_us")
-    summary = {}
-    for m, r in results.items():
-        if m in (REFERENCE, CALL) or "modes" not in r or "full" not in r["modes"]:
-            continue
-        row = {}
-        for key in r["modes"]["off"]:
-            if not key.endswith("_ms"):
-                continue
-            off, full = r["modes"]["off"][key]["median"], r["modes"]["full"][key]["median"]
-            row[key] = {"off": off, "full": full, "overhead_pct": 100 * (full - off) / off,
-                        "spread_pct": 100 * (r["modes"]["off"][key]["p90"] - r["modes"]["off"][key]["p10"]) / off}
-            if "runs" in r["modes"]["off"][key]:
-                row[key]["paired"] = paired_overhead(r["modes"]["off"][key]["runs"], r["modes"]["full"][key]["runs"])
-                control = r["modes"].get("off_control", {}).get(key)
-                if control:
-                    row[key]["control"] = paired_overhead(r["modes"]["off"][key]["runs"], control["runs"])
-            if key in ref:
-                base = ref[key]["median"]
-                row[key]["speedup_off"], row[key]["speedup_full"] = base / off, base / full
-                row[key]["speedup_kept_pct"] = 100 * (base / full) / (base / off)
-                if "paired" in row[key]:  # the same from the paired estimate of full/off, which is less noisy
-                    q = row[key]["paired"]
-                    row[key]["speedup_kept_paired_pct"] = {
-                        "median": 100 / (1 + q["median_pct"] / 100),
-                        "ci95": [100 / (1 + q["ci95_pct"][1] / 100), 100 / (1 + q["ci95_pct"][0] / 100)]}
-        calls = r.get("host_syncs_in_debias_core", {}).get("warm", {}).get("calls", {}) if isinstance(
-            r.get("host_syncs_in_debias_core"), dict) else {}
-        if per_call_us is not None and "prefill_ms" in row:
-            n_calls = calls.get("debias", 0) + calls.get("mask_padding", 0)  # per prefill (keep_cap is host-only)
-            row["debias_calls_per_prefill"] = n_calls
-            row["isolated_overhead_pct"] = 100 * n_calls * per_call_us / 1e3 / row["prefill_ms"]["off"]
-        summary[m] = row
-    return summary
-
-
-_CALL_KINDS = (*SITE_CALLS, "index")
-
-
-def markdown(results: dict, summary: dict, meta: dict) -> str:
-    lines = [f"# Debias overhead — {meta['gpu']}, {meta['date']}", "",
-             f"torch {meta['torch']}; random-weight LLaVA-1.5-7B (fp16), {IMAGE_SIZE[0]}×{IMAGE_SIZE[1]} image "
-             f"(pad), prompt {PREFIX} + 576 + {SUFFIX} tokens; median of {meta['reps']} after {meta['warmup']} "
-             f"warm-up runs, off/full interleaved. Overhead = (full − off)/off; spread = (p90 − p10)/median of off "
-             f"(the run-to-run noise the overhead has to be read against).", "",
-             "Paired = median of (full_i − off_i) over adjacent runs (order alternated every rep) ÷ median off, with a "
-             "bootstrap 95 % interval; A/A = the same for off vs off, i.e. what the harness reads when nothing "
-             "differs. Prefill: twice the reps.", "",
-             "| method | prefill off (ms) | prefill full (ms) | overhead (medians) | paired [95 % CI] | A/A [95 % CI] | spread | "
-             "speedup off → full (kept) | prefill+decode off (ms) | full (ms) | paired [95 % CI] | peak GiB off/full | "
-             "debias syncs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for m in METHODS:
-        r = results.get(m)
-        if r is None:
-            continue
-        if "error" in r:
-            lines.append(f"| {m} | not run: {r['error']} — {r.get('log_tail', '').splitlines()[-1] if r.get('log_tail') else ''} |"
-                         + " |" * 11)
-            continue
-        modes = r["modes"]
-        dk = next(k for k in modes["off"] if k.startswith("prefill_decode"))
-        if m == REFERENCE:
-            lines.append(f"| {m} (unpruned reference) | {modes['off']['prefill_ms']['median']:.2f} | — | — | — | — | "
-                         f"{100 * (modes['off']['prefill_ms']['p90'] - modes['off']['prefill_ms']['p10']) / modes['off']['prefill_ms']['median']:.1f} % | — | "
-                         f"{modes['off'][dk]['median']:.1f} | — | — | {modes['off']['peak_memory_gib']:.1f} | — |")
-            continue
-        s = summary.get(m, {})
-        p, d = s.get("prefill_ms", {}), s.get(dk, {})
-        sync = r.get("host_syncs_in_debias_core", {})
-        if not all(v.get("checked", True) for v in sync.values()):
-            sync_text = "not checked (CPU)"
-        elif all(v.get("ok") for v in sync.values()):
-            sync_text = "none"
-        else:
-            sync_text = "SYNC: " + "; ".join(v.get("error", "") for v in sync.values() if not v.get("ok"))
-
-        def paired(cell, which="paired"):
-            q = cell.get(which)
-            return f"{q['median_pct']:+.2f} % [{q['ci95_pct'][0]:+.2f}, {q['ci95_pct'][1]:+.2f}]" if q else "—"
-        speed = (f"{p['speedup_off']:.2f}× → {p['speedup_full']:.2f}× ({p['speedup_kept_pct']:.1f} %)"
-                 if "speedup_off" in p else "—")
-        if "speedup_kept_paired_pct" in p:
-            k = p["speedup_kept_paired_pct"]
-            speed += f"; paired {k['median']:.1f} % [{k['ci95'][0]:.1f}, {k['ci95'][1]:.1f}]"
-        lines.append(f"| {m} | {p['off']:.2f} | {p['full']:.2f} | {p['overhead_pct']:+.2f} % | {paired(p)} | "
-                     f"{paired(p, 'control')} | "
-                     f"{p['spread_pct']:.1f} % | {speed} | {d['off']:.1f} | {d['full']:.1f} | {paired(d)} | "
-                     f"{modes['off']['peak_memory_gib']:.1f} / {modes['full']['peak_memory_gib']:.1f} | {sync_text} |")
-    insitu = {m: r["in_situ"] for m, r in results.items() if isinstance(r, dict) and "overhead_pct_median" in
-              r.get("in_situ", {})}
-    if insitu:
-        lines += ["", "## In situ: every debias_core call inside real prefills", "",
-                  "Every debias / mask_padding / keep_cap / positions call (calls per prefill counts the first two), "
-                  "and every re-indexing of tracked positions (control: the same indexing of upstream's long ones). "
-                  "CUDA events recorded before and after each call (GPU-timeline time: its kernels plus any gap "
-                  "while the GPU waits for the host to launch them) and the call's host time, summed per prefill. "
-                  "Control = the same wrapper in mode `off`, where each call returns what upstream computes (its "
-                  "input; positions: upstream's `torch.arange`; PyramidDrop's debias, called with `mean_dim=0`: "
-                  "upstream's own `torch.mean` over the text queries): what the measurement itself costs, plus any "
-                  "upstream work that full mode folds into the call. Net = median over prefills of (full share − "
-                  "control share of the prefill's wall time); modes alternate every rep. Speedup kept = 1 / (1 + net share): the method's own speedup "
-                  "that debiasing leaves.", "",
-                  "| method | calls per prefill | full: GPU-timeline µs | full: host µs | control: GPU-timeline µs "
-                  "| full share, median (max) | control share | **net share** | speedup kept | n |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for m, q in insitu.items():
-            if "net_pct_median" not in q:  # an older run without the control
-                lines.append(f"| {m} | {q['calls_per_prefill']:g} | {q['debias_us_per_prefill_median']:.1f} | — | — | "
-                             f"{q['overhead_pct_median']:.3f} % ({q['overhead_pct_max']:.3f} %) | — | — | — | {q['n']} |")
-                continue
-            lines.append(f"| {m} | {q['calls_per_prefill']:g} | {q['debias_us_per_prefill_median']:.1f} | "
-                         f"{q['host_us_per_prefill_median']:.1f} | {q['control_us_per_prefill_median']:.1f} | "
-                         f"{q['overhead_pct_median']:.3f} % ({q['overhead_pct_max']:.3f} %) | "
-                         f"{q['control_pct_median']:.3f} % | **{q['net_pct_median']:.3f} %** | "
-                         f"{100 / (1 + q['net_pct_median'] / 100):.2f} % | {q['n']} |")
-    by_call = {m: q["by_call_us_median"] for m, q in insitu.items() if "by_call_us_median" in q}
-    if by_call:
-        lines += ["", "Where the net goes: GPU-timeline µs per prefill by call, full / control (off), medians "
-                  "(`index`: re-indexing positions between stages, tracked in full, upstream's long ones in off).", "",
-                  "| method | " + " | ".join(_CALL_KINDS) + " |", "|---|" + "---|" * len(_CALL_KINDS)]
-        for m, per in by_call.items():
-            cells = []
-            for kind in _CALL_KINDS:
-                full_us = per["full"].get("__getitem__" if kind == "index" else kind)
-                off_us = per["off"].get(kind)
-                cells.append("—" if full_us is None and off_us is None else
-                             f"{full_us or 0:.1f} / {off_us or 0:.1f} ({(full_us or 0) - (off_us or 0):+.1f})")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    iso = {m: s["isolated_overhead_pct"] for m, s in summary.items() if "isolated_overhead_pct" in s}
-    if iso:
-        lines += ["", "Isolated estimate (debias calls per prefill × the call's measured cost ÷ prefill): " +
-                  ", ".join(f"{m} {v:.3f} %" for m, v in iso.items())]
-    call = results.get(CALL, {}).get("call")
-    if call:
-        lines += ["", "## The call alone (wall µs per call, launch-bound; debias + keep_cap + topk vs plain topk)", "",
-                  "| N | dtype | topk | debias + topk | overhead | host syncs |", "|---|---|---|---|---|---|"]
-        for c in call:
-            lines.append(f"| {c['n']} | {c['dtype']} | {c['topk_us']:.1f} | {c['debias_topk_us']:.1f} | "
-                         f"{c['overhead_us']:+.1f} | {c['host_syncs']} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         return worker(argv[1:])
+    a = _parser().parse_args(argv)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        print(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    if REFERENCE not in methods:
+        methods.insert(0, REFERENCE)  # the reference every speedup is measured against
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.carry is not None:
+        from bench.carry import SITE_ROOT, install
+        install(a.carry, a.site or SITE_ROOT)
+    run = Run(a, environments(methods, a.carry, a.trees, a.site))
+    print(f"checkpoint {a.ckpt} ...", flush=True)
+    run.made = _run_worker(run.envs[REFERENCE], ["checkpoint", "--ckpt", str(a.ckpt), *run.common], a.timeout)
+    if "error" in run.made:
+        print(f"error: could not build the random checkpoint:\n{run.made['log_tail']}", file=sys.stderr)
+        return 1
+    if a.insitu:
+        for m in methods:
+            if m != REFERENCE:
+                run.in_situ(m)
+    else:
+        for m in (CALL, *methods):
+            run.end_to_end(m)
+    run.write_report()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n")[0])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     p.add_argument("--ckpt", type=Path, default=Path("/tmp/bench-ckpt/llava-v1.5-7b-random"))
     p.add_argument("--carry", type=Path, default=None, help="carried wheels + patched trees (bench/carry.py)")
+    p.add_argument("--site", type=Path, default=None,
+                   help="with --carry: where its stacks are (installed there unless already), default "
+                        "/tmp/bench-site; the study's bundle: /tmp/study-site")
     p.add_argument("--trees", type=Path, default=None,
                    help="exported, patched upstream trees to run instead of third_party/ (EVAL_THIRD_PARTY)")
     p.add_argument("--reps", type=int, default=20)
@@ -636,74 +348,65 @@ def main(argv=None) -> int:
     p.add_argument("--insitu", action="store_true",
                    help="only the in-situ measurement (CUDA events around the debias calls inside real prefills), "
                         "added to the methods' entries in an existing bench.json")
-    a = p.parse_args(argv)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        print(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
-        return 2
-    if REFERENCE not in methods:
-        methods.insert(0, REFERENCE)  # the reference every speedup is measured against
-    a.out.mkdir(parents=True, exist_ok=True)
-    if a.carry is not None:
-        from bench.carry import install
-        install(a.carry)
-    envs = environments(methods, a.carry, a.trees)
-    results_path = a.out / "bench.json"
-    results = json.loads(results_path.read_text())["results"] if results_path.exists() else {}
-    t0 = time.time()
-    print(f"checkpoint {a.ckpt} ...", flush=True)
-    common = ["--device", a.device] + (["--tiny"] if a.tiny else [])
-    made = _run_worker(envs[REFERENCE], ["checkpoint", "--ckpt", str(a.ckpt), *common], a.timeout)
-    if "error" in made:
-        print(f"error: could not build the random checkpoint:\n{made['log_tail']}", file=sys.stderr)
-        return 1
-    if a.insitu:
-        for m in methods:
-            if m == REFERENCE:
-                continue
-            if m not in results or "error" in results[m]:
-                print(f"{m}: skipped in situ: no successful measurement of it in {results_path}; "
-                      f"run without --insitu first", flush=True)
-                continue
-            print(f"{m}: in situ ...", flush=True)
-            try:
-                r = _run_worker(envs[m], ["insitu", "--method", m, "--ckpt", str(a.ckpt), "--reps", str(a.reps),
-                                          *common, *(["--profile"] if a.profile else [])], a.timeout)
-            except subprocess.TimeoutExpired:
-                r = {"error": f"timed out after {a.timeout} s"}
-            results[m]["in_situ"] = r.get("in_situ", {"error": r.get("error"), "log_tail": r.get("log_tail")})
-            if "profile" in r:
-                results[m]["in_situ_profile"] = r["profile"]
-            data = json.loads(results_path.read_text())
-            data["results"] = results
-            results_path.write_text(json.dumps(data, indent=1))
-        methods_done = True
-    else:
-        methods_done = False
-    for m in ([] if methods_done else [CALL, *methods]):
-        if m in results and "error" not in results[m]:
-            print(f"{m}: already measured (in {results_path}); delete it to re-run", flush=True)
-            continue
-        print(f"{m} ...", flush=True)
-        job = ["call", *common] if m == CALL else [
-            "method", "--method", m, "--ckpt", str(a.ckpt), "--reps", str(a.reps), "--warmup", str(a.warmup),
-            "--decode", str(a.decode), *common]
+    return p
+
+
+class Run:
+    """One orchestrator run: the workers' environments and arguments, and bench.json and bench.md under --out,
+    rewritten after every job (nothing is lost on a kill; a rerun measures only what is missing or failed)."""
+
+    def __init__(self, args, envs: dict):
+        self.a, self.envs = args, envs
+        self.common = ["--device", args.device] + (["--tiny"] if args.tiny else [])
+        self.path = args.out / "bench.json"
+        self.results = json.loads(self.path.read_text())["results"] if self.path.exists() else {}
+        self.made: dict = {}
+        self.t0 = time.time()
+
+    def _job(self, m: str, job: list[str]) -> dict:
         try:
-            results[m] = _run_worker(envs[m], job, a.timeout)
+            return _run_worker(self.envs[m], job, self.a.timeout)
         except subprocess.TimeoutExpired:
-            results[m] = {"error": f"timed out after {a.timeout} s"}
-        meta = {"gpu": results[m].get("gpu", made.get("gpu")), "torch": made.get("torch"),
-                "date": time.strftime("%Y-%m-%d"), "reps": a.reps, "warmup": a.warmup, "host": platform.node()}
-        results_path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))  # nothing lost on a kill
-        print(f"{m}: {'error: ' + results[m]['error'] if 'error' in results[m] else 'done'} "
-              f"({time.time() - t0:.0f} s)", flush=True)
-    summary = summarise(results)
-    meta = json.loads(results_path.read_text())["meta"]
-    results_path.write_text(json.dumps({"meta": meta, "results": results, "summary": summary}, indent=1))
-    (a.out / "bench.md").write_text(markdown(results, summary, meta))
-    print((a.out / "bench.md").read_text())
-    return 0
+            return {"error": f"timed out after {self.a.timeout} s"}
+
+    def end_to_end(self, m: str) -> None:
+        a = self.a
+        if m in self.results and "error" not in self.results[m]:
+            print(f"{m}: already measured (in {self.path}); delete it to re-run", flush=True)
+            return
+        print(f"{m} ...", flush=True)
+        job = ["call", *self.common] if m == CALL else [
+            "method", "--method", m, "--ckpt", str(a.ckpt), "--reps", str(a.reps), "--warmup", str(a.warmup),
+            "--decode", str(a.decode), *self.common]
+        self.results[m] = r = self._job(m, job)
+        self._save({"gpu": r.get("gpu", self.made.get("gpu")), "torch": self.made.get("torch"),
+                    "date": time.strftime("%Y-%m-%d"), "reps": a.reps, "warmup": a.warmup, "host": platform.node()})
+        print(f"{m}: {'error: ' + r['error'] if 'error' in r else 'done'} ({time.time() - self.t0:.0f} s)", flush=True)
+
+    def in_situ(self, m: str) -> None:
+        """Adds "in_situ" (and "in_situ_profile") to the method's entry of an earlier end-to-end run."""
+        a, results = self.a, self.results
+        if m not in results or "error" in results[m]:
+            print(f"{m}: skipped in situ: no successful measurement of it in {self.path}; "
+                  f"run without --insitu first", flush=True)
+            return
+        print(f"{m}: in situ ...", flush=True)
+        r = self._job(m, ["insitu", "--method", m, "--ckpt", str(a.ckpt), "--reps", str(a.reps), *self.common,
+                          *(["--profile"] if a.profile else [])])
+        results[m]["in_situ"] = r.get("in_situ", {"error": r.get("error"), "log_tail": r.get("log_tail")})
+        if "profile" in r:
+            results[m]["in_situ_profile"] = r["profile"]
+        self._save(json.loads(self.path.read_text())["meta"])
+
+    def _save(self, meta: dict) -> None:
+        """bench.json (meta, results, summary) and bench.md as they stand: a killed run leaves both readable."""
+        summary = summarise(self.results)
+        self.path.write_text(json.dumps({"meta": meta, "results": self.results, "summary": summary}, indent=1))
+        (self.a.out / "bench.md").write_text(markdown(self.results, summary, meta))
+
+    def write_report(self) -> None:
+        self._save(json.loads(self.path.read_text())["meta"])
+        print((self.a.out / "bench.md").read_text())
 
 
 if __name__ == "__main__":

@@ -142,6 +142,16 @@ def method(key: str) -> dict:
     return every[key]
 
 
+def driven_by(module: str) -> dict:
+    """The entry of the one method ``module`` runs instead of eval.run (its registry ``driver``), e.g. the video
+    method of eval.video_qa; RegistryError unless exactly one built-in method names it."""
+    found = list(methods(driver=module, plugins=False).values())
+    if len(found) != 1:
+        raise RegistryError(f"the registry must declare exactly one method with driver {module!r} (found "
+                            f"{', '.join(m['key'] for m in found) or 'none'}); see {REGISTRY_FILE.relative_to(ROOT)}")
+    return found[0]
+
+
 def upstreams() -> dict:
     """Submodule name -> {url, pin, branch?, transformers, tests, bench_tree?}."""
     return _registry()[1]

@@ -53,10 +53,14 @@ from pathlib import Path
 
 from .answers import get_chunk, qid_key, read_answers
 from .common import ROOT, EvalError, check_model_path, populate_hint, project_state, slug, submodule_state
-from . import runinfo
+from . import registry, runinfo
 from .runinfo import mode_tag
 
-UPSTREAM = "Video-LLaVA"
+METHOD = registry.driven_by("eval.video_qa")  # the registry's video method: this module is its driver
+UPSTREAM = METHOD["upstream"]
+# What Video-LLaVA's patch series adds is FastV's pruning at layer K keeping R video tokens: run folders are
+# named after it (<method>-<budget>: fastv-k<K>r<R>, or videollava-all without pruning), as the flags are.
+PRUNED_LABEL, UNPRUNED_LABEL = "fastv", "videollava"
 VIDEO_FORMATS = (".mp4", ".avi", ".mov", ".mkv")  # the order run_inference_video_qa.py tries
 VIDEO_SPAN = 8 * 257   # LanguageBind video tower: 8 frames x (CLS + 16 x 16 patches) tokens per prompt
 MODES = ("off", "pad", "pos", "full")
@@ -270,7 +274,7 @@ def plan(answers_dir, model_path: str, benchmarks, modes, *, data_dir, trend=Non
                 raise EvalError(f"{bench.title} data is incomplete: {folder / f} does not exist; {DATA_HINT}")
         load_qa(folder / "test_q.json", folder / "test_a.json")
     trends = {m: check_trend(m, trend) for m in modes}
-    method, budget = ("fastv", f"k{fastv_k}r{fastv_rank}") if fastv_k else ("videollava", "all")
+    method, budget = (PRUNED_LABEL, f"k{fastv_k}r{fastv_rank}") if fastv_k else (UNPRUNED_LABEL, "all")
     model = slug(model_path.strip("/").split("/")[-1])
     runs = []
     for b in benchmarks:
@@ -353,7 +357,8 @@ def infer(run_dir: Path, num_chunks: int, chunk_idx: int, *, script: str | None 
         cmd += ["--fastv_k", str(run["fastv_k"]), "--fastv_rank", str(run["fastv_rank"])]
     cmd += list(extra or [])
     tree = Path(run["script"]).parents[3]  # <tree>/videollava/eval/video/<script>
-    env = dict(os.environ, DEBIAS=run["mode"], DEBIAS_METHOD="fastv",
+    # debias_core takes the method's settings (its pad threshold and padding rule) from the registry entry
+    env = dict(os.environ, DEBIAS=run["mode"], DEBIAS_METHOD=METHOD["key"],
                PYTHONPATH=os.pathsep.join([str(tree), str(ROOT)] + ([os.environ["PYTHONPATH"]]
                                                                     if os.environ.get("PYTHONPATH") else [])))
     env.pop("DEBIAS_TREND", None)

@@ -3,7 +3,7 @@
 # (random fp16 weights; latency does not depend on their values). Each method runs in its own
 # environment (envs/venv-<Name>, made by setup.sh). Writes outputs/bench/bench.{json,md}.
 #   METHODS=<key>,<key> REPS=30 bash scripts/bench.sh   (default: every registry method marked bench:
-#                                                        python -m eval.registry methods --supports bench)
+#                                                        python -m eval.registry methods --driver any --supports bench)
 # On a machine without network, carry the environments instead (see bench/carry.py):
 #   python -m bench.carry prepare .carry/bench     # here
 #   python -m bench.latency --carry .carry/bench   # there

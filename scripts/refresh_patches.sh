@@ -4,12 +4,12 @@
 #
 # Workflow (also in patches/README.md):
 #   pin=$(git ls-tree HEAD third_party/FastV | awk '{print $3}')
-#   git clone -q --shared third_party/FastV /tmp/fastv-work
-#   git -C /tmp/fastv-work checkout -q -b debias "$pin"
-#   git -C /tmp/fastv-work am "$PWD"/patches/FastV/*.patch      # replay the current series (if any)
+#   git clone -q --shared third_party/FastV /tmp/FastV-work
+#   git -C /tmp/FastV-work checkout -q -b debias "$pin"
+#   git -C /tmp/FastV-work am "$PWD"/patches/FastV/*.patch      # replay the current series (if any)
 #   ... edit, then commit one purpose per commit (git commit, git commit --amend, git rebase -i "$pin");
 #       author "debias maintainers <debias@localhost>"; subject = what, body = why
-#   scripts/refresh_patches.sh FastV --from /tmp/fastv-work     # rewrite patches/FastV/, print what changed
+#   scripts/refresh_patches.sh FastV --from /tmp/FastV-work     # rewrite patches/FastV/, print what changed
 #   scripts/apply_patches.sh --check FastV                       # the series applies at the pin
 #
 # Output is stable, so re-running on the same commits rewrites nothing and `git diff patches/` shows only

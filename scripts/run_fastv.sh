@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evaluate FastV on the LLaVA benchmarks, debias modes off and full.
 # Knobs (CKPT, DATA_DIR, BENCHMARKS, MODES, TREND, METHOD_ARGS, GPUS, ...): see scripts/lib/common.sh.
-# The sys length passed is 35 (the visual span start for vicuna_v1; scripts/lib/common.sh method_fixed_args):
+# The sys length passed is 35 (the visual span start for vicuna_v1; python -m eval.registry explicit-args fastv):
 # the official repo passed 36, off by one.
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
-run_method fastv FastV
+run_method fastv

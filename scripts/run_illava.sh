@@ -46,9 +46,9 @@ require_series() {
 }
 
 if [[ ${TARGET:-llava15} == llava15 ]]; then
-  method_python LLaVA >/dev/null || exit 2
+  method_python "$(method_env illava)" >/dev/null || exit 2
   require_series LLaVA llava/model/language_model/illava_llama.py:debias_core
-  run_method illava LLaVA
+  run_method illava
   exit $?
 fi
 [[ $TARGET == onevision ]] || die "TARGET=$TARGET is unknown; use llava15 (default) or onevision"

@@ -4,4 +4,4 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 # No pruning means no ranking site, so only "off" is meaningful (another mode needs TREND and changes nothing).
 MODES=${MODES:-off}
-run_method llava LLaVA
+run_method llava

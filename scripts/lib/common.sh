@@ -1,7 +1,10 @@
 # Shared by scripts/run_<method>.sh and scripts/slurm/* (source it; do not run it). One call does a whole
 # evaluation on one node, one chunk per GPU:
 #
-#   run_method <method> <EnvName>
+#   run_method <method>
+#
+# Everything about a method (its environment, the arguments always passed) comes from the method registry
+# (python -m eval.registry --help); nothing here names a method.
 #
 # Knobs (environment variables):
 #   CKPT         checkpoint folder or hub id          default liuhaotian/llava-v1.5-7b
@@ -10,8 +13,9 @@
 #   BENCHMARKS   space- or comma-separated            default the paper's ten:
 #                gqa mmbench mmbench_cn mme mmvet pope scienceqa textvqa vizwiz vqav2   (also: seed)
 #   MODES        debias modes                         default "off full"
-#   TREND        positional trend for pos/full        default the paper preset paper:<method>/<benchmark>
-#                                                     (FastV: paper:fastv); calibrated:<file> for a fitted one
+#   TREND        positional trend for pos/full        default the paper preset of the method's trend family,
+#                                                     paper:<family>/<benchmark> (or paper:<family> where the
+#                                                     family has one trend); calibrated:<file> for a fitted one
 #   METHOD_ARGS  budgets/overrides, "key=value ..."   e.g. METHOD_ARGS="fast_v_attention_rank=64"
 #                (split on whitespace, never glob-expanded)
 #   GPUS         comma-separated GPU ids, one chunk per GPU   default $CUDA_VISIBLE_DEVICES or 0
@@ -30,14 +34,21 @@ PAPER_BENCHMARKS="gqa mmbench mmbench_cn mme mmvet pope scienceqa textvqa vizwiz
 
 die() { echo "error: $*" >&2; exit 2; }
 
-# Arguments every run of a method gets. The visual span starts at token 35 for LLaVA-1.5 vicuna_v1; the
-# official repo passed 36 to FastV and TokenCarve (off by one), so the sys length is always passed explicitly.
+# registry ARGS...: python -m eval.registry (any Python 3: it imports only the standard library); exit 2 with
+# its one-line error on an unknown method.
+registry() {
+  PYTHONPATH="$EVAL_ROOT${PYTHONPATH:+:$PYTHONPATH}" "${REGISTRY_PYTHON:-python3}" -m eval.registry "$@"
+}
+
+# Arguments every run of a method gets: the registry's explicit_args (e.g. the visual span start, 35 for
+# LLaVA-1.5 vicuna_v1, where the official scripts passed 36 to some baselines: off by one).
 method_fixed_args() {
-  case $1 in
-    fastv) echo "--method-arg fast_v_sys_length=35" ;;
-    himap) echo "--method-arg sys_length=35" ;;
-    tokencarve) echo "--method-arg token_carve_sys_length=35" ;;
-  esac
+  registry explicit-args "$1"
+}
+
+# The environment name of a method (envs/<Env>.txt, .venv-<Env>), from the registry.
+method_env() {
+  registry get "$1" env
 }
 
 # The interpreter of environment <EnvName>: $PYTHON, else envs/venv-<Env>, envs/conda-<Env> (setup.sh),
@@ -131,14 +142,15 @@ _csv() { echo "$1" | tr ' ' ',' | sed 's/,,*/,/g; s/^,//; s/,$//'; }
 
 # Sets EVAL_ARGS (the driver's arguments from the knobs, chunking excluded) after checking checkpoint and data.
 eval_args() {
-  local method=$1 ckpt data extra
+  local method=$1 ckpt data extra fixed_line
   ckpt=${CKPT:-liuhaotian/llava-v1.5-7b}
   data=${DATA_DIR:-$EVAL_ROOT/playground/data/eval}
   check_checkpoint "$ckpt"
   check_data_dir "$data"
   check_limit
   local -a fixed method_args
-  read -ra fixed <<<"$(method_fixed_args "$method")"
+  fixed_line=$(method_fixed_args "$method") || exit 2
+  read -ra fixed <<<"$fixed_line"
   # read -a splits on whitespace without pathname expansion (METHOD_ARGS='k=*' stays literal).
   read -ra method_args <<<"${METHOD_ARGS:-}"
   EVAL_ARGS=(--method "$method" --benchmark "$(_csv "${BENCHMARKS:-$PAPER_BENCHMARKS}")"
@@ -165,7 +177,8 @@ merge_and_score() {
 }
 
 run_method() {
-  local method=$1 env=$2 py gpus n k rc failed=0 dirs
+  local method=$1 env py gpus n k rc failed=0 dirs
+  env=$(method_env "$method") || exit 2
   py=$(method_python "$env") || exit 2
   eval_args "$method"
   IFS=',' read -ra gpus <<<"${GPUS:-${CUDA_VISIBLE_DEVICES:-0}}"

@@ -2,13 +2,15 @@
 # Submit a whole evaluation to SLURM: an array of CHUNKS one-GPU tasks, then a merge-and-score job that runs
 # once every task has ended and merges only if every chunk is complete. Checks everything first
 # (environment, checkpoint, data) and exits 2 on the first problem.
-#   METHOD=fastv ENV=FastV CHUNKS=16 CKPT=... DATA_DIR=... bash scripts/slurm/submit.sh
+#   METHOD=<key> CHUNKS=16 CKPT=... DATA_DIR=... bash scripts/slurm/submit.sh
+# (keys: python -m eval.registry methods; the environment is the registry's, ENV overrides it)
 # Re-running failed or preempted tasks alone (answers resume per question): the same command with TASKS set to
 # their indices, e.g. TASKS=5 or TASKS=3,7-9; CHUNKS must stay what the first submission used. A new
 # merge-and-score job is queued after them (the first one will have stopped, naming the incomplete chunks).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
-: "${METHOD:?set METHOD (fastv, pdrop, sparsevlm, himap, tokencarve, llava)}" "${ENV:?set ENV (FastV, PyramidDrop, ...)}"
+: "${METHOD:?set METHOD (a key of: python -m eval.registry methods)}"
+ENV=${ENV:-$(method_env "$METHOD")} || exit 2
 CHUNKS=${CHUNKS:-8}
 [[ $CHUNKS =~ ^[1-9][0-9]*$ ]] || die "CHUNKS=$CHUNKS is not a positive integer (the number of array tasks)"
 tasks=${TASKS:-0-$((CHUNKS - 1))}
