@@ -141,12 +141,15 @@ class Envs:
     trees: Path | None = None
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
+    threads: int | None = None      # CPU threads per driver process (None: torch's default)
 
     def command(self, method: str) -> tuple[list[str], dict]:
         from eval.methods.base import method_spec
 
         base = {k: v for k, v in os.environ.items() if not k.startswith("DEBIAS") and k != "STUDY_CONTROL"}
         base.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore", **self.extra)
+        if self.device == "cpu" and self.threads:
+            base["OMP_NUM_THREADS"] = str(self.threads)
         if self.carry is not None:
             from .carry import environment
 
@@ -384,6 +387,8 @@ def parse_args(argv=None):
     if a.quick:   # a CPU slice: one budget, off vs full with the paper trend, both controls, 16 questions
         a.budgets, a.modes, a.controls, a.no_calibrated = "64", "off,full", "random:0,grid", True
         a.n_eval = min(a.n_eval, 16)
+        if a.device == "cpu" and a.parallel == 1:   # two single-threaded drivers: one loads while the other computes
+            a.parallel = min(2, os.cpu_count() or 1)
     return a
 
 
@@ -426,7 +431,8 @@ def study(a) -> int:
     for split, n in (("calib", a.n_calib), ("eval", a.n_eval)):
         generate_split(split, data / split, n_questions=n, seed=SPLIT_SEEDS[split])
 
-    envs = Envs(carry=a.carry, device=a.device)
+    threads = max(1, (os.cpu_count() or 1) // a.parallel) if a.device == "cpu" and a.parallel > 1 else None
+    envs = Envs(carry=a.carry, device=a.device, threads=threads)
     skipped = {}
     for m in list(methods):
         why = CANNOT_RUN.get(m) or envs.available(m)
