@@ -18,6 +18,9 @@ still compared (REFERENCE_PATCHES):
 - SparseVLMs: 0003 (PyTorch SDPA where flash-attn is absent) and 0004 (its builder attaches the attention module
   to ``num_hidden_layers`` layers; upstream's ``range(32)`` cannot load a 30-layer model);
 - the iLLaVA port (LLaVA): 0001, the port itself (upstream LLaVA has no iLLaVA stage to compare with).
+TokenCarve runs on upstream LLaVA's package (envs/TokenCarve.txt installs third_party/LLaVA): pristine LLaVA on the
+upstream side, patched on ours. SparseVLMs' CUDA-event timing and ``.cuda()`` decode positions get the probe's
+no-op CPU stand-ins on both sides (study_probe.py).
 Not covered, and why: iLLaVA's own tree and Video-LLaVA (``test_loaders_that_cannot_take_the_study_model``).
 
 Skips (with the reason) where the study model is not assembled (bash setup.sh --test), a submodule is not
@@ -27,18 +30,16 @@ populated or a baseline's environment is absent, so CI on an empty checkout skip
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests import support
+from tests.baselines import upstream_compare as compare
 
 pytestmark = [pytest.mark.baseline, pytest.mark.slow]
 
-PROBE = Path(__file__).with_name("study_probe.py")
 MODEL = support.ROOT / "models" / "llava-smollm2-study"
 KEEP = 64                 # visual tokens kept (the study's --quick budget; SparseVLMs has a 64 schedule)
 NEW_TOKENS = 4
@@ -88,7 +89,8 @@ def study(tmp_path_factory):
     items = [json.loads(line) for line in (data / "items.jsonl").read_text().splitlines()]
     assert len({tuple(i["image_size"]) for i in items}) == 2, items
     assert any(w != h for w, h in (i["image_size"] for i in items)), "no padded image: the split changed"
-    return {"model": MODEL, "data": data, "items": items}
+    image_start = json.loads((MODEL / "config.json").read_text())["study_model"]["image_start"]
+    return {"model": MODEL, "data": data, "items": items, "image_start": image_start}
 
 
 def interpreter(baseline: Baseline, key: str) -> Path:
@@ -102,47 +104,15 @@ def interpreter(baseline: Baseline, key: str) -> Path:
     return py
 
 
-def reference_tree(baseline: Baseline, dest: Path) -> Path:
-    """The pin, plus the patches in ``reference_patches`` (applied in order)."""
-    tree = support.pristine_tree(baseline.upstream, dest)
-    chosen = [p for p in support.patch_files(baseline.upstream) if p.name[:4] in baseline.reference_patches]
-    assert [p.name[:4] for p in chosen] == list(baseline.reference_patches), chosen
-    for p in chosen:
-        r = subprocess.run(["git", "apply", "--whitespace=nowarn", str(p)], cwd=tree, capture_output=True, text=True,
-                           env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tree.parent)))
-        assert r.returncode == 0, f"{p.name} does not apply to the {baseline.upstream} pin:\n{r.stderr}"
-    return tree
-
-
 def driver_args(key: str, study: dict, answers: Path) -> list[str]:
     from study.run import method_args
 
-    image_start = json.loads((study["model"] / "config.json").read_text())["study_model"]["image_start"]
     args = ["--method", key, "--benchmark", "study", "--data-dir", str(study["data"]), "--model-path",
             str(study["model"]), "--answers-dir", str(answers), "--mode", "off", "--device", "cpu",
             "--max-new-tokens", str(NEW_TOKENS), "--workers", "0"]
-    for a in method_args(key, KEEP, image_start):
+    for a in method_args(key, KEEP, study["image_start"]):
         args += ["--method-arg", a]
     return args
-
-
-def run_probe(py: Path, baseline: Baseline, key: str, study: dict, trees: Path, out: Path) -> dict:
-    """The driver under study_probe.py with EVAL_THIRD_PARTY=``trees``, DEBIAS=off; its observations + answers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEBIAS")}
-    llava = [str(trees / "LLaVA")] if baseline.llava_on_path else []
-    env.update(DEBIAS="off", EVAL_THIRD_PARTY=str(trees), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(llava + [str(support.ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    observed, answers = out / "observed.json", out / "answers"
-    flags = ["--cpu-cuda-stand-ins"] if baseline.cpu_cuda_stand_ins else []
-    r = subprocess.run([str(py), str(PROBE), str(observed), *flags, "--", *driver_args(key, study, answers)],
-                       cwd=support.ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"{key} on {trees}: the driver exited {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
-    result = json.loads(observed.read_text())
-    run_dir = Path(r.stdout.strip().splitlines()[-1])
-    result["answers"] = [{k: a[k] for k in ("question_id", "text")}
-                         for a in map(json.loads, (run_dir / "merge.jsonl").read_text().splitlines())]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +125,16 @@ def runs(study, tmp_path_factory):
             baseline = BASELINES[key]
             py = interpreter(baseline, key)
             root = tmp_path_factory.mktemp(f"study-{key}")
-            reference_tree(baseline, root / "upstream" / baseline.upstream)
+            compare.reference_tree(baseline.upstream, root / "upstream" / baseline.upstream,
+                                   baseline.reference_patches)
             support.patched_tree(baseline.upstream, root / "ours" / baseline.upstream)
             if baseline.llava_on_path:   # upstream LLaVA as the environment installs it: pristine / patched
                 support.pristine_tree("LLaVA", root / "upstream" / "LLaVA")
                 support.patched_tree("LLaVA", root / "ours" / "LLaVA")
-            memo[key] = {side: run_probe(py, baseline, key, study, root / side, root / f"{side}-run")
+            memo[key] = {side: compare.run_observed_driver(
+                             py, root / side, driver_args(key, study, root / f"{side}-run" / "answers"),
+                             root / f"{side}-run", path=[root / side / "LLaVA"] if baseline.llava_on_path else [],
+                             cpu_cuda_stand_ins=baseline.cpu_cuda_stand_ins)
                          for side in ("upstream", "ours")}
         return memo[key]
 
@@ -172,22 +146,13 @@ def runs(study, tmp_path_factory):
 @pytest.mark.parametrize("key", list(BASELINES))
 def test_off_is_bit_identical_to_upstream_on_the_study_model(runs, study, key):
     result = runs(key)
-    upstream, ours = result["upstream"], result["ours"]
     for side, run in result.items():
-        assert run["exit"] == 0, f"{key} {side}: eval.run exited {run['exit']}"
         tree = Path(run["modules"]["llava"]).resolve()
         assert f"/{side}/" in str(tree), f"{key} {side} imported llava from {tree}"
-        assert [q["span_start"] for q in run["questions"]] == [32, 32], f"{key} {side}: image start is not SmolLM2's 32"
-    assert len(upstream["questions"]) == len(ours["questions"]) == len(study["items"])
-    for i, (up, us) in enumerate(zip(upstream["questions"], ours["questions"])):
-        where = f"{key}, question {i} ({study['items'][i]['image_size']})"
-        assert any(len(s) > 1 for s in up["selections"]), f"{where}: upstream ranked nothing, so nothing was compared"
-        assert len(us["selections"]) == len(up["selections"]), f"{where}: {len(us['selections'])} rankings, upstream {len(up['selections'])}"
-        for n, (a, b) in enumerate(zip(up["selections"], us["selections"])):
-            assert b == a, f"{where}: ranking {n} selected other indices than upstream"
-        assert us["logit_shapes"] == up["logit_shapes"], f"{where}: sequence lengths differ from upstream"
-        assert us["logits_sha256"] == up["logits_sha256"], f"{where}: logits differ from upstream"
-    assert ours["answers"] == upstream["answers"], f"{key}: answers differ from upstream"
+    assert [q["span_start"] for q in result["upstream"]["questions"]] == [study["image_start"]] * len(study["items"]), (
+        f"{key}: the questions' image start is not the study model's {study['image_start']}")
+    compare.assert_off_matches_upstream(result["upstream"], result["ours"], key,
+                                        [f"{i['question_id']} {i['image_size']}" for i in study["items"]])
 
 
 @pytest.mark.parametrize("name", list(CANNOT_LOAD))
