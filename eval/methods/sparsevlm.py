@@ -15,6 +15,8 @@ SparseVLMs finds the image start in ``input_ids`` itself (``pre_prompt_length_li
 The pruning layers run flash-attn's kernel where transformers enabled flash-attn, and otherwise the same attention in
 PyTorch SDPA (patches/SparseVLMs/0003; the kernel, not the maths, differs). Only a tree without that patch and without
 flash-attn is refused. The decoder layers assert sdpa attention (transformers 4.37's default for LLaVA-1.5).
+Upstream times every forward with CUDA events and puts decode position ids on the current CUDA device; on a CPU a
+tree without patches/SparseVLMs/0005 (timing only where CUDA is, position ids on the model's device) is refused.
 """
 from __future__ import annotations
 
@@ -52,11 +54,16 @@ class SparseVLMAdapter(Adapter):
         super().check_environment()   # flash-attn is optional: patches/SparseVLMs/0003 falls back to PyTorch SDPA
 
     def load(self, model_path: str, *, model_base: str | None = None, device: str = "cuda", dtype=None) -> Loaded:
+        lv = self.activate()
+        sparse = importlib.import_module("llava.model.language_model.modelling_sparse_llama")
+        if not device.startswith("cuda") and not hasattr(sparse, "_timing_event"):
+            raise EvalError(f"this SparseVLMs tree times its forward with CUDA events and cannot run on {device!r}; "
+                            f"run bash scripts/apply_patches.sh SparseVLMs (patches/SparseVLMs/0005) or use a GPU")
         cfg = checkpoint_config(model_path)
         if cfg is not None:
             where = Path(model_path) / "config.json"
             layers = cfg.get("num_hidden_layers")
-            if layers != UPSTREAM_BUILDER_LAYERS and not builder_follows_config(self.activate().load_pretrained_model):
+            if layers != UPSTREAM_BUILDER_LAYERS and not builder_follows_config(lv.load_pretrained_model):
                 raise EvalError(f"{where} has num_hidden_layers={layers}, but this SparseVLMs tree's builder attaches "
                                 f"its attention modules to exactly {UPSTREAM_BUILDER_LAYERS} layers (upstream's "
                                 f"range(32)); run bash scripts/apply_patches.sh SparseVLMs (patches/SparseVLMs/0004)")
@@ -69,7 +76,6 @@ class SparseVLMAdapter(Adapter):
             raise EvalError(f"SparseVLMs' loader returned {type(loaded.model).__name__}, not "
                             f"LlavaLlamaDynamicForCausalLM; the checkpoint name {loaded.model_name!r} must contain "
                             f"'llava' (and neither 'mpt', 'mistral' nor 'lora')")
-        sparse = importlib.import_module("llava.model.language_model.modelling_sparse_llama")
         if "_flash_attention_forward" not in vars(sparse.LlamaDynamicvitFlashAttention2):
             llama = importlib.import_module("transformers.models.llama.modeling_llama")
             if getattr(llama, "flash_attn_func", None) is None:

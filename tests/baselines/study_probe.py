@@ -1,7 +1,7 @@
 """Probe for tests/baselines/test_study_model.py (run in a subprocess, never imported by pytest): the eval driver
 (``python -m eval.run``) on the study model, with what each ranking selected and every logit observed.
 
-    python study_probe.py OUT_JSON [--cpu-cuda-stand-ins] -- DRIVER_ARGS...
+    python study_probe.py OUT_JSON -- DRIVER_ARGS...
 
 Runs ``eval.run.main(DRIVER_ARGS)`` in this interpreter (the baseline's own environment; its exported tree reaches
 the adapter through EVAL_THIRD_PARTY, so the adapter loads the model through that tree's
@@ -16,11 +16,7 @@ Observation only, identical for every tree: wrappers around ``torch.topk`` / ``t
 and the Tensor methods of the same names (the kept indices of every ranking: every baseline selects its kept
 tokens with one of them; greedy decoding itself uses argmax), a forward hook on the output embeddings installed
 when the adapter has loaded the model, and ``debias_core.sample`` (one context per question). Nothing the
-baseline computes is changed.
-
-``--cpu-cuda-stand-ins`` (SparseVLMs only): SparseVLMs times every forward with CUDA events and builds its decode
-position ids with ``.cuda()``; on a CPU these become a no-op event, a no-op synchronize and ``Tensor.cuda`` as the
-identity (timing and placement only, never a value).
+baseline computes is changed, and nothing is stood in for: each tree runs on the CPU as it is.
 """
 from __future__ import annotations
 
@@ -111,23 +107,10 @@ def _hook_logits(obs: Observer) -> None:
     base.Adapter.load = observed_load
 
 
-def _cpu_cuda_stand_ins() -> None:
-    class Event:
-        def __init__(self, *a, **k): pass
-        def record(self, *a, **k): pass
-        def elapsed_time(self, other): return 0.0
-
-    torch.cuda.Event, torch.cuda.synchronize = Event, (lambda *a, **k: None)
-    torch.Tensor.cuda = lambda self, *a, **k: self
-
-
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or "--" not in argv:
-        sys.exit("usage: study_probe.py OUT_JSON [--cpu-cuda-stand-ins] -- DRIVER_ARGS...")
-    split = argv.index("--")
-    out, flags, driver_args = Path(argv[0]), argv[1:split], argv[split + 1:]
-    if "--cpu-cuda-stand-ins" in flags:
-        _cpu_cuda_stand_ins()
+    if len(argv) < 2 or argv[1] != "--":
+        sys.exit("usage: study_probe.py OUT_JSON -- DRIVER_ARGS...")
+    out, driver_args = Path(argv[0]), argv[2:]
     torch.manual_seed(0)   # SparseVLMs' cluster_and_merge draws torch.rand noise
     obs = Observer()
     _wrap_selectors(obs)

@@ -10,8 +10,8 @@ benchmark (eval/synthetic.py, wide images, plus two text-only questions) in mode
   size, and the keep count is capped to the real tokens where it exceeds them (400×200, 640×200);
 - text-only questions are answered without reaching the ranking site;
 - without flash-attn the driver runs (patches/SparseVLMs/0003 falls back to PyTorch SDPA);
-- DEBIAS=off on the full series is bit-identical to the pin with only the SDPA fallback (upstream's own range(32)
-  builder): patches/SparseVLMs/0004 changes nothing on a 32-layer model.
+- DEBIAS=off on the full series is bit-identical to the pin with only the SDPA fallback and CPU timing (upstream's
+  own range(32) builder): patches/SparseVLMs/0004 changes nothing on a 32-layer model.
 CPU stand-ins, in this TEST only (flash-attn is CUDA-only): a ``flash_attn`` package whose ``flash_attn_func`` is
 torch SDPA (causal like flash-attn for equal query/key lengths), handed to transformers' Llama module after it
 loads (transformers enables flash-attn only with CUDA); no-op ``torch.cuda.Event``/``synchronize``;
@@ -176,22 +176,36 @@ def test_missing_flash_attn_is_no_longer_a_stop(setup, tmp_path):
 def test_off_through_upstreams_32_layer_builder_is_bit_identical(setup, tmp_path):
     """On a 32-layer model, patches/SparseVLMs/0004 (the builder loops over num_hidden_layers instead of
     range(32)) changes nothing, and in DEBIAS=off nor do 0001/0002: the driver on the full series vs on the pin
-    with only 0003 (the SDPA fallback, without which upstream cannot run without flash-attn), i.e. upstream's own
-    range(32) builder. Compared by study_probe.py (upstream_compare): every ranking's indices, every logit, the
-    answers, bit for bit."""
+    with only 0003 and 0005 (SDPA where flash-attn is absent, CUDA-event timing only where CUDA is: without them
+    upstream cannot run here), i.e. upstream's own range(32) builder. No stand-in on either side. Compared by
+    study_probe.py (upstream_compare): every ranking's indices, every logit, the answers, bit for bit."""
     import sys
 
     from tests.baselines import upstream_compare as compare
 
-    compare.reference_tree(NAME, tmp_path / "upstream" / NAME, ("0003",))
+    compare.reference_tree(NAME, tmp_path / "upstream" / NAME, ("0003", "0005"))
     assert "for i in range(32):" in (tmp_path / "upstream" / NAME / "llava/model/builder.py").read_text()
     runs = {}
     for side, trees in (("upstream", tmp_path / "upstream"), ("ours", setup["trees"])):
         args = ["--method", KEY, "--benchmark", "synthetic_wide", "--model-path", str(setup["model"]), "--data-dir",
                 str(setup["data"]), "--answers-dir", str(tmp_path / f"{side}-run" / "answers"), "--mode", "off",
                 "--max-new-tokens", "4", "--device", "cpu", "--workers", "0"]
-        runs[side] = compare.run_observed_driver(Path(sys.executable), trees, args, tmp_path / f"{side}-run",
-                                                 cpu_cuda_stand_ins=True)
+        runs[side] = compare.run_observed_driver(Path(sys.executable), trees, args, tmp_path / f"{side}-run")
         assert Path(runs[side]["modules"]["llava"]).is_relative_to(trees), runs[side]["modules"]
     compare.assert_off_matches_upstream(runs["upstream"], runs["ours"], "SparseVLMs, 32 layers",
                                         [q["question_id"] for q in setup["questions"]])
+
+
+def test_a_tree_that_cannot_run_on_a_cpu_is_refused_in_one_line(setup, tmp_path):
+    """Without patches/SparseVLMs/0005 upstream's CUDA-event timing raises on a CPU mid-generation; the adapter
+    refuses such a tree before loading, in one line naming the patch (exit 2, no traceback)."""
+    from tests.baselines import upstream_compare as compare
+
+    compare.reference_tree(NAME, tmp_path / "trees" / NAME, ("0003", "0004"))
+    r = es.run_python(["-m", "eval.run", "--method", KEY, "--benchmark", "synthetic_wide", "--model-path",
+                       str(setup["model"]), "--data-dir", str(setup["data"]), "--answers-dir", str(tmp_path / "answers"),
+                       "--mode", "off", "--device", "cpu", "--workers", "0"], es.clean_env(trees=tmp_path / "trees"))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert last.startswith("error: ") and "patches/SparseVLMs/0005" in last and "'cpu'" in last, last
+    assert not (tmp_path / "answers").exists() or not any((tmp_path / "answers").rglob("merge.jsonl"))

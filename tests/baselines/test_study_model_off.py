@@ -15,12 +15,12 @@ The probe (study_probe.py) observes both runs identically and the test asserts, 
 "Upstream" is the pinned tree, except where upstream cannot load or run the study model on a CPU at all; there the
 reference is the pin plus only the series' patches that make it run, and everything the debias patches add is
 still compared (REFERENCE_PATCHES):
-- SparseVLMs: 0003 (PyTorch SDPA where flash-attn is absent) and 0004 (its builder attaches the attention module
-  to ``num_hidden_layers`` layers; upstream's ``range(32)`` cannot load a 30-layer model);
+- SparseVLMs: 0003 (PyTorch SDPA where flash-attn is absent), 0004 (its builder attaches the attention module to
+  ``num_hidden_layers`` layers; upstream's ``range(32)`` cannot load a 30-layer model) and 0005 (CUDA-event timing
+  only where CUDA is; upstream cannot run on a CPU);
 - the iLLaVA port (LLaVA): 0001, the port itself (upstream LLaVA has no iLLaVA stage to compare with).
 TokenCarve runs on upstream LLaVA's package (envs/TokenCarve.txt installs third_party/LLaVA): pristine LLaVA on the
-upstream side, patched on ours. SparseVLMs' CUDA-event timing and ``.cuda()`` decode positions get the probe's
-no-op CPU stand-ins on both sides (study_probe.py).
+upstream side, patched on ours. Nothing is stood in for: every tree runs on the CPU as it is.
 Not covered, and why: iLLaVA's own tree and Video-LLaVA (``test_loaders_that_cannot_take_the_study_model``).
 
 Skips (with the reason) where the study model is not assembled (bash setup.sh --test), a submodule is not
@@ -30,6 +30,8 @@ populated or a baseline's environment is absent, so CI on an empty checkout skip
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,14 +52,13 @@ class Baseline:
     upstream: str                         # third_party/<upstream>, patches/<upstream>
     env: str                              # .venv-<env> (LLaVA: this interpreter, as the demo and study run it)
     reference_patches: tuple = ()         # patch numbers applied to the pin to make the reference run at all
-    cpu_cuda_stand_ins: bool = False      # study_probe.py --cpu-cuda-stand-ins
     llava_on_path: bool = False           # runs on upstream LLaVA's package (TokenCarve): that tree on PYTHONPATH
 
 
 BASELINES = {
     "fastv": Baseline("FastV", "FastV"),
     "pdrop": Baseline("PyramidDrop", "PyramidDrop"),
-    "sparsevlm": Baseline("SparseVLMs", "SparseVLMs", ("0003", "0004"), cpu_cuda_stand_ins=True),
+    "sparsevlm": Baseline("SparseVLMs", "SparseVLMs", ("0003", "0004", "0005")),
     "himap": Baseline("HiMAP", "HiMAP"),
     "tokencarve": Baseline("TokenCarve", "TokenCarve", llava_on_path=True),
     "illava": Baseline("LLaVA", "LLaVA", ("0001",)),
@@ -133,8 +134,7 @@ def runs(study, tmp_path_factory):
                 support.patched_tree("LLaVA", root / "ours" / "LLaVA")
             memo[key] = {side: compare.run_observed_driver(
                              py, root / side, driver_args(key, study, root / f"{side}-run" / "answers"),
-                             root / f"{side}-run", path=[root / side / "LLaVA"] if baseline.llava_on_path else [],
-                             cpu_cuda_stand_ins=baseline.cpu_cuda_stand_ins)
+                             root / f"{side}-run", path=[root / side / "LLaVA"] if baseline.llava_on_path else [])
                          for side in ("upstream", "ours")}
         return memo[key]
 
@@ -153,6 +153,22 @@ def test_off_is_bit_identical_to_upstream_on_the_study_model(runs, study, key):
         f"{key}: the questions' image start is not the study model's {study['image_start']}")
     compare.assert_off_matches_upstream(result["upstream"], result["ours"], key,
                                         [f"{i['question_id']} {i['image_size']}" for i in study["items"]])
+
+
+def test_sparsevlm_tree_without_the_depth_patch_is_refused_in_one_line(study, tmp_path):
+    """Upstream's range(32) builder cannot load the 30-layer study model (an IndexError mid-load); the adapter
+    refuses a tree without patches/SparseVLMs/0004 before loading, in one line naming it (exit 2, no traceback)."""
+    baseline = BASELINES["sparsevlm"]
+    py = interpreter(baseline, "sparsevlm")
+    compare.reference_tree(baseline.upstream, tmp_path / "trees" / baseline.upstream, ("0003", "0005"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEBIAS")}
+    env.update(EVAL_THIRD_PARTY=str(tmp_path / "trees"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(support.ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    r = subprocess.run([str(py), "-m", "eval.run", *driver_args("sparsevlm", study, tmp_path / "answers")],
+                       cwd=support.ROOT, env=env, capture_output=True, text=True, timeout=600)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert last.startswith("error: ") and "num_hidden_layers=30" in last and "patches/SparseVLMs/0004" in last, last
 
 
 @pytest.mark.parametrize("name", list(CANNOT_LOAD))

@@ -32,8 +32,7 @@ def reference_tree(name: str, dest: Path, numbers: tuple = ()) -> Path:
     return tree
 
 
-def run_observed_driver(python: Path, trees: Path, driver_args: list[str], out: Path, *, path: list = (),
-                        cpu_cuda_stand_ins: bool = False) -> dict:
+def run_observed_driver(python: Path, trees: Path, driver_args: list[str], out: Path, *, path: list = ()) -> dict:
     """eval.run ``driver_args`` (which must include --answers-dir) under study_probe.py, in ``python``, from the
     repository root, with EVAL_THIRD_PARTY=``trees``, DEBIAS=off, offline, one thread; ``path``: folders first on
     PYTHONPATH. Returns the probe's JSON plus "answers": [{question_id, text}] of the run's merge.jsonl."""
@@ -44,8 +43,7 @@ def run_observed_driver(python: Path, trees: Path, driver_args: list[str], out: 
                                           + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     out.mkdir(parents=True, exist_ok=True)
     observed = out / "observed.json"
-    flags = ["--cpu-cuda-stand-ins"] if cpu_cuda_stand_ins else []
-    r = subprocess.run([str(python), str(PROBE), str(observed), *flags, "--", *driver_args], cwd=support.ROOT,
+    r = subprocess.run([str(python), str(PROBE), str(observed), "--", *driver_args], cwd=support.ROOT,
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"eval.run on {trees} exited {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
     result = json.loads(observed.read_text())
