@@ -1,5 +1,6 @@
-"""Probe for tests/baselines/test_study_model.py (run in a subprocess, never imported by pytest): the eval driver
-(``python -m eval.run``) on the study model, with what each ranking selected and every logit observed.
+"""Probe for the off-vs-upstream comparisons through the eval driver (tests/baselines/upstream_compare.py, used by
+test_study_model_off.py and test_sparsevlm_eval.py; run in a subprocess, never imported by pytest):
+``python -m eval.run`` with what each ranking selected and every logit observed.
 
     python study_probe.py OUT_JSON -- DRIVER_ARGS...
 
