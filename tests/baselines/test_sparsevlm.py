@@ -23,7 +23,7 @@ TREND = "paper:sparsevlm/gqa"
 SCHEDULE = (303, 110, 36)     # retained_tokens=128 (paper setting) at layers 2, 6, 15
 LAYERS = (2, 6, 15)
 SPAN = 576
-PATCH_BUDGET = 200            # lines of the series, headers included (patches/README.md's budget table)
+PATCH_BUDGET = 340            # lines of the series, headers included (patches/README.md's budget table)
 _ENV = {"DEBIAS": "off", "DEBIAS_TREND": "", "DEBIAS_METHOD": "sparsevlm", "DEBIAS_GEOMETRY": "exact"}  # probes set the mode
 
 

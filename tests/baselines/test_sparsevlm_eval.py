@@ -1,6 +1,6 @@
 """SparseVLMs through the eval driver: ``python -m eval.run --method sparsevlm`` (a subprocess in this
-environment) loads a tiny random 32-layer LLaVA-1.5 through SparseVLMs' own ``load_pretrained_model`` (its
-builder attaches the flash-attention module to exactly 32 layers) from the patched tree and answers the synthetic
+environment) loads a tiny random 32-layer LLaVA-1.5 (LLaVA-1.5-7B's depth, the only one upstream's builder
+takes) through SparseVLMs' own ``load_pretrained_model`` from the patched tree and answers the synthetic
 benchmark (eval/synthetic.py, wide images, plus two text-only questions) in modes off and full.
 
 - every question is answered in both modes; metadata carries method, mode, budget, trend;
@@ -9,7 +9,9 @@ benchmark (eval/synthetic.py, wide images, plus two text-only questions) in mode
 - in full mode the ranking really was debiased: padding (threshold 0.5) is −inf at layer 2 for each image's real
   size, and the keep count is capped to the real tokens where it exceeds them (400×200, 640×200);
 - text-only questions are answered without reaching the ranking site;
-- without flash-attn the driver stops with an error naming flash-attn 2.3.3.
+- without flash-attn the driver runs (patches/SparseVLMs/0003 falls back to PyTorch SDPA);
+- DEBIAS=off on the full series is bit-identical to the pin with only the SDPA fallback and CPU timing (upstream's
+  own range(32) builder): patches/SparseVLMs/0004 changes nothing on a 32-layer model.
 CPU stand-ins, in this TEST only (flash-attn is CUDA-only): a ``flash_attn`` package whose ``flash_attn_func`` is
 torch SDPA (causal like flash-attn for equal query/key lengths), handed to transformers' Llama module after it
 loads (transformers enables flash-attn only with CUDA); no-op ``torch.cuda.Event``/``synchronize``;
@@ -30,7 +32,7 @@ from tests.baselines import eval_support as es
 pytestmark = pytest.mark.baseline
 
 NAME, KEY = "SparseVLMs", "sparsevlm"
-LAYERS = 32                     # builder.py L113: range(32)
+LAYERS = 32                     # builder.py L114 at the pin: range(32)
 TREND = "paper:sparsevlm/gqa"
 THRESHOLD = 0.5                 # DEBIAS_METHOD=sparsevlm
 BUDGET = "128"
@@ -169,3 +171,42 @@ def test_missing_flash_attn_is_no_longer_a_stop(setup, tmp_path):
     r, _, _ = run_driver({**setup, "root": tmp_path}, "no-flash", "--mode", "off", "--check-only", stand_ins=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "flash" not in r.stderr.lower(), r.stderr[-3000:]
+
+
+def test_off_through_upstreams_32_layer_builder_is_bit_identical(setup, tmp_path):
+    """On a 32-layer model, patches/SparseVLMs/0004 (the builder loops over num_hidden_layers instead of
+    range(32)) changes nothing, and in DEBIAS=off nor do 0001/0002: the driver on the full series vs on the pin
+    with only 0003 and 0005 (SDPA where flash-attn is absent, CUDA-event timing only where CUDA is: without them
+    upstream cannot run here), i.e. upstream's own range(32) builder. No stand-in on either side. Compared by
+    study_probe.py (upstream_compare): every ranking's indices, every logit, the answers, bit for bit."""
+    import sys
+
+    from tests.baselines import upstream_compare as compare
+
+    compare.reference_tree(NAME, tmp_path / "upstream" / NAME, ("0003", "0005"))
+    assert "for i in range(32):" in (tmp_path / "upstream" / NAME / "llava/model/builder.py").read_text()
+    runs = {}
+    for side, trees in (("upstream", tmp_path / "upstream"), ("ours", setup["trees"])):
+        args = ["--method", KEY, "--benchmark", "synthetic_wide", "--model-path", str(setup["model"]), "--data-dir",
+                str(setup["data"]), "--answers-dir", str(tmp_path / f"{side}-run" / "answers"), "--mode", "off",
+                "--max-new-tokens", "4", "--device", "cpu", "--workers", "0"]
+        runs[side] = compare.run_observed_driver(Path(sys.executable), trees, args, tmp_path / f"{side}-run")
+        assert Path(runs[side]["modules"]["llava"]).is_relative_to(trees), runs[side]["modules"]
+    compare.assert_off_matches_upstream(runs["upstream"], runs["ours"], "SparseVLMs, 32 layers",
+                                        [q["question_id"] for q in setup["questions"]])
+
+
+def test_a_tree_that_cannot_run_on_a_cpu_is_refused_in_one_line(setup, tmp_path):
+    """Without patches/SparseVLMs/0005 upstream's CUDA-event timing raises on a CPU mid-generation; the adapter
+    refuses such a tree before loading, in one line naming the patch (exit 2, no traceback)."""
+    from tests.baselines import upstream_compare as compare
+
+    compare.reference_tree(NAME, tmp_path / "trees" / NAME, ("0003", "0004"))
+    answers = tmp_path / "answers"
+    r = es.run_python(["-m", "eval.run", "--method", KEY, "--benchmark", "synthetic_wide", "--model-path",
+                       str(setup["model"]), "--data-dir", str(setup["data"]), "--answers-dir", str(answers),
+                       "--mode", "off", "--device", "cpu", "--workers", "0"], es.clean_env(trees=tmp_path / "trees"))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert last.startswith("error: ") and "patches/SparseVLMs/0005" in last and "'cpu'" in last, last
+    assert not any(f.read_text().strip() for f in answers.rglob("*.jsonl")), "a refused run wrote answers"
