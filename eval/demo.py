@@ -51,10 +51,6 @@ BUDGET = 64                    # the study's --quick budget: FastV keeps 64 visu
 QUESTIONS_PER_IMAGE = 3        # as the study writes its splits
 FIGURE_ROWS = 4                # questions drawn in the figure: the first with evidence on each of the first images
 MAX_NEW_TOKENS = 8             # the study's setting: answers are single words
-# Methods whose upstream code cannot load the demo's model at all, and why.
-DEMO_CANNOT = {"sparsevlm": "its loader attaches attention modules to exactly 32 decoder layers (LLaVA-1.5-7B's); "
-                            "the study model has 30 (tests/baselines/test_sparsevlm*.py run it on a 32-layer tiny "
-                            "model)"}
 # Method arguments that are decoder-layer indices without "layer" in their name (iLLaVA merges before layer k).
 LAYER_ARGS = ("illava_llm_k",)
 
@@ -277,12 +273,11 @@ def export_trees(candidates: list[tuple[str, str]], trees: Path) -> None:
 
 
 def runnable(candidates: list[tuple[str, str]], trees: Path, model_layers: int) -> list[tuple[str, str]]:
-    """The candidates that can run the model: not in DEMO_CANNOT, with study settings, shallow enough, accepted by
-    their adapter."""
+    """The candidates that can run the model: with study settings, shallow enough, accepted by their adapter."""
     methods = candidates[:1]
     for method, python in candidates[1:]:
         deepest = demo_layers([method]) - 1
-        why = DEMO_CANNOT.get(method) or _no_study_settings(method)
+        why = _no_study_settings(method)
         if why is None and deepest >= model_layers:
             why = f"it prunes at decoder layer {deepest}; the model has {model_layers}"
         why = why or _adapter_refuses(Path(python), method, trees)

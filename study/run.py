@@ -54,11 +54,6 @@ PAPER_BENCHMARK = "gqa"   # the paper preset used on the study model: its closes
 CONTROLS = ("random:0", "random:1", "random:2", "grid")
 
 
-# Baselines whose upstream code cannot run the study model, and why (reported in study.json's "skipped").
-CANNOT_RUN = {"sparsevlm": "SparseVLMs' loader attaches its attention modules to exactly 32 decoder layers "
-                           "(LLaVA-1.5-7B's, llava/model/builder.py); the study model has 30"}
-
-
 class StudyError(Exception):
     """A user-facing problem (one line)."""
 
@@ -435,9 +430,9 @@ def study(a) -> int:
     envs = Envs(carry=a.carry, device=a.device, threads=threads)
     skipped = {}
     for m in list(methods):
-        why = CANNOT_RUN.get(m) or envs.available(m)
+        why = envs.available(m)
         if why:
-            if not a.skip_unavailable and m not in CANNOT_RUN:
+            if not a.skip_unavailable:
                 raise StudyError(f"{why}; pass --skip-unavailable to leave it out")
             skipped[m] = why
             methods.remove(m)

@@ -27,15 +27,9 @@ def _registry():
 
 # ------------------------------------------------------------------ no method key typed by hand
 def _string_constants(path: Path) -> list[tuple[str, int]]:
-    """(string, line) of every string constant in a module, DEMO_CANNOT's keys left out (the one sanctioned
-    exception: a method's upstream that cannot load the model)."""
+    """(string, line) of every string constant in a module."""
     tree = ast.parse(path.read_text())
-    sanctioned = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEMO_CANNOT" for t in node.targets):
-            sanctioned |= {id(k) for k in node.value.keys}
-    return [(n.value, n.lineno) for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in sanctioned]
+    return [(n.value, n.lineno) for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
 
 
 @pytest.mark.parametrize("module", ["eval/demo.py", "eval/overlay.py"])
