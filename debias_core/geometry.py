@@ -29,6 +29,7 @@ have no padding tokens.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from fractions import Fraction
@@ -82,10 +83,22 @@ def check_threshold(threshold) -> float:
     return float(threshold)
 
 
+OFFICIAL_RULES = ("box", "bilinear")
+
+
+@functools.lru_cache(maxsize=64)
 def official_rule(method: str | None) -> str:
-    """Name of the authors' padding rule for ``method``: ``"sparsevlm"`` (Pillow bilinear resize of a mask)
-    or ``"box"`` (``generate_pad_mask``, every other method and no method)."""
-    return "sparsevlm" if method is not None and method.lower() in ("sparsevlm", "sparsevlms") else "box"
+    """The authors' padding rule for ``method``, the registry's ``official_padding_rule``: ``"bilinear"`` (a pixel
+    mask resized to the grid with Pillow's bilinear filter, as the official SparseVLMs patch does) or ``"box"``
+    (``generate_pad_mask``: every other method, an unknown one, and no method)."""
+    if method is None:
+        return "box"
+    from .presets import method_entry
+
+    rule = (method_entry(method) or {}).get("official_padding_rule", "box")
+    if rule not in OFFICIAL_RULES:
+        raise DebiasError(f"official_padding_rule {rule!r} of method {method!r} is unknown; use one of {OFFICIAL_RULES}")
+    return rule
 
 
 # ------------------------------------------------------------------------------- exact geometry
@@ -163,7 +176,7 @@ def _pil_bilinear_coefficients(in_size: int, out_size: int) -> list[tuple[int, n
     return result
 
 
-def _sparsevlm_content_axis(w: int, h: int, grid: int) -> np.ndarray | None:
+def _bilinear_content_axis(w: int, h: int, grid: int) -> np.ndarray | None:
     """int64 [grid]: the fixed-point content weight (of 2^22) of each output pixel along the short axis
     when SparseVLMs' official code resizes its S×S 0/1 mask to g×g; None when S is beyond what it could
     allocate (``OFFICIAL_MASK_MAX_SIDE``).
@@ -183,16 +196,16 @@ def _sparsevlm_content_axis(w: int, h: int, grid: int) -> np.ndarray | None:
     return content
 
 
-def _sparsevlm_axis(w: int, h: int, grid: int) -> np.ndarray | None:
-    content = _sparsevlm_content_axis(w, h, grid)
+def _bilinear_axis(w: int, h: int, grid: int) -> np.ndarray | None:
+    content = _bilinear_content_axis(w, h, grid)
     if content is None:
         return None
     return np.clip(1.0 - content / float(1 << _PIL_PRECISION_BITS), 0.0, 1.0)  # exact: dyadic with 22 bits
 
 
 def _official_axis(w: int, h: int, grid: int, resolution: int, method: str | None) -> np.ndarray:
-    if official_rule(method) == "sparsevlm":
-        axis = _sparsevlm_axis(w, h, grid)
+    if official_rule(method) == "bilinear":
+        axis = _bilinear_axis(w, h, grid)
         if axis is None:
             return _exact_axis(w, h, grid)
     else:

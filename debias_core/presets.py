@@ -52,6 +52,13 @@ def method_name(method: str) -> str:
     return m
 
 
+def method_entry(method: str) -> dict | None:
+    """The registry entry of a registered method under any of its names; None for a trend family or an unknown
+    name."""
+    m = METHOD_ALIASES.get(method.lower(), method.lower()) if isinstance(method, str) else None
+    return _registry().get(m)
+
+
 def pad_threshold(method: str | None) -> float:
     """The paper's padding threshold for a method (PyramidDrop 0.01, the others 0.5): a registered method's is its
     trend family's; 0.5 when None or without a family."""

@@ -42,7 +42,7 @@ MODULES = ("loader", "vqa", "science", "mmbench")
 # fields of a method entry; the optional ones with their defaults (applied when the registry is read)
 REQUIRED = ("display", "upstream", "env", "adapter", "trend_method", "args", "budget_keys", "preprocess")
 OPTIONAL = {"driver": DRIVER, "sys_path": [""], "aliases": [], "reference": False, "supports": {"bench": False},
-            "explicit_args": []}
+            "explicit_args": [], "official_padding_rule": "box"}
 UPSTREAM_FIELDS = ("url", "pin", "transformers", "tests")
 
 

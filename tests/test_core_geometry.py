@@ -287,7 +287,7 @@ def test_the_largest_grid_still_works():
 # ------------------------------------------------------------------------------- official rules per method
 
 def test_official_rule_is_chosen_per_method():
-    assert official_rule("sparsevlm") == official_rule("SparseVLMs") == "sparsevlm"
+    assert official_rule("sparsevlm") == official_rule("SparseVLMs") == "bilinear"
     assert {official_rule(m) for m in (None, "fastv", "pdrop", "himap", "tokencarve")} == {"box"}
 
 
