@@ -12,7 +12,9 @@ before any LoRA, on the same English passages at both bases:
   any fit): Spearman ρ of position against mean attention, and ``a·exp(b·i)`` fitted as the study fits its
   trends (``debias_core.bias_metrics.positional_strength``: least squares on the original scale,
   ``debias_core.fit_exponential``), plus the log-scale fit (``debias_core.calibrate.fit_loglinear``), which the
-  largest few values do not dominate.
+  largest few values do not dominate; and the same again ("far") without the 32 positions nearest the last
+  token, which hold the local attention every base has (in the study the image ends some 30 tokens, the
+  question, before the token whose attention ranks it).
 
 Texts: the prose paragraphs of Python's own help topics (``analysis.corpus``, shipped with CPython; no network).
 Each passage is whole consecutive paragraphs joined by blank lines, cut to ``length + 1`` tokens; the next
@@ -41,6 +43,7 @@ import numpy as np
 SCHEMA = "rope_check/1"
 DEFAULT_OUT = Path("outputs/rope_check.json")
 TABLE_LAYERS = (1, 2, 3)  # 0-based, as transformers numbers them: where FastV and PyramidDrop rank
+NEAR = 32  # positions nearest the last token, left out of the "far" recency measures
 
 
 class InputError(ValueError):
@@ -87,17 +90,26 @@ def attention_metrics(last_row) -> dict:
     """Sink, self and recency measures of a mean last-token attention row.
 
     last_row float [length + 1]: mean attention of the last token on positions 0 .. length (its own last).
-    Recency over positions 1 .. length-1 (``b`` per token; ``end_start_ratio`` = exp(b·(span − 1)))."""
+    Recency over positions 1 .. length-1 (``b`` per token; ``end_start_ratio`` = exp(b·(positions − 1))), and
+    under ``far`` the same without the ``NEAR`` positions nearest the last token: the study's image span ends
+    some 30 tokens (the question) before the token whose attention ranks it."""
+    row = np.asarray(last_row, dtype=np.float64)
+    span = row[1:-1]
+    out = {"sink_share": float(row[0]), "self_share": float(row[-1]), "span_share": float(span.sum()),
+           f"last_{NEAR}_share": float(span[-NEAR:].sum()), **recency(span)}
+    out["far"] = recency(span[:-NEAR]) if span.size - NEAR >= 3 else None
+    return out
+
+
+def recency(span) -> dict:
+    """Spearman ρ of position vs mean attention, and a·exp(b·i) fitted on the original and the log scale."""
     from debias_core.bias_metrics import positional_strength
     from debias_core.calibrate import fit_loglinear
     from debias_core.errors import DebiasError
 
-    row = np.asarray(last_row, dtype=np.float64)
-    span = row[1:-1]
-    out = {"sink_share": float(row[0]), "self_share": float(row[-1]), "span_share": float(span.sum()),
-           "last_32_share": float(span[-32:].sum())}
     fit = positional_strength(span)
-    out.update(spearman=fit["spearman"], b=fit["b"], r2=fit["r2"], end_start_ratio=fit["end_start_ratio"])
+    out = {"positions": int(span.size), "spearman": fit["spearman"], "b": fit["b"], "r2": fit["r2"],
+           "end_start_ratio": fit["end_start_ratio"]}
     if "fit_error" in fit:
         out["fit_error"] = fit["fit_error"]
     try:
@@ -208,7 +220,8 @@ def run(n: int, length: int, gguf=None, log=print) -> dict:
                   "heads": config["num_attention_heads"], "native_rope_theta_in_gguf": native_theta,
                   "study_rope_theta": ROPE_THETA},
         "settings": {"n": n, "length": length, "attention": "eager", "dtype": "float32",
-                     "recency_positions": f"1..{length - 1} (position 0, the sink, reported apart)",
+                     "recency_positions": f"1..{length - 1} (position 0, the sink, reported apart); "
+                                          f"far: 1..{length - 1 - NEAR}",
                      "fit": "positional_strength (least squares a·exp(b·i), debias_core.fit_exponential); "
                             "b_loglinear: debias_core.calibrate.fit_loglinear",
                      "layers_numbered": "from 0, as transformers numbers them",
@@ -238,15 +251,21 @@ def table(result: dict) -> str:
                for i in TABLE_LAYERS if i < len(bases[0]["attention"]["per_layer"])]
     for name, get in scopes:
         row(f"{name}: recency Spearman rho", lambda b: _num(get(b)["spearman"], ".3f"))
-        row(f"{name}: exponential b (r2)",
-            lambda b: "n/a" if get(b)["b"] is None else f"{get(b)['b']:.5f} ({get(b)['r2']:.2f})")
+        row(f"{name}: exponential b (r2)", lambda b: _b_r2(get(b)))
         row(f"{name}: b, log-scale fit", lambda b: _num(get(b)["b_loglinear"], ".5f"))
+        row(f"{name}: far: Spearman rho", lambda b: _num((get(b)["far"] or {}).get("spearman"), ".3f"))
+        row(f"{name}: far: b (r2)", lambda b: _b_r2(get(b)["far"]))
+        row(f"{name}: far: b, log-scale fit", lambda b: _num((get(b)["far"] or {}).get("b_loglinear"), ".5f"))
         row(f"{name}: share on first token", lambda b: f"{get(b)['sink_share']:.3f}")
         row(f"{name}: share on itself", lambda b: f"{get(b)['self_share']:.3f}")
     c, study = result["comparison"], bases[1]
     lines.append(f"passages with higher loss at base {study['rope_theta']:g}: {c['passages_with_higher_loss']} of "
                  f"{len(study['passage_loss'])}; mean loss difference {c['loss_difference_mean']:+.4f} nats")
     return "\n".join(lines)
+
+
+def _b_r2(m) -> str:
+    return "n/a" if not m or m["b"] is None else f"{m['b']:.5f} ({m['r2']:.2f})"
 
 
 def _num(value, fmt: str) -> str:

@@ -44,6 +44,16 @@ def test_attention_measures_recover_a_known_row():
     assert m["spearman"] == pytest.approx(1.0)
     assert m["b"] == pytest.approx(b, rel=1e-6) and m["b_loglinear"] == pytest.approx(b, rel=1e-6)
     assert m["last_32_share"] == pytest.approx(span[-32:].sum())
+    far = m["far"]  # the same trend without the 32 positions nearest the last token
+    assert far["positions"] == length - 1 - 32 and far["b"] == pytest.approx(b, rel=1e-6)
+
+
+def test_far_measures_leave_out_the_nearest_positions():
+    span = np.r_[np.full(100, 0.001), np.linspace(0.002, 0.01, 32)]  # flat, then a near-end rise
+    m = rope_check.attention_metrics(np.r_[0.5, span, 0.1])
+    assert m["spearman"] > 0.5 and math.isnan(m["far"]["spearman"])  # constant far span: no rank trend
+    assert m["far"]["b"] == pytest.approx(0.0, abs=1e-9)
+    assert rope_check.attention_metrics(np.r_[0.5, np.full(20, 0.02), 0.1])["far"] is None  # too short
 
 
 @pytest.mark.parametrize("args, message", [(["--n", "0"], "--n 0 must be at least 1"),
@@ -107,6 +117,7 @@ def test_output_schema_and_both_bases_really_in_the_model(tiny_run):
         for m in [att["all_layers"], *att["per_layer"]]:  # each row is a softmax: its parts sum to 1
             assert m["sink_share"] + m["span_share"] + m["self_share"] == pytest.approx(1.0, abs=1e-6)
             assert -1 <= m["spearman"] <= 1 and m["b"] is not None
+            assert m["far"]["positions"] == 64 - 1 - 32 and m["far"]["b"] is not None
         assert sum(att["mean_last_row"]) == pytest.approx(1.0, abs=1e-4)
 
 
