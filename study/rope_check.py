@@ -273,11 +273,22 @@ def _num(value, fmt: str) -> str:
 
 
 def write_json(result: dict, out: Path) -> None:
-    """Written to a temporary name and renamed, so a partial file never exists under ``out``."""
+    """Strict JSON (NaN, e.g. the Spearman ρ of a constant span, as null), written to a temporary name and
+    renamed, so a partial file never exists under ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps(result, indent=1, allow_nan=True))
+    tmp.write_text(json.dumps(_finite_or_null(result), indent=1, allow_nan=False))
     os.replace(tmp, out)
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def main(argv=None) -> int:

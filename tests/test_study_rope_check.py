@@ -56,6 +56,14 @@ def test_far_measures_leave_out_the_nearest_positions():
     assert rope_check.attention_metrics(np.r_[0.5, np.full(20, 0.02), 0.1])["far"] is None  # too short
 
 
+def test_the_output_is_strict_json_with_nan_as_null(tmp_path):
+    out = tmp_path / "r.json"
+    rope_check.write_json({"spearman": float("nan"), "rows": [1.5, float("inf")]}, out)
+    assert json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
+        {"spearman": None, "rows": [1.5, None]}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
 @pytest.mark.parametrize("args, message", [(["--n", "0"], "--n 0 must be at least 1"),
                                            (["--length", "4"], "--length 4 must be at least 8")])
 def test_bad_arguments_exit_2_with_one_error_line_and_write_nothing(tmp_path, capsys, args, message):
