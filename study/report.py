@@ -213,7 +213,7 @@ def plot_budget_curves(study: dict, out: Path, metric: str = "accuracy") -> Path
     return path
 
 
-def paper_figures(out: Path, method: str = "fastv") -> dict:
+def paper_figures(out: Path, method: str) -> dict:
     """Paper Figs. 2-5 from the study model's real attention: the method's calibration recording, stage 0."""
     from analysis.figures import figures_from_recording
 
