@@ -115,8 +115,10 @@ def study_model(path: Path) -> Path:
     if (path / "study.json").is_file() and not default:
         print(f"demo: [1/5] the study model: {path}", flush=True)
         return path
-    print(f"demo: [1/5] the study model: {path} (assembled from the committed weights when missing or older)",
-          flush=True)
+    if (path / "study.json").is_file():
+        print(f"demo: [1/5] the study model: {path} (re-assembled if the committed weights changed)", flush=True)
+    else:
+        print(f"demo: [1/5] assembling the study model -> {path} (about 20 s, once)", flush=True)
     try:   # the default folder follows study/weights/ (a pull may bring new weights); another folder is the user's
         return assemble(path, refresh=True, log=lambda *a: None)
     except CheckpointError as e:

@@ -45,9 +45,17 @@ def study_methods() -> tuple[str, ...]:
     return tuple(k for k in methods() if adapter_class(k).budget_args.__func__ is not Adapter.budget_args.__func__)
 
 
-METHODS = study_methods()
-# The controls replace the ranking score at this method's site (study/observer/sitecustomize.py hooks its layer).
-CONTROL_METHOD = "fastv"
+def control_method() -> str:
+    """The method at whose ranking site the random and grid controls replace the scores (study/observer/): the
+    registry's one method with ``supports.study_controls`` (a single ranking stage keeps the comparison plain)."""
+    from eval.registry import methods
+
+    hosts = list(methods(supports="study_controls"))
+    if len(hosts) != 1:
+        raise StudyError(f"the registry must mark exactly one method supports.study_controls; it marks {hosts}")
+    return hosts[0]
+
+
 MODES = ("off", "pad", "pos", "full")
 BUDGETS = (128, 64, 32)
 PAPER_BENCHMARK = "gqa"   # the paper preset used on the study model: its closest benchmark (short-answer VQA)
@@ -56,6 +64,10 @@ CONTROLS = ("random:0", "random:1", "random:2", "grid")
 
 class StudyError(Exception):
     """A user-facing problem (one line)."""
+
+
+METHODS = study_methods()
+CONTROL_METHOD = control_method()
 
 
 @dataclass(frozen=True)
