@@ -112,7 +112,7 @@ def install(carry: Path) -> dict:
         _relax_tokenizers(SITE_ROOT / "431" / "transformers" / "dependency_versions_table.py")
         fork = carry / "trees" / "FastV" / bench_carry.FORK
         if fork.exists() and not (fork / "__init__.py").exists():
-            overlay = {f.relative_to(fork): f.read_bytes() for f in fork.rglob("*") if f.is_file()}
+            overlay = {f: (fork / f).read_bytes() for f in bench_carry.FORK_FILES}
             shutil.copytree(sites["431"] / "transformers", fork, dirs_exist_ok=True)
             for f, data in overlay.items():
                 (fork / f).write_bytes(data)
