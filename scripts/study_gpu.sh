@@ -5,6 +5,10 @@
 #   bash scripts/study_gpu.sh train [MINUTES]    train (default 8 min; INIT=weights to start from, TURNS=3), assemble
 #   bash scripts/study_gpu.sh cuda-tests [SECS]  debias_core's tests on the GPU (their CUDA paths)
 #   bash scripts/study_gpu.sh run [ARGS...]      python -m study run on the GPU, results -> $OUT/study-results.tar.gz
+#   bash scripts/study_gpu.sh start "ARGS" ...   study runs (one `python -m study run` per quoted ARGS, in turn) in their
+#                                                own process session: they outlive this call while the machine stays held
+#   bash scripts/study_gpu.sh wait SECS          wait up to SECS for them; pack what finished into $OUT either way
+# A study continued from an earlier session: carry its finished runs as $CARRY/prior/runs.tar.gz (docs/study.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 carry=${CARRY:-.carry/study}
@@ -15,6 +19,29 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 STUDY_ASSETS=$PWD/$carry/assets \
        SMOLLM2_GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 py() { PYTHONPATH=$site/437:$site/common:$PWD python3 "$@"; }
 model=$PWD/outputs/llava-smollm2-study   # outputs/ is ignored: it stays on a warm machine between calls
+chain=outputs/study-chain                # the detached runs' logs and exit status
+
+pack() {   # what finished (done.json, trends, logs of failed runs) -> $OUT; records and answers stay there
+  tar -czf "$out/study-results.tar.gz" --exclude='answers' --exclude='record.npz' \
+    --exclude='record.samples.json' -C outputs/study trends runs || true
+  tar -czf "$out/study-calibration.tar.gz" --exclude='answers' --exclude='*.log' -C outputs/study runs/calibration || true
+  [ -d "$chain" ] && cp -r "$chain" "$out"/ || true
+  ls -la "$out"
+}
+
+prepare_run() {
+  python3 -m study.carry install "$carry"
+  [ -f "$model/study.json" ] || py -m study assemble --out "$model" --force
+  if [ -f "$carry/prior/runs.tar.gz" ] && [ ! -d outputs/study/runs ]; then
+    mkdir -p outputs/study && tar -xzf "$carry/prior/runs.tar.gz" -C outputs/study
+    echo "prior: $(find outputs/study/runs -name done.json | wc -l) finished runs from $carry/prior/runs.tar.gz"
+  fi
+}
+
+study_run() {
+  PYTHONPATH=$site/437:$site/common:$PWD EVAL_THIRD_PARTY=$PWD/$carry/trees \
+    python3 -m study run --carry "$carry" --device cuda --model "$model" --skip-unavailable "$@"
+}
 
 case ${1:-} in
   install)
@@ -33,18 +60,32 @@ case ${1:-} in
       | tee "$out/cuda-tests.txt" ;;
   run)
     shift
-    python3 -m study.carry install "$carry"
+    prepare_run
     set +e
-    PYTHONPATH=$site/437:$site/common:$PWD EVAL_THIRD_PARTY=$PWD/$carry/trees timeout "${STUDY_TIMEOUT:-540}" \
-      python3 -m study run --carry "$carry" --device cuda --model "$model" --skip-unavailable "$@" \
-      2>&1 | grep -v 'study runs:' | tail -40
+    STUDY_TIMEOUT=${STUDY_TIMEOUT:-540}
+    export -f study_run; export carry model site
+    timeout "$STUDY_TIMEOUT" bash -c 'study_run "$@"' _ "$@" 2>&1 | grep -v 'study runs:' | tail -40
     rc=${PIPESTATUS[0]}
     set -e
-    tar -czf "$out/study-results.tar.gz" --exclude='answers' --exclude='record.npz' \
-      --exclude='record.samples.json' -C outputs/study trends runs || true
-    tar -czf "$out/study-calibration.tar.gz" --exclude='answers' --exclude='*.log' -C outputs/study runs/calibration || true
-    ls -la "$out"
+    pack
     exit "$rc" ;;
+  start)
+    shift
+    prepare_run
+    mkdir -p "$chain"
+    export -f study_run; export carry model site chain
+    # setsid: a process session of its own outlives the call (while the next call comes within 30 s)
+    setsid nohup bash -c 'nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 10 > "$chain/gpu-util.csv" &
+      i=0; for args in "$@"; do i=$((i + 1)); echo "$(date +%T) start $i: $args" >> "$chain/progress.txt"
+        eval "study_run $args" > "$chain/run$i.log" 2>&1; rc=$?; echo "$(date +%T) exit $i: $rc" >> "$chain/progress.txt"
+        uptime >> "$chain/progress.txt"; done; touch "$chain/finished"' _ "$@" > /dev/null 2>&1 < /dev/null &
+    echo "started ${#@} study invocation(s); bash scripts/study_gpu.sh wait SECS collects" ;;
+  wait)
+    end=$((SECONDS + ${2:-500}))
+    while [ ! -e "$chain/finished" ] && [ "$SECONDS" -lt "$end" ]; do sleep 10; done
+    cat "$chain/progress.txt" 2>/dev/null || true
+    echo "finished runs: $(find outputs/study/runs -name done.json 2>/dev/null | wc -l)"
+    pack ;;
   *)
-    sed -n 2,7p "$0"; exit 2 ;;
+    sed -n 2,11p "$0"; exit 2 ;;
 esac
