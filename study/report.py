@@ -74,6 +74,7 @@ def build(results: list[dict], eval_dir: Path, *, skipped: dict, settings: dict,
             if off:
                 mine = by_name[rec["name"]]["correct"]
                 rec["vs_off"] = paired_difference([off["correct"][q] for q in qids], [mine[q] for q in qids])
+    _compare_with_controls(records, by_name, qids)
     unpruned = next((r for r in records if r["kind"] == "unpruned"), None)
     train = _train_summary()
     return {
@@ -84,6 +85,27 @@ def build(results: list[dict], eval_dir: Path, *, skipped: dict, settings: dict,
         "unpruned_ci95": unpruned["ci95"] if unpruned else None, "skipped": skipped,
         "records": sorted(records, key=lambda r: (r["kind"], r["method"], r["budget"] or 0, r["mode"], r["trend"])),
     }
+
+
+def _compare_with_controls(records: list[dict], by_name: dict, qids: list[str]) -> None:
+    """``vs_controls`` of every baseline record: paired differences (points, same questions) to the grid control
+    and to the random controls at its budget; the random seeds count as one selection whose per-question
+    correctness is the mean over the seeds."""
+    controls = defaultdict(dict)   # budget -> control name -> correct vector [n]
+    for rec in records:
+        if rec["kind"] == "control":
+            controls[rec["budget"]][rec["method"]] = [by_name[rec["name"]]["correct"][q] for q in qids]
+    for rec in records:
+        if rec["kind"] != "baseline" or not controls.get(rec["budget"]):
+            continue
+        mine = [by_name[rec["name"]]["correct"][q] for q in qids]
+        at = controls[rec["budget"]]
+        seeds = [v for k, v in sorted(at.items()) if k.startswith("random")]
+        against = {**({"grid": at["grid"]} if "grid" in at else {}),
+                   **({"random": list(np.mean(np.asarray(seeds, dtype=np.float64), axis=0))} if seeds else {})}
+        rec["vs_controls"] = {name: {**paired_difference(vec, mine), **({"seeds": len(seeds)} if name == "random"
+                                                                       else {})}
+                              for name, vec in against.items()}
 
 
 def _train_summary() -> dict | None:
@@ -142,6 +164,7 @@ def markdown(study: dict) -> str:
         for r in sorted(controls, key=lambda r: (r["method"], r["budget"])):
             lines.append(f"| {r['method']} | {r['budget']} | {_fmt(r)} | {_pct(r.get('evidence_recall'))} | "
                          f"{_pct(r.get('padding_share'))} |")
+    lines += _controls_comparison(idx)
     lines += ["", "By evidence row band (top / middle / bottom third of the padded image), full (paper) − off, "
               "accuracy points:", "", "| method | budget | top | middle | bottom |", "|---|---|---|---|---|"]
     for (method, budget) in sorted({(m, b) for m, b, _, _ in idx}):
@@ -163,6 +186,24 @@ def markdown(study: dict) -> str:
     if study["skipped"]:
         lines += ["", "Not run here: " + "; ".join(study["skipped"].values())]
     return "\n".join(lines) + "\n"
+
+
+def _controls_comparison(idx: dict) -> list[str]:
+    pairs = sorted({key[:2] for key, rec in idx.items() if rec.get("vs_controls")})
+    if not pairs:
+        return []
+    lines = ["", "Against the controls at the same budget (paired differences in accuracy points on the same "
+             "questions, 95 % intervals; random = the mean over its seeds):", "",
+             "| method | budget | off − random | off − grid | full paper − random | full paper − grid |",
+             "|---|---|---|---|---|---|"]
+    for method, budget in pairs:
+        cells = []
+        for mode, trend in (("off", "-"), ("full", "paper")):
+            vs = (idx.get((method, budget, mode, trend)) or {}).get("vs_controls", {})
+            cells += [f"{vs[c]['diff']:+.1f} [{vs[c]['ci95'][0]:+.1f}, {vs[c]['ci95'][1]:+.1f}]" if c in vs else "–"
+                      for c in ("random", "grid")]
+        lines.append(f"| {method} | {budget} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -194,23 +235,46 @@ def plot_budget_curves(study: dict, out: Path, metric: str = "accuracy") -> Path
                 lo = [r["ci95"][0] for _, r in pts]
                 hi = [r["ci95"][1] for _, r in pts]
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.12)
-        for c in sorted({r["method"] for r in recs if r["kind"] == "control"}):
-            pts = sorted((r["budget"], r) for r in recs if r["kind"] == "control" and r["method"] == c)
-            ys = [r[metric] * (100 if metric != "accuracy" else 1) if r.get(metric) is not None else np.nan
-                  for _, r in pts]
-            ax.plot([b for b, _ in pts], ys, ":", color="gray", lw=1, label=c if method == methods[0] else None)
+        _plot_controls(ax, [r for r in recs if r["kind"] == "control"], metric)
         if metric == "accuracy" and study.get("unpruned_accuracy") is not None:
             ax.axhline(study["unpruned_accuracy"], color="green", lw=0.8, ls="--", label="unpruned")
         ax.set_xscale("log", base=2)
+        budgets = sorted({r["budget"] for r in recs if r.get("budget")})
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
         ax.set_title(method)
         ax.set_xlabel("visual tokens kept")
     axes[0][0].set_ylabel({"accuracy": "accuracy (%)", "evidence_recall": "evidence recall (%)"}[metric])
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))   # the legend below the panels, clear of the curves
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
     path = out / f"study_{metric}.png"
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def _plot_controls(ax, controls: list[dict], metric: str) -> None:
+    """The grid control as a dotted line; the random seeds as their mean (dashed) within their min-max band."""
+    def value(r):
+        return r[metric] * (100 if metric != "accuracy" else 1) if r.get(metric) is not None else np.nan
+
+    grid = sorted((r["budget"], value(r)) for r in controls if r["method"] == "grid")
+    if grid:
+        ax.plot(*zip(*grid), ":", color="dimgray", lw=1.3, label="grid (control)")
+    seeds = sorted({r["method"] for r in controls if r["method"].startswith("random")})
+    by_budget: dict = {}
+    for r in controls:
+        if r["method"] in seeds:
+            by_budget.setdefault(r["budget"], []).append(value(r))
+    if by_budget:
+        xs = sorted(by_budget)
+        ax.plot(xs, [np.mean(by_budget[b]) for b in xs], "--", color="gray", lw=1.1,
+                label=f"random (control, mean of {len(seeds)} seed{'s' * (len(seeds) > 1)})")
+        ax.fill_between(xs, [min(by_budget[b]) for b in xs], [max(by_budget[b]) for b in xs], color="gray", alpha=0.15)
 
 
 def paper_figures(out: Path, method: str) -> dict:
@@ -231,6 +295,11 @@ def paper_figures(out: Path, method: str) -> dict:
     return rep.get("figures", {})
 
 
+def _relative(path, out: Path) -> str:
+    p = Path(path)
+    return str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
+
+
 def write_report(out: Path, results: list[dict], eval_dir: Path, *, trends: Path, skipped: dict, settings: dict,
                  model: Path) -> Path:
     study = build(results, eval_dir, skipped=skipped, settings=settings, model=model)
@@ -239,7 +308,7 @@ def write_report(out: Path, results: list[dict], eval_dir: Path, *, trends: Path
         figs["evidence_recall"] = str(plot_budget_curves(study, out, "evidence_recall"))
     for m in sorted({r["method"] for r in study["records"] if r["kind"] == "baseline"}):
         figs.update({f"{m}_{k}": v for k, v in paper_figures(out, m).items()})
-    study["figures"] = figs
+    study["figures"] = {k: _relative(v, out) for k, v in figs.items()}   # the folder can move (e.g. into docs/)
     (out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
     (out / "report.md").write_text(markdown(study))
     return out / "study.json"

@@ -1,0 +1,59 @@
+"""study.report's budget curves: the controls are drawn as one grid line and the random seeds' mean within their
+range, and every curve's label reaches the figure's legend (it once named only the first panel's controls)."""
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+
+def _control(method, budget, accuracy):
+    return {"kind": "control", "method": method, "budget": budget, "accuracy": accuracy}
+
+
+def test_controls_are_the_grid_and_the_random_seeds_mean_within_their_range():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from study.report import _plot_controls
+
+    controls = [_control("grid", 64, 60.0), _control("grid", 32, 50.0),
+                _control("random:0", 64, 50.0), _control("random:1", 64, 56.0), _control("random:2", 64, 53.0),
+                _control("random:0", 32, 40.0), _control("random:1", 32, 44.0), _control("random:2", 32, 45.0)]
+    fig, ax = plt.subplots()
+    _plot_controls(ax, controls, "accuracy")
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"grid (control)", "random (control, mean of 3 seeds)"}
+    assert list(lines["grid (control)"].get_xdata()) == [32, 64]
+    assert list(lines["grid (control)"].get_ydata()) == [50.0, 60.0]
+    assert np.allclose(lines["random (control, mean of 3 seeds)"].get_ydata(), [43.0, 53.0])
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == 40.0 and band.max() == 56.0
+    plt.close(fig)
+
+
+def test_budget_curves_put_every_label_in_the_legend(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from study import report
+
+    recs = [{"kind": "baseline", "method": m, "mode": mode, "trend": trend, "budget": b, "accuracy": 50.0 + b / 10,
+             "ci95": [45.0, 55.0]}
+            for m in ("fastv", "pdrop") for mode, trend in (("off", "-"), ("full", "paper")) for b in (32, 64)]
+    recs += [_control("grid", 64, 60.0), _control("random:0", 64, 50.0)]
+    seen = {}
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *a, **k):
+        seen["labels"] = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+        return real_savefig(fig, *a, **k)
+
+    plt.Figure.savefig = spy
+    try:
+        path = report.plot_budget_curves({"records": recs, "unpruned_accuracy": 80.0}, tmp_path)
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert path.exists()
+    assert seen["labels"] == ["off", "full", "grid (control)", "random (control, mean of 1 seed)", "unpruned"]
