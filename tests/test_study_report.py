@@ -57,3 +57,23 @@ def test_budget_curves_put_every_label_in_the_legend(tmp_path):
         plt.Figure.savefig = real_savefig
     assert path.exists()
     assert seen["labels"] == ["off", "full", "grid (control)", "random (control, mean of 1 seed)", "unpruned"]
+
+
+def test_runs_are_compared_with_the_grid_and_with_the_random_seeds_mean():
+    from study.report import _compare_with_controls
+
+    qids = ["a", "b", "c", "d"]
+    runs = {"fastv/64/full-paper": [1, 1, 0, 0], "control-grid/64/off--": [1, 0, 0, 0],
+            "control-random0/64/off--": [0, 0, 0, 0], "control-random1/64/off--": [1, 1, 1, 0],
+            "fastv/32/off--": [1, 0, 0, 0]}
+    by_name = {n: {"correct": dict(zip(qids, c))} for n, c in runs.items()}
+    records = [{"name": "fastv/64/full-paper", "kind": "baseline", "budget": 64},
+               {"name": "fastv/32/off--", "kind": "baseline", "budget": 32},   # no control at 32
+               {"name": "control-grid/64/off--", "kind": "control", "method": "grid", "budget": 64},
+               {"name": "control-random0/64/off--", "kind": "control", "method": "random:0", "budget": 64},
+               {"name": "control-random1/64/off--", "kind": "control", "method": "random:1", "budget": 64}]
+    _compare_with_controls(records, by_name, qids)
+    vs = records[0]["vs_controls"]
+    assert vs["grid"]["diff"] == 25.0 and vs["grid"]["discordant"] == 1
+    assert vs["random"]["diff"] == 50.0 - 37.5 and vs["random"]["seeds"] == 2
+    assert "vs_controls" not in records[1] and "vs_controls" not in records[2]
