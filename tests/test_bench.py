@@ -16,7 +16,7 @@ from bench.report import markdown, summarise
 from eval import registry
 from tests import support
 
-RUN5 = support.ROOT / "docs" / "bench" / "2026-11-22-h200-run5"
+PUBLISHED = support.ROOT / "docs" / "bench" / "2026-12-06-h100"
 
 
 def test_paired_overhead_recovers_a_constant_offset():
@@ -36,14 +36,14 @@ def test_paired_overhead_interval_covers_zero_for_identical_arms():
 
 
 def test_summary_and_report_reproduce_a_published_run():
-    """The H200 run's bench.json, summarised and written again, gives its published summary and table."""
-    data = json.loads(RUN5.with_suffix(".json").read_text())
+    """The published H100 run's bench.json, summarised and written again, gives its published summary and table."""
+    data = json.loads(PUBLISHED.with_suffix(".json").read_text())
     assert json.loads(json.dumps(summarise(data["results"]))) == data["summary"]
-    assert markdown(data["results"], data["summary"], data["meta"]) == RUN5.with_suffix(".md").read_text()
+    assert markdown(data["results"], data["summary"], data["meta"]) == PUBLISHED.with_suffix(".md").read_text()
 
 
 def test_report_rows_for_failures_and_other_inputs():
-    data = json.loads(RUN5.with_suffix(".json").read_text())
+    data = json.loads(PUBLISHED.with_suffix(".json").read_text())
     results = {**data["results"], "pdrop": {"error": "exit 1", "log_tail": "Traceback\nValueError: boom"}}
     method = next(m for m in METHODS if m in data["results"] and m != registry.reference_method())
     results[method] = {**results[method], "input": "a random clip"}
