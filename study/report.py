@@ -174,6 +174,7 @@ def markdown(study: dict) -> str:
                      f"(n={off['by_band'][b]['n']})" if b in off["by_band"] and b in full["by_band"] else "–"
                      for b in BANDS]
             lines.append(f"| {method} | {budget} | " + " | ".join(cells) + " |")
+    lines += _recall_by_band(idx, [r for r in recs if r["kind"] == "control"])
     lines += ["", "By aspect class, full (paper) − off, accuracy points:", "",
               "| method | budget | square | landscape | portrait | extreme |", "|---|---|---|---|---|---|"]
     for (method, budget) in sorted({(m, b) for m, b, _, _ in idx}):
@@ -186,6 +187,28 @@ def markdown(study: dict) -> str:
     if study["skipped"]:
         lines += ["", "Not run here: " + "; ".join(study["skipped"].values())]
     return "\n".join(lines) + "\n"
+
+
+def _band_recalls(rec: dict | None) -> str:
+    if not rec or rec.get("evidence_recall") is None:
+        return "–"
+    return " / ".join(_pct(rec["by_band"].get(b, {}).get("evidence_recall")) for b in BANDS)
+
+
+def _recall_by_band(idx: dict, controls: list[dict]) -> list[str]:
+    """Evidence recall per row band of the evidence: where in the image each selection finds its evidence."""
+    lines = ["", "Evidence recall by the evidence's row band (top / middle / bottom third of the padded image): the "
+             "share of the evidence patches the last ranking stage kept. A recency-biased selection finds bottom "
+             "evidence and misses top evidence.", "",
+             "| method | budget | off | pad | pos paper | full paper | full calibrated |", "|---|---|---|---|---|---|---|"]
+    for method, budget in sorted({key[:2] for key in idx}):
+        cells = [_band_recalls(idx.get((method, budget, mode, trend)))
+                 for mode, trend in (("off", "-"), ("pad", "-"), ("pos", "paper"), ("full", "paper"),
+                                     ("full", "calibrated"))]
+        lines.append(f"| {method} | {budget} | " + " | ".join(cells) + " |")
+    for r in sorted(controls, key=lambda r: (r["method"], r["budget"])):
+        lines.append(f"| {r['method']} (control) | {r['budget']} | {_band_recalls(r)} | | | | |")
+    return lines
 
 
 def _controls_comparison(idx: dict) -> list[str]:
@@ -257,6 +280,53 @@ def plot_budget_curves(study: dict, out: Path, metric: str = "accuracy") -> Path
     return path
 
 
+def plot_recall_by_band(study: dict, out: Path) -> Path | None:
+    """Evidence recall per row band of the evidence, one panel per method at the middle budget: bars for each
+    mode, the grid control as a reference line per band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in study["records"] if r.get("evidence_recall") is not None]
+    budgets = sorted({r["budget"] for r in recs if r["kind"] == "baseline"})
+    if not budgets:
+        return None
+    budget = budgets[len(budgets) // 2]
+    methods = sorted({r["method"] for r in recs if r["kind"] == "baseline" and r["budget"] == budget})
+    modes = [("off", "-", "off", "k"), ("pad", "-", "pad", "tab:blue"), ("pos", "paper", "pos", "tab:orange"),
+             ("full", "paper", "full", "tab:red"), ("full", "calibrated", "full (calib.)", "tab:purple")]
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.2), sharey=True, squeeze=False)
+    grid = next((r for r in recs if r["kind"] == "control" and r["method"] == "grid" and r["budget"] == budget), None)
+    x = np.arange(len(BANDS))
+    width = 0.8 / len(modes)
+    for ax, method in zip(axes[0], methods):
+        for i, (mode, trend, label, color) in enumerate(modes):
+            rec = next((r for r in recs if r["kind"] == "baseline" and r["method"] == method and r["budget"] == budget
+                        and r["mode"] == mode and r["trend"] == trend), None)
+            if rec:
+                ys = [100 * (rec["by_band"].get(b, {}).get("evidence_recall") or np.nan) for b in BANDS]
+                ax.bar(x + (i - (len(modes) - 1) / 2) * width, ys, width, color=color, label=label)
+        if grid:
+            for j, b in enumerate(BANDS):
+                ax.hlines(100 * grid["by_band"][b]["evidence_recall"], j - 0.42, j + 0.42, colors="dimgray",
+                          linestyles=":", label="grid (control)" if j == 0 else None)
+        ax.set_xticks(x, BANDS)
+        ax.set_title(method)
+        ax.set_xlabel("row band of the evidence")
+    axes[0][0].set_ylabel(f"evidence recall (%), {budget} tokens")
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
+    path = out / "study_recall_by_band.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def _plot_controls(ax, controls: list[dict], metric: str) -> None:
     """The grid control as a dotted line; the random seeds as their mean (dashed) within their min-max band."""
     def value(r):
@@ -306,6 +376,9 @@ def write_report(out: Path, results: list[dict], eval_dir: Path, *, trends: Path
     figs = {"accuracy": str(plot_budget_curves(study, out, "accuracy"))}
     if any(r.get("evidence_recall") is not None for r in study["records"]):
         figs["evidence_recall"] = str(plot_budget_curves(study, out, "evidence_recall"))
+        band_figure = plot_recall_by_band(study, out)
+        if band_figure:
+            figs["recall_by_band"] = str(band_figure)
     for m in sorted({r["method"] for r in study["records"] if r["kind"] == "baseline"}):
         figs.update({f"{m}_{k}": v for k, v in paper_figures(out, m).items()})
     study["figures"] = {k: _relative(v, out) for k, v in figs.items()}   # the folder can move (e.g. into docs/)

@@ -77,3 +77,24 @@ def test_runs_are_compared_with_the_grid_and_with_the_random_seeds_mean():
     assert vs["grid"]["diff"] == 25.0 and vs["grid"]["discordant"] == 1
     assert vs["random"]["diff"] == 50.0 - 37.5 and vs["random"]["seeds"] == 2
     assert "vs_controls" not in records[1] and "vs_controls" not in records[2]
+
+
+def _banded(kind, method, mode, trend, budget, recalls):
+    return {"kind": kind, "method": method, "mode": mode, "trend": trend, "budget": budget, "evidence_recall": 0.1,
+            "by_band": {b: {"evidence_recall": r} for b, r in zip(("top", "middle", "bottom"), recalls)}}
+
+
+def test_recall_by_band_table_and_figure(tmp_path):
+    from study.report import _recall_by_band, plot_recall_by_band
+
+    recs = [_banded("baseline", "fastv", "off", "-", 64, (0.02, 0.06, 0.26)),
+            _banded("baseline", "fastv", "full", "paper", 64, (0.13, 0.32, 0.5)),
+            _banded("baseline", "fastv", "off", "-", 32, (0.01, 0.03, 0.13)),
+            _banded("control", "grid", "off", "-", 64, (0.11, 0.11, 0.11))]
+    idx = {(r["method"], r["budget"], r["mode"], r["trend"]): r for r in recs if r["kind"] == "baseline"}
+    lines = _recall_by_band(idx, [recs[-1]])
+    assert "| fastv | 64 | 2 % / 6 % / 26 % | – | – | 13 % / 32 % / 50 % | – |" in lines
+    assert "| grid (control) | 64 | 11 % / 11 % / 11 % | | | | |" in lines
+    path = plot_recall_by_band({"records": recs}, tmp_path)
+    assert path == tmp_path / "study_recall_by_band.png" and path.stat().st_size > 0
+    assert plot_recall_by_band({"records": [dict(recs[0], evidence_recall=None)]}, tmp_path) is None
