@@ -211,8 +211,11 @@ def run_job(job: Job, out: Path, model: Path, data: Path, envs: Envs, *, limit: 
     """Run one job (unless done.json exists) and return its done record."""
     folder = out / "runs" / job.name
     done = folder / "done.json"
+    made_with = {"model": model_identity(model), "questions": question_count(data / job.split)}
     if done.exists():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        check_resumable(record, made_with, done, out)
+        return record
     if folder.exists():
         shutil.rmtree(folder)   # an unfinished run: its recording would be incomplete
     folder.mkdir(parents=True)
@@ -237,13 +240,55 @@ def run_job(job: Job, out: Path, model: Path, data: Path, envs: Envs, *, limit: 
     if r.returncode:
         raise StudyError(f"{job.name}: python -m eval.run exited {r.returncode}; see {folder / 'driver.log'}")
     run_dir = Path(r.stdout.strip().splitlines()[-1])
-    record_out = {"job": asdict(job), "run_dir": str(run_dir), "seconds": round(time.time() - t0, 1)}
+    record_out = {"job": asdict(job), "run_dir": str(run_dir), "seconds": round(time.time() - t0, 1),
+                  "made_with": made_with}
     try:
         record_out.update(measure(job, run_dir, record, split))
     except Exception as e:  # noqa: BLE001 - the answers stay; the run is reported as failed, not lost
         raise StudyError(f"{job.name}: measuring the run failed ({type(e).__name__}: {e}); answers in {run_dir}")
     done.write_text(json.dumps(record_out, indent=1))
     return record_out
+
+
+def model_identity(model: Path) -> dict:
+    """What makes two assembled study checkpoints answer alike: the trained weights, the GGUF, the dtype."""
+    info = json.loads((Path(model) / "study.json").read_text())
+    return {k: info.get(k) for k in ("trained_sha256", "gguf_sha256", "dtype")}
+
+
+def question_count(split: Path) -> int:
+    with open(Path(split) / "questions.jsonl") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def check_resumable(record: dict, made_with: dict, done: Path, out: Path) -> None:
+    """A finished run is reused only if it was made with this checkpoint on this many questions: a study folder
+    never mixes runs of other weights or another split size (runs from before this check carry no record of
+    either and are refused too)."""
+    was = record.get("made_with")
+    if was == made_with:
+        return
+    if was is None:
+        why = "records neither the checkpoint nor the split size it was made with"
+    elif was["model"] != made_with["model"]:
+        why = (f"was made with other weights (trained sha256 {str(was['model'].get('trained_sha256'))[:12]}…, "
+               f"this checkpoint's {str(made_with['model'].get('trained_sha256'))[:12]}…)")
+    else:
+        why = f"was made on {was['questions']} questions; this study's split has {made_with['questions']}"
+    raise StudyError(f"{done} {why}: give this study another --out, or remove {Path(out) / 'runs'} to redo "
+                     f"every run")
+
+
+def check_finished_runs(out: Path, model: Path, data: Path) -> None:
+    """Before any work: every finished run in OUT must be resumable with this checkpoint and these splits."""
+    identity = model_identity(model)
+    counts = {}
+    for done in sorted((Path(out) / "runs").rglob("done.json")):
+        record = json.loads(done.read_text())
+        split = record.get("job", {}).get("split", "eval")
+        if split not in counts:
+            counts[split] = question_count(data / split)
+        check_resumable(record, {"model": identity, "questions": counts[split]}, done, out)
 
 
 _MEASURE = threading.Lock()
@@ -360,6 +405,12 @@ def report_main(argv=None) -> int:
     if not (a.model / "study.json").is_file():
         print(f"error: {a.model} is not an assembled study checkpoint; run python -m study assemble", file=sys.stderr)
         return 2
+    made = {json.dumps(r["made_with"]["model"], sort_keys=True) for r in results if r.get("made_with")}
+    if len(made) > 1 or (made and json.dumps(model_identity(a.model), sort_keys=True) not in made):
+        print(f"error: the runs under {a.out / 'runs'} were made with {len(made)} checkpoint(s) other than or beside "
+              f"{a.model} (their done.json 'made_with'); report each study folder with its own checkpoint",
+              file=sys.stderr)
+        return 2
     settings = {"rebuilt_from": str(a.out), "device": a.device, "note": a.note,
                 "n_eval": max(r.get("n", 0) for r in results)}
     print(write_report(a.out, results, a.out / "data" / "eval", trends=a.out / "trends", skipped={},
@@ -438,6 +489,7 @@ def study(a) -> int:
     for split, n in (("calib", a.n_calib), ("eval", a.n_eval)):
         generate_split(split, data / split, n_questions=n, seed=SPLIT_SEEDS[split])
 
+    check_finished_runs(out, a.model, data)
     threads = max(1, (os.cpu_count() or 1) // a.parallel) if a.device == "cpu" and a.parallel > 1 else None
     envs = Envs(carry=a.carry, device=a.device, threads=threads)
     skipped = {}
