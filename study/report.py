@@ -273,7 +273,8 @@ def plot_budget_curves(study: dict, out: Path, metric: str = "accuracy") -> Path
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
     fig.tight_layout(rect=(0, 0.1, 1, 1))   # the legend below the panels, clear of the curves
-    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
+    if legend:   # none when only the unpruned model ran
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
     path = out / f"study_{metric}.png"
     fig.savefig(path, dpi=130)
     plt.close(fig)

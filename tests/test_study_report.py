@@ -98,3 +98,12 @@ def test_recall_by_band_table_and_figure(tmp_path):
     path = plot_recall_by_band({"records": recs}, tmp_path)
     assert path == tmp_path / "study_recall_by_band.png" and path.stat().st_size > 0
     assert plot_recall_by_band({"records": [dict(recs[0], evidence_recall=None)]}, tmp_path) is None
+
+
+def test_budget_curves_of_a_study_with_only_the_unpruned_run(tmp_path):
+    """The CI-sized study where no baseline environment exists: one run, no curve, still a figure."""
+    from study import report
+
+    unpruned = {"kind": "unpruned", "method": "llava", "mode": "off", "trend": "-", "budget": None,
+                "accuracy": 50.0, "ci95": [0.0, 100.0]}
+    assert report.plot_budget_curves({"records": [unpruned], "unpruned_accuracy": None}, tmp_path).exists()
