@@ -432,7 +432,9 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--controls", default=",".join(CONTROLS))
-    p.add_argument("--n-eval", type=int, default=600)
+    p.add_argument("--n-eval", type=int, default=1100,
+                   help="evaluation questions (default 1100: off -> full paired 95 %% intervals of at most about "
+                        "±3 points; the widest measured on 600 questions was ±4.1, and width scales as 1/sqrt(n))")
     p.add_argument("--n-calib", type=int, default=300)
     p.add_argument("--no-calibrated", action="store_true", help="only the paper preset trends")
     p.add_argument("--device", default="cpu")
