@@ -268,13 +268,7 @@ def plot_budget_curves(study: dict, out: Path, metric: str = "accuracy") -> Path
         ax.set_title(method)
         ax.set_xlabel("visual tokens kept")
     axes[0][0].set_ylabel({"accuracy": "accuracy (%)", "evidence_recall": "evidence recall (%)"}[metric])
-    legend = {}
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))   # the legend below the panels, clear of the curves
-    if legend:   # none when only the unpruned model ran
-        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
+    _legend_below(fig, axes[0])
     path = out / f"study_{metric}.png"
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -316,16 +310,23 @@ def plot_recall_by_band(study: dict, out: Path) -> Path | None:
         ax.set_title(method)
         ax.set_xlabel("row band of the evidence")
     axes[0][0].set_ylabel(f"evidence recall (%), {budget} tokens")
-    legend = {}
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
+    _legend_below(fig, axes[0])
     path = out / "study_recall_by_band.png"
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def _legend_below(fig, axes) -> None:
+    """One legend for all panels (every label once), below them, clear of the curves; none when nothing is
+    labelled (a study where only the unpruned model ran)."""
+    legend = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
 
 
 def _plot_controls(ax, controls: list[dict], metric: str) -> None:
