@@ -3,7 +3,7 @@
 #   bash scripts/study.sh --quick                      a CPU slice (16 questions, budget 64, off vs full)
 #   bash scripts/study.sh --device cuda --parallel 8   the full study on a GPU
 # Options are python -m study run's (--help). Baselines without an environment or upstream are left out and
-# listed in the report. Outputs: outputs/study/{study.json,report.md,*.png,figures/}.
+# listed in the report. Outputs: outputs/study/{study.json,report.md,*.png,figures/} (--quick: outputs/study-quick/).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-.venv-test/bin/python}

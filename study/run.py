@@ -423,7 +423,9 @@ def report_main(argv=None) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m study run", description=__doc__.split("\n")[0],
                                 epilog="exit codes: 0 done, 1 a run failed, 2 usage or input error")
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "study")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default outputs/study (with --quick: outputs/study-quick, so that a slice and a full study "
+                        "never share a folder)")
     p.add_argument("--model", type=Path, default=DEFAULT_OUT, help="assembled checkpoint (python -m study assemble)")
     p.add_argument("--quick", action="store_true",
                    help="a CPU slice: 16 questions, budget 64, modes off and full (paper trend), one random seed and "
@@ -444,6 +446,8 @@ def parse_args(argv=None):
                    help="leave out baselines whose environment or upstream is missing (listed in the report)")
     p.add_argument("--stop-after", choices=["calibration", "runs"], default=None)
     a = p.parse_args(argv)
+    if a.out is None:
+        a.out = ROOT / "outputs" / ("study-quick" if a.quick else "study")
     if a.quick:   # a CPU slice: one budget, off vs full with the paper trend, both controls, 16 questions
         a.budgets, a.modes, a.controls, a.no_calibrated = "64", "off,full", "random:0,grid", True
         a.n_eval = min(a.n_eval, 16)

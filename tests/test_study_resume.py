@@ -69,3 +69,9 @@ def test_the_report_refuses_runs_of_another_checkpoint(tmp_path, study, capsys):
     _done(out, "fastv/64/off--", {"model": R.model_identity(other), "questions": 4})
     assert R.report_main(["--out", str(out), "--model", str(model)]) == 2
     assert "other than or beside" in capsys.readouterr().err
+
+
+def test_a_quick_slice_and_a_full_study_default_to_separate_folders(tmp_path):
+    assert R.parse_args(["--quick"]).out.name == "study-quick"
+    assert R.parse_args([]).out.name == "study"
+    assert R.parse_args(["--quick", "--out", str(tmp_path)]).out == tmp_path
