@@ -292,6 +292,11 @@ class Adapter:
         raise NotImplementedError(f"{cls.name}: no budget_args (docs/adding_a_method.md, 'The study')")
 
     @classmethod
+    def paper_args(cls) -> dict:
+        """The paper's settings (the registry's ``args``): what ``budget_args`` scales."""
+        return dict(method_spec(cls.name)["args"])
+
+    @classmethod
     def supports_budget(cls, keep: int) -> bool:
         """Whether ``budget_args(keep, ...)`` is a setting the method defines."""
         return True

@@ -19,7 +19,8 @@ class FastVAdapter(Llava113Adapter):
 
     @classmethod
     def budget_args(cls, keep: int, image_start: int) -> list[str]:
-        return [f"fast_v_attention_rank={keep}", f"fast_v_sys_length={image_start}"]
+        return [f"fast_v_attention_rank={round(cls.paper_args()['fast_v_attention_rank'] * keep / 128)}",
+                f"{cls.sys_length_key}={image_start}"]
 
     @classmethod
     def final_kept(cls, args: dict) -> int:

@@ -27,9 +27,9 @@ class HiMAPAdapter(Llava113Adapter):
     @classmethod
     def budget_args(cls, keep: int, image_start: int) -> list[str]:
         """The paper's 115 tokens after the text-guided stage and 90 after the image stage, scaled by keep / 128."""
-        f = keep / 128
-        return [f"hmap_v_attn_txt_rank={round(115 * f)}", f"hmap_v_attn_img_rank={round(90 * f)}",
-                f"sys_length={image_start}"]
+        paper = cls.paper_args()
+        return [f"{k}={round(paper[k] * keep / 128)}" for k in ("hmap_v_attn_txt_rank", "hmap_v_attn_img_rank")] + \
+            [f"{cls.sys_length_key}={image_start}"]
 
     @classmethod
     def final_kept(cls, args: dict) -> int:

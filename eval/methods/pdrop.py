@@ -32,8 +32,9 @@ class PDropAdapter(Adapter):
 
     @classmethod
     def budget_args(cls, keep: int, image_start: int) -> list[str]:
-        """The paper's ratios 0.32 / 0.16 / 0.08 after layers 8 / 16 / 24, scaled so the last stage keeps ~keep."""
-        return ["image_token_ratio_list=" + ",".join(f"{r * keep / 128:.4f}" for r in (0.32, 0.16, 0.08))]
+        """The paper's ratios 0.32 / 0.16 / 0.08 after layers 2 / 10 / 20, scaled by keep / 128."""
+        ratios = cls.paper_args()["image_token_ratio_list"]
+        return ["image_token_ratio_list=" + ",".join(f"{r * keep / 128:.4f}" for r in ratios)]
 
     @classmethod
     def final_kept(cls, args: dict) -> int:

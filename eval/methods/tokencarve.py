@@ -45,7 +45,8 @@ class TokenCarveAdapter(Adapter):
     @classmethod
     def budget_args(cls, keep: int, image_start: int) -> list[str]:
         """The paper's 64 kept tokens scaled by keep / 128."""
-        return [f"token_carve_image_token_nums={round(64 * keep / 128)}", f"token_carve_sys_length={image_start}"]
+        nums = round(cls.paper_args()["token_carve_image_token_nums"] * keep / 128)
+        return [f"token_carve_image_token_nums={nums}", f"token_carve_sys_length={image_start}"]
 
     @classmethod
     def final_kept(cls, args: dict) -> int:
