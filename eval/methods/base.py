@@ -325,5 +325,6 @@ def import_adapter(path: str) -> type[Adapter]:
 
 
 def adapter_class(key: str) -> type[Adapter]:
-    """The adapter class the registry names for method ``key`` (importing it imports no upstream code)."""
-    return import_adapter(method_spec(key)["adapter"])
+    """The adapter class the registry names for method ``key``, plugins included (importing it imports no
+    upstream code)."""
+    return registry.adapter_class(key)
