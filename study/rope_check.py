@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -275,20 +274,11 @@ def _num(value, fmt: str) -> str:
 def write_json(result: dict, out: Path) -> None:
     """Strict JSON (NaN, e.g. the Spearman ρ of a constant span, as null), written to a temporary name and
     renamed, so a partial file never exists under ``out``."""
+    from debias_core.calibrate import _finite_or_none
+    from debias_core.trend import write_json_atomic
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps(_finite_or_null(result), indent=1, allow_nan=False))
-    os.replace(tmp, out)
-
-
-def _finite_or_null(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
-    return value
+    write_json_atomic(out, _finite_or_none(result))
 
 
 def main(argv=None) -> int:
@@ -308,13 +298,13 @@ def main(argv=None) -> int:
         if a.length < 8:
             raise InputError(f"--length {a.length} must be at least 8 (the recency fit needs positions)")
         result = run(a.n, a.length, a.gguf, log=lambda m: print(m, file=sys.stderr))
+        write_json(result, Path(a.out))   # an unwritable --out: one error line (DebiasError), no traceback
     except (InputError, DebiasError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
         print(f"error: {e}; install the analysis requirements: pip install -r envs/analysis.txt", file=sys.stderr)
         return 2
-    write_json(result, Path(a.out))
     print(table(result))
     print(f"{a.out} ({result['seconds']} s)")
     return 0
