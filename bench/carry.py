@@ -38,12 +38,14 @@ def trees() -> dict:
     return {name: u["bench_tree"] for name, u in registry.upstreams().items() if u.get("bench_tree")}
 
 
-def fork_files() -> list[str]:
-    """The files of a transformers fork the benchmark carries, relative to FORK (the rest comes from the wheel)."""
-    return [p[len(FORK) + 1:] for paths in trees().values() for p in paths if p.startswith(FORK + "/")]
+def fork_files(name: str | None = None) -> list[str]:
+    """The files of a transformers fork the benchmark carries (of upstream ``name``, or of every one), relative
+    to FORK (the rest comes from the wheel)."""
+    return [p[len(FORK) + 1:] for n, paths in trees().items() if name in (None, n) for p in paths
+            if p.startswith(FORK + "/")]
 
 
-# study/carry.py reassembles the fork from these too
+# every fork file carried (reassemble_forks takes each upstream's own: fork_files(name))
 FORK_FILES = tuple(fork_files())
 
 
@@ -111,16 +113,21 @@ def install(carry: Path, site_root: Path = SITE_ROOT) -> dict:
                             "--target", str(site), *map(str, sorted((Path(carry) / "wheels" / tag).glob("*.whl")))],
                            check=True)
         sites[tag] = site
-    for name, paths in trees().items():
+    reassemble_forks(carry, sites)
+    return sites
+
+
+def reassemble_forks(carry: Path, sites: dict) -> None:
+    """A carried transformers fork holds only the files its baseline changed (FORK_FILES): the rest comes from
+    the installed wheel of its stack, copied under them once."""
+    for name in trees():
         fork = Path(carry) / "trees" / name / FORK
-        carried = [p[len(FORK) + 1:] for p in paths if p.startswith(FORK + "/")]
-        if carried and fork.exists() and not (fork / "__init__.py").exists():
-            overlay = {f: (fork / f).read_bytes() for f in carried}
-            shutil.copytree(sites[_wheel_tag(registry.upstreams()[name]["transformers"])] / "transformers", fork,
-                            dirs_exist_ok=True)
+        tag = _wheel_tag(registry.upstreams()[name]["transformers"])
+        if fork.exists() and not (fork / "__init__.py").exists() and tag in sites:
+            overlay = {f: (fork / f).read_bytes() for f in fork_files(name)}
+            shutil.copytree(Path(sites[tag]) / "transformers", fork, dirs_exist_ok=True)
             for f, data in overlay.items():
                 (fork / f).write_bytes(data)
-    return sites
 
 
 def environment(carry: Path, method: str, site_root: Path = SITE_ROOT) -> dict:

@@ -15,7 +15,6 @@ tokenizer API it uses is unchanged). This affects only the carried environment o
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -110,12 +109,7 @@ def install(carry: Path) -> dict:
             sites[stack] = site
     if "431" in sites:
         _relax_tokenizers(SITE_ROOT / "431" / "transformers" / "dependency_versions_table.py")
-        fork = carry / "trees" / "FastV" / bench_carry.FORK
-        if fork.exists() and not (fork / "__init__.py").exists():
-            overlay = {f: (fork / f).read_bytes() for f in bench_carry.FORK_FILES}
-            shutil.copytree(sites["431"] / "transformers", fork, dirs_exist_ok=True)
-            for f, data in overlay.items():
-                (fork / f).write_bytes(data)
+    bench_carry.reassemble_forks(carry, sites)
     return sites
 
 
@@ -128,8 +122,7 @@ def environment(carry: Path, method: str) -> dict:
     """{"python", "env"} for running ``method``'s driver on the GPU machine."""
     e = bench_carry.environment(carry, method, SITE_ROOT)
     env = dict(e["env"])
-    env.pop("BENCH_HIDE_TOKENIZERS", None)
-    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(SITE_ROOT / "common")])
+    env.pop("BENCH_HIDE_TOKENIZERS", None)   # PYTHONPATH already holds the common site (bench.carry.environment)
     env["STUDY_ASSETS"] = str(Path(carry).resolve() / "assets")
     env["SMOLLM2_GGUF"] = str(Path("/tmp") / GGUF_NAME)
     return {"python": e["python"], "env": env}
