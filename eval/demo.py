@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import registry
+from .answers import read_answers
 from .common import ROOT, TREE_ENV, EvalError, populated
 from .methods import ADAPTERS, get_adapter, method_spec, parse_method_args
 from .upstream import export_tree
@@ -480,8 +481,7 @@ def answers_of(out: Path) -> dict[str, dict[str, tuple[str, bool]]]:
     for merged in (out / "answers").rglob("merge.jsonl"):
         info = json.loads((merged.parent / "run.json").read_text())
         correct = json.loads((merged.parent / "correct.json").read_text())
-        texts = {str(json.loads(line)["question_id"]): json.loads(line)["text"]
-                 for line in merged.read_text().splitlines() if line.strip()}
+        texts = {str(row["question_id"]): row["text"] for row in read_answers(merged)}
         result[f"{info['method']}-{info['mode']}"] = {q: (texts[q], ok) for q, ok in correct.items()}
     return result
 

@@ -405,11 +405,10 @@ def report_main(argv=None) -> int:
     if not (a.model / "study.json").is_file():
         print(f"error: {a.model} is not an assembled study checkpoint; run python -m study assemble", file=sys.stderr)
         return 2
-    made = {json.dumps(r["made_with"]["model"], sort_keys=True) for r in results if r.get("made_with")}
-    if len(made) > 1 or (made and json.dumps(model_identity(a.model), sort_keys=True) not in made):
-        print(f"error: the runs under {a.out / 'runs'} were made with {len(made)} checkpoint(s) other than or beside "
-              f"{a.model} (their done.json 'made_with'); report each study folder with its own checkpoint",
-              file=sys.stderr)
+    identity = model_identity(a.model)
+    if any(r.get("made_with") and r["made_with"]["model"] != identity for r in results):
+        print(f"error: runs under {a.out / 'runs'} were made with a checkpoint other than or beside {a.model} "
+              f"(their done.json 'made_with'); report each study folder with its own checkpoint", file=sys.stderr)
         return 2
     settings = {"rebuilt_from": str(a.out), "device": a.device, "note": a.note,
                 "n_eval": max(r.get("n", 0) for r in results)}

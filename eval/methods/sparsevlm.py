@@ -59,7 +59,7 @@ class SparseVLMAdapter(Adapter):
 
     @classmethod
     def supports_budget(cls, keep: int) -> bool:
-        return keep in (128, 64)
+        return keep in cls.LAST_STAGE_KEPT
 
     @classmethod
     def final_kept(cls, args: dict) -> int:
