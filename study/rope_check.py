@@ -186,7 +186,7 @@ def run(n: int, length: int, gguf=None, log=print) -> dict:
     from analysis.smollm2 import find_gguf
     from debias_core.calibrate import file_sha256
 
-    from .model import ROPE_THETA, build_llm, load_llm
+    from .model import ROPE_THETA, build_llm
 
     t0 = time.time()
     path = find_gguf(gguf)
@@ -197,26 +197,25 @@ def run(n: int, length: int, gguf=None, log=print) -> dict:
         raise InputError(f"--length {length}: a passage of {length + 1} tokens exceeds the model's "
                          f"{gguf_config['max_position_embeddings']} positions; lower --length")
     tokenizer = gguf_llama.build_tokenizer(gguf_llama.tokenizer_spec(reader))
-    del reader
     texts = paragraphs()
     passages = build_passages(texts, lambda s: tokenizer(s).input_ids, n, length)
     bases = [("native", native_theta), ("study", ROPE_THETA)]
 
     log(f"loading SmolLM2 from {path.name} (eager attention) ...")
-    model, _, config, state = load_llm(path, rope_theta=native_theta, attn="eager")
+    state = gguf_llama.hf_state_dict(gguf_llama.gguf_tensors(reader), gguf_config)   # read once, built at each base
+    del reader
     results = []
     for role, theta in bases:
-        if model is None:  # what load_llm(rope_theta=theta) builds, from the state it already read
-            model = build_llm(dict(config, rope_theta=theta), state, attn="eager")
+        model = build_llm(dict(gguf_config, rope_theta=theta), state, attn="eager")
         t = time.time()
         block = summarise(measure(model, passages), n)
         results.append({"role": role, "rope_theta": theta, "rope_theta_in_model": model_rope_base(model), **block})
         log(f"base {theta:g} ({role}): {n} passages in {time.time() - t:.0f} s")
-        model = None
+        del model
     return {
         "schema": SCHEMA,
-        "model": {"gguf": path.name, "gguf_sha256": file_sha256(path), "layers": config["num_hidden_layers"],
-                  "heads": config["num_attention_heads"], "native_rope_theta_in_gguf": native_theta,
+        "model": {"gguf": path.name, "gguf_sha256": file_sha256(path), "layers": gguf_config["num_hidden_layers"],
+                  "heads": gguf_config["num_attention_heads"], "native_rope_theta_in_gguf": native_theta,
                   "study_rope_theta": ROPE_THETA},
         "settings": {"n": n, "length": length, "attention": "eager", "dtype": "float32",
                      "recency_positions": f"1..{length - 1} (position 0, the sink, reported apart); "
