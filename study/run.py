@@ -211,11 +211,8 @@ def run_job(job: Job, out: Path, model: Path, data: Path, envs: Envs, *, limit: 
     """Run one job (unless done.json exists) and return its done record."""
     folder = out / "runs" / job.name
     done = folder / "done.json"
-    made_with = {"model": model_identity(model), "questions": question_count(data / job.split)}
-    if done.exists():
-        record = json.loads(done.read_text())
-        check_resumable(record, made_with, done, out)
-        return record
+    if done.exists():   # checked against this checkpoint and split before any work (check_finished_runs)
+        return json.loads(done.read_text())
     if folder.exists():
         shutil.rmtree(folder)   # an unfinished run: its recording would be incomplete
     folder.mkdir(parents=True)
@@ -241,7 +238,7 @@ def run_job(job: Job, out: Path, model: Path, data: Path, envs: Envs, *, limit: 
         raise StudyError(f"{job.name}: python -m eval.run exited {r.returncode}; see {folder / 'driver.log'}")
     run_dir = Path(r.stdout.strip().splitlines()[-1])
     record_out = {"job": asdict(job), "run_dir": str(run_dir), "seconds": round(time.time() - t0, 1),
-                  "made_with": made_with}
+                  "made_with": {"model": model_identity(model), "questions": question_count(split)}}
     try:
         record_out.update(measure(job, run_dir, record, split))
     except Exception as e:  # noqa: BLE001 - the answers stay; the run is reported as failed, not lost

@@ -112,3 +112,5 @@ def test_study_smoke_unpruned_end_to_end(tmp_path):
         rec = next(r for r in study["records"] if r["name"] == "fastv/64/off--")
         assert rec["padding_share"] is not None and rec["kept_tokens"] == 64
     assert (out / "report.md").read_text().startswith("# Study results")
+    made_with = json.loads((out / "runs" / "unpruned" / "done.json").read_text())["made_with"]
+    assert made_with == {"model": R.model_identity(MODEL), "questions": 2}   # what a resume is checked against
