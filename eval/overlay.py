@@ -84,10 +84,10 @@ def _input_image(pixels, mean, std):
 def padded_box(box, size, resolution: int) -> tuple[float, float, float, float]:
     """(x, y, width, height) in the R×R input of a box (x0, y0, x1, y1) in original pixels (expand2square:
     the image pasted centred in a max(W, H) square, then resized to R)."""
-    w, h = size
-    side = max(w, h)
-    dx, dy = (side - w) // 2, (side - h) // 2
-    scale = resolution / side
+    from study.data import pad_offset
+
+    dx, dy = pad_offset(tuple(size))
+    scale = resolution / max(size)
     x0, y0, x1, y1 = box
     return (x0 + dx) * scale, (y0 + dy) * scale, (x1 - x0) * scale, (y1 - y0) * scale
 
