@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from eval import registry
+from eval.common import environment_python
 
 from .insitu import bench_in_situ
 from .report import markdown, paired_overhead, summarise  # noqa: F401 (paired_overhead: the tests')
@@ -282,13 +283,9 @@ def environments(methods, carry: Path | None, trees: Path | None = None, site: P
     out = {}
     for m in (*methods, CALL):
         env_name = every[REFERENCE if m == CALL else m]["env"]
-        for cand in (ROOT / "envs" / f"venv-{env_name}" / "bin/python", ROOT / "envs" / f"conda-{env_name}" / "bin/python",
-                     ROOT / f".venv-{env_name}" / "bin/python"):
-            if cand.exists():
-                out[m] = {"python": str(cand), "env": {}}
-                break
-        else:
-            out[m] = {"python": sys.executable, "env": {}, "note": f"no environment for {env_name}; using {sys.executable}"}
+        python = environment_python(env_name)
+        out[m] = ({"python": str(python), "env": {}} if python is not None else
+                  {"python": sys.executable, "env": {}, "note": f"no environment for {env_name}; using {sys.executable}"})
         if trees is not None:
             out[m]["env"]["EVAL_THIRD_PARTY"] = str(Path(trees).resolve())
     return out

@@ -127,3 +127,13 @@ def check_model_path(path: str, *, what: str = "a LLaVA-1.5 folder", example: st
             raise EvalError(f"checkpoint {path} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
                             f"download it first (huggingface-cli download {path}) or point {env} at a local "
                             f"folder") from None
+
+
+def environment_python(env: str) -> Path | None:
+    """The interpreter of environment ``env`` as setup.sh builds it (envs/venv-<env>, envs/conda-<env> or
+    .venv-<env>), or None."""
+    for cand in (ROOT / "envs" / f"venv-{env}" / "bin" / "python", ROOT / "envs" / f"conda-{env}" / "bin" / "python",
+                 ROOT / f".venv-{env}" / "bin" / "python"):
+        if cand.exists():
+            return cand
+    return None

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import registry
 from .answers import read_answers
-from .common import ROOT, TREE_ENV, EvalError, populated
+from .common import ROOT, TREE_ENV, EvalError, environment_python, populated
 from .methods import ADAPTERS, get_adapter, method_spec, parse_method_args
 from .upstream import export_tree
 
@@ -230,10 +230,9 @@ def env_python(env: str, method: str) -> Path | None:
     override = os.environ.get(f"DEMO_PYTHON_{method.upper()}")
     if override:
         return Path(override)
-    for cand in (ROOT / "envs" / f"venv-{env}" / "bin" / "python", ROOT / "envs" / f"conda-{env}" / "bin" / "python",
-                 ROOT / f".venv-{env}" / "bin" / "python"):
-        if cand.exists():
-            return cand
+    built = environment_python(env)
+    if built is not None:
+        return built
     if env == method_spec(reference())["env"]:  # upstream LLaVA (the iLLaVA port) runs on the demo's own stack
         return Path(sys.executable)
     return None
