@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .workload import SITE_CALLS, prepare, sync
+from .workload import SITE_CALLS, prepare, timed_generate
 
 WARMUP = 3
 MODES = ("off", "full")
@@ -45,12 +45,7 @@ def bench_in_situ(name: str, ckpt: Path, reps: int, device: str = "cuda", profil
 def timed_prefill(work, timer: "CallTimer") -> float:
     """One prefill (generate one token) with the timer's records cleared first; its wall time in ms."""
     timer.clear()
-    with work.sample():
-        sync(work.device)
-        t0 = time.perf_counter()
-        work.generate(1)
-        sync(work.device)
-        return (time.perf_counter() - t0) * 1e3
+    return timed_generate(work, 1) * 1e3
 
 
 class HostStamp:

@@ -37,7 +37,8 @@ from eval.common import environment_python
 
 from .insitu import bench_in_situ
 from .report import markdown, paired_overhead, summarise  # noqa: F401 (paired_overhead: the tests')
-from .workload import BENCH_TREND_BENCHMARK, CALL, IMAGE_SIZE, METHODS, REFERENCE, SITE_CALLS, prepare, sync
+from .workload import (BENCH_TREND_BENCHMARK, CALL, IMAGE_SIZE, METHODS, REFERENCE, SITE_CALLS, prepare, sync,
+                       timed_generate)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,12 +100,7 @@ def _timed_generate(work, mode: str, new_tokens: int) -> float:
     import debias_core
 
     debias_core.configure(mode=mode)
-    with work.sample():
-        sync(work.device)
-        t0 = time.perf_counter()
-        work.generate(new_tokens)
-        sync(work.device)
-        return time.perf_counter() - t0
+    return timed_generate(work, new_tokens)
 
 
 def _host_syncs(work, modes) -> dict:

@@ -31,6 +31,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_generate(work, new_tokens: int) -> float:
+    """Seconds of one generate of ``new_tokens`` in the sample's context, synchronised before and after."""
+    import time
+
+    with work.sample():
+        sync(work.device)
+        t0 = time.perf_counter()
+        work.generate(new_tokens)
+        sync(work.device)
+        return time.perf_counter() - t0
+
+
 def synthetic_ids(image_token_index: int, vocab: int = 32000, image_tokens: int = 1):
     """[1, PREFIX + image_tokens + SUFFIX - 1] token ids: BOS, PREFIX - 1 random text tokens, ``image_tokens``
     image placeholders, SUFFIX random text tokens (seeded: every run feeds the same ids)."""
