@@ -27,7 +27,7 @@ def _data() -> dict:
 @lru_cache(maxsize=1)
 def _registry() -> dict:
     """The method registry's entries (data/methods.json, maintained through eval.registry); only their keys,
-    ``trend_method`` and ``aliases`` are read here."""
+    ``trend_method``, ``aliases`` and (by geometry.official_rule) ``official_padding_rule`` are read here."""
     return json.loads(resources.files(__package__).joinpath("data/methods.json").read_text())["methods"]
 
 
