@@ -8,6 +8,8 @@
 #   bash scripts/study_gpu.sh start "ARGS" ...   study runs (one `python -m study run` per quoted ARGS, in turn) in their
 #                                                own process session: they outlive this call while the machine stays held
 #   bash scripts/study_gpu.sh wait SECS          wait up to SECS for them; pack what finished into $OUT either way
+# `start` runs the drivers under CUDA MPS where the machine has it (MPS=0: not): batch-1 drivers launch small
+# kernels, which MPS runs side by side instead of giving each process the whole GPU in turn.
 # A study continued from an earlier session: carry its finished runs as $CARRY/prior/runs.tar.gz (docs/study.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,6 +29,18 @@ pack() {   # what finished (done.json, trends, logs of failed runs) -> $OUT; rec
   tar -czf "$out/study-calibration.tar.gz" --exclude='answers' --exclude='*.log' -C outputs/study runs/calibration || true
   [ -d "$chain" ] && cp -r "$chain" "$out"/ || true
   ls -la "$out"
+}
+
+mps_on() {   # CUDA MPS control daemon (default pipe directory, so every driver's CUDA context goes through it)
+  [ "${MPS:-1}" = 1 ] || { echo "MPS: off (MPS=0)"; return 0; }
+  command -v nvidia-cuda-mps-control > /dev/null || { echo "MPS: no nvidia-cuda-mps-control; time-shared"; return 0; }
+  nvidia-cuda-mps-control -d 2> /dev/null || true   # fails harmlessly when already running
+  if timeout 60 python3 -c "import torch; assert torch.ones(2, device='cuda').sum().item() == 2" 2>&1; then
+    echo "MPS: on"
+  else
+    echo quit | nvidia-cuda-mps-control || true
+    echo "MPS: a CUDA client failed under MPS; stopped it, time-shared"
+  fi
 }
 
 prepare_run() {
@@ -73,6 +87,7 @@ case ${1:-} in
     shift
     prepare_run
     mkdir -p "$chain"
+    mps_on | tee -a "$chain/progress.txt"
     export -f study_run; export carry model site chain
     # setsid: a process session of its own outlives the call (while the next call comes within 30 s)
     setsid nohup bash -c 'nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 10 > "$chain/gpu-util.csv" &
