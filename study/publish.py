@@ -20,12 +20,15 @@ def _summary(train: dict) -> dict:
             "validation": train.get("validation") or [h for h in history if "val_exact" in h]}
 
 
-def _stage(path: Path) -> dict:
+def _stages(path: Path) -> list[dict]:
+    """The training stages a lineage file records: a train.json is one; an earlier manifest.json is its own
+    lineage (oldest first) and then its last stage, so publishing again never drops the stages before it."""
     record = json.loads(Path(path).read_text())
     if "training" in record:        # an earlier manifest.json
-        return {"source": Path(path).name, "command": record.get("command"), "training": record["training"],
-                "sha256": record["files"]["trained.safetensors"]["sha256"]}
-    return {"source": Path(path).name, "training": _summary(record)}
+        return [*record.get("lineage", []),
+                {"source": Path(path).name, "command": record.get("command"), "training": record["training"],
+                 "sha256": record["files"]["trained.safetensors"]["sha256"]}]
+    return [{"source": Path(path).name, "training": _summary(record)}]
 
 
 def publish(run: Path, *, command: str, lineage: list[Path] = ()) -> Path:
@@ -38,7 +41,7 @@ def publish(run: Path, *, command: str, lineage: list[Path] = ()) -> Path:
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(trained, WEIGHTS / "trained.safetensors")
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    stages = [_stage(p) for p in lineage]
+    stages = [st for p in lineage for st in _stages(p)]
     manifest = {
         "files": {"trained.safetensors": {"sha256": sha256(WEIGHTS / "trained.safetensors"),
                                           "bytes": (WEIGHTS / "trained.safetensors").stat().st_size}},
