@@ -22,7 +22,7 @@
    computed on plain LLaVA.
 
 A dozen questions give accuracy intervals of about +-25 points: read the accuracies as the machinery working on
-real weights and the kept-token numbers as what each selection does; the study's own numbers (600 questions, every
+real weights and the kept-token numbers as what each selection does; the study's own numbers (1,100 questions, every
 budget) are in docs/study.md.
 """
 from __future__ import annotations
