@@ -43,7 +43,7 @@ class VideoWorkload:
     def __init__(self, name: str, ckpt: Path, device: str):
         import torch
 
-        entry = registry.methods(driver=None)[name]
+        entry = registry.method(name, driver=None)
         self.name, self.device, self.upstream = name, device, entry["upstream"]
         self.k, self.rank = _pruning(entry)
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32

@@ -114,7 +114,7 @@ def prepare(name: str, ckpt: Path, device: str):
     always generate the full length (random weights would stop at a random EOS)."""
     if not device.startswith("cuda"):
         cpu_stand_ins()
-    driver = registry.methods(driver=None)[name]["driver"]
+    driver = registry.method(name, driver=None)["driver"]
     if driver == registry.DRIVER:
         work = AdapterWorkload(name, ckpt, device)
     elif driver in DRIVER_WORKLOADS:

@@ -131,13 +131,14 @@ def methods(*, driver: str | None = DRIVER, supports: str | None = None, plugins
             if (driver is None or m["driver"] == driver) and (supports is None or m["supports"].get(supports))}
 
 
-def method(key: str) -> dict:
-    """The entry of ``key`` (a method eval.run runs); RegistryError listing the known keys otherwise."""
+def method(key: str, *, driver: str | None = DRIVER) -> dict:
+    """The entry of ``key`` (a method ``driver`` runs; None: any driver); RegistryError listing the known keys
+    otherwise."""
     every = _registry()[0]
-    if key in every and every[key]["driver"] != DRIVER:
-        raise RegistryError(f"method {key!r} runs with python -m {every[key]['driver']}, not python -m {DRIVER}")
+    if driver is not None and key in every and every[key]["driver"] != driver:
+        raise RegistryError(f"method {key!r} runs with python -m {every[key]['driver']}, not python -m {driver}")
     if key not in every:
-        raise RegistryError(f"method {key!r} is unknown; use one of {', '.join(methods())} (registry: "
+        raise RegistryError(f"method {key!r} is unknown; use one of {', '.join(methods(driver=driver))} (registry: "
                             f"{REGISTRY_FILE.relative_to(ROOT)}; your own: docs/adding_a_method.md)")
     return every[key]
 

@@ -514,10 +514,9 @@ def _check_seed(name: str, value: int) -> None:
         raise ValueError(f"error: {name}={value!r} must be a non-negative integer")
 
 
-def training_stream(seed: int, worker: int = 0, *, with_objects: bool = False) -> Iterator[tuple]:
-    """Endless (image, question, answer) samples; the question has no LLaVA answer-format suffix. With
-    ``with_objects``, (image, question, answer, objects): the image's object list as ``render_image`` gives it
-    (for dense auxiliary targets while training; the samples are the same).
+def training_stream(seed: int, worker: int = 0) -> Iterator[tuple]:
+    """Endless (image, question, answer) samples (training's validation questions); the question has no LLaVA
+    answer-format suffix.
 
     Each image carries two questions; a small shuffle buffer spreads them apart. Different ``worker`` values (and
     every written split) draw from independent seed sequences, so no two streams share an image.
@@ -527,9 +526,8 @@ def training_stream(seed: int, worker: int = 0, *, with_objects: bool = False) -
     rng = np.random.default_rng(np.random.SeedSequence([_STREAM_TAG, int(seed), int(worker)]))
     buffer: list[tuple] = []
     while True:
-        image, items, objects = _make_items(rng, "", STREAM_QUESTIONS_PER_IMAGE)
-        extra = (objects,) if with_objects else ()
-        buffer.extend((image, item.question, item.answer, *extra) for item in items)
+        image, items, _ = _make_items(rng, "", STREAM_QUESTIONS_PER_IMAGE)
+        buffer.extend((image, item.question, item.answer) for item in items)
         while len(buffer) >= STREAM_SHUFFLE_BUFFER:
             index = int(rng.integers(len(buffer)))
             buffer[index], buffer[-1] = buffer[-1], buffer[index]

@@ -145,7 +145,7 @@ def test_cpu_smoke_run_writes_results(tmp_path):
 def _require_environment(key: str) -> None:
     from eval.common import environment_python
 
-    env = registry.methods(driver=None)[key]["env"]
+    env = registry.method(key, driver=None)["env"]
     if environment_python(env) is None:   # the interpreter the benchmark itself would pick
         pytest.skip(f"no .venv-{env}, so the benchmark's {key} workload was not run; build it with "
                     f"bash setup.sh --test-env {env}")

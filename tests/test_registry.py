@@ -101,8 +101,12 @@ def test_eval_run_methods_are_the_registry_s_and_others_are_refused():
     for key in others:
         with pytest.raises(EvalError, match=f"runs with python -m {BUILT_IN[key]['driver']}"):
             registry.method(key)
+        assert registry.method(key, driver=None)["driver"] == BUILT_IN[key]["driver"]
+        assert registry.method(key, driver=BUILT_IN[key]["driver"]) == registry.method(key, driver=None)
     with pytest.raises(EvalError, match="'nosuch' is unknown; use one of"):
         registry.method("nosuch")
+    with pytest.raises(EvalError, match="'nosuch' is unknown; use one of .*" + others[0]):
+        registry.method("nosuch", driver=None)
 
 
 def test_test_prefixes_name_existing_baseline_tests_and_every_baseline_test_belongs_to_one():

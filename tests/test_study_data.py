@@ -425,16 +425,15 @@ def test_exported_assets_reproduce_the_same_images(tmp_path, monkeypatch):
     assert assets.photos_fingerprint() == fingerprint_here
 
 
-def test_stream_objects_are_the_images_objects():
-    """with_objects yields the same samples plus the object list whose boxes hold the drawn colours."""
-    plain = data.training_stream(7, 0)
-    rich = data.training_stream(7, 0, with_objects=True)
+def test_conversation_objects_are_the_images_objects():
+    """A training conversation's object list (the dense read-outs' targets) is the image's: boxes hold the drawn
+    colours."""
+    conversations = data.training_conversations(7, 0, turns=3)
     for _ in range(3):
-        a, b = next(plain), next(rich)
-        assert a[0].tobytes() == b[0].tobytes() and a[1:] == b[1:3]
-        objects = b[3]
+        image, turns, objects = next(conversations)
+        assert len(turns) == 3
         assert objects and all({"shape", "color", "glyph", "box"} <= set(o) for o in objects)
-        pixels = np.asarray(b[0].convert("RGB"), dtype=np.int16)
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
         for o in objects:
             x0, y0, x1, y1 = o["box"]
             patch = pixels[y0:y1, x0:x1].reshape(-1, 3)
