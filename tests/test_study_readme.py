@@ -1,0 +1,46 @@
+"""The README's study table is the committed study's numbers: every row of "Results on a real LLM" is recomputed
+from the study.json it links to, so a new study run cannot leave the README showing the old one."""
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"FastV": "fastv", "iLLaVA port": "illava", "HiMAP": "himap", "PyramidDrop": "pdrop", "SparseVLMs": "sparsevlm",
+        "TokenCarve": "tokencarve"}
+
+
+def _section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Results on a real LLM")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def _study() -> dict:
+    folder = re.search(r"\]\((docs/study/h100-[^)/]+)/report\.md\)", _section()).group(1)
+    return json.loads((ROOT / folder / "study.json").read_text())
+
+
+def _num(cell: str) -> float:
+    return float(cell.replace("−", "-").replace("+", "").strip())
+
+
+def test_every_table_row_is_the_linked_study_json():
+    records = {r["name"]: r for r in _study()["records"]}
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in _section().splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in KEYS]
+    assert len(rows) == 17, "six baselines x three budgets, SparseVLMs two"
+    for name, budget, off, pad, pos, full, delta, calibrated, _recall in rows:
+        run = f"{KEYS[name]}/{budget}"
+        for cell, mode in ((off, "off--"), (pad, "pad--"), (pos, "pos-paper"), (full, "full-paper"),
+                           (calibrated, "full-calibrated")):
+            assert _num(cell) == round(records[f"{run}/{mode}"]["accuracy"], 1), (run, mode, cell)
+        diff, low, high = (_num(x) for x in re.match(r"(\S+) \[(\S+), (\S+)\]", delta).groups())
+        vs_off = records[f"{run}/full-paper"]["vs_off"]
+        assert (diff, low, high) == (round(vs_off["diff"], 1), *(round(x, 1) for x in vs_off["ci95"])), run
+
+
+def test_the_unpruned_accuracy_quoted_is_the_study_s():
+    study = _study()
+    low, high = study["unpruned_ci95"]
+    quoted = f"{study['unpruned_accuracy']:.1f} % [{low:.1f}, {high:.1f}] unpruned"
+    assert quoted in _section()
