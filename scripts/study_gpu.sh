@@ -2,7 +2,8 @@
 # The study on a GPU machine with no network, over the bundle of `python -m study.carry prepare .carry/study`
 # carried in the three calls that study.carry.CALLS lists (docs/study.md "On a GPU machine"). Runs from the repository root there.
 #   bash scripts/study_gpu.sh install            wheels into /tmp/study-site, GGUF reassembled (once both halves are there)
-#   bash scripts/study_gpu.sh train [MINUTES]    train (default 8 min; INIT=weights to start from, TURNS=3), assemble
+#   bash scripts/study_gpu.sh train [MINUTES]    train (default 8 min; INIT=weights to start from, TURNS=3,
+#                                                TRAIN_OUT=folder, default outputs/train: a new run needs a new one), assemble
 #   bash scripts/study_gpu.sh cuda-tests [SECS]  debias_core's tests on the GPU (their CUDA paths)
 #   bash scripts/study_gpu.sh run [ARGS...]      python -m study run on the GPU, results -> $OUT/study-results.tar.gz
 #   bash scripts/study_gpu.sh start "ARGS" ...   study runs (one `python -m study run` per quoted ARGS, in turn) in their
@@ -63,11 +64,17 @@ case ${1:-} in
   train)
     python3 -m study.carry install "$carry"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-    py -m study train --out outputs/train --device cuda --workers 14 --minutes "${2:-8}" --batch 64 \
+    dest=${TRAIN_OUT:-outputs/train}
+    set +e
+    py -m study train --out "$dest" --device cuda --workers 14 --minutes "${2:-8}" --batch 64 \
       --turns "${TURNS:-3}" ${INIT:+--init "$INIT"} --val-every 250 --save-every 100000 2>&1 \
-      | tee "$out/train.log" | grep -v '^train:' || true
-    cp outputs/train/trained.safetensors outputs/train/train.json "$out"/
-    py -m study assemble --trained outputs/train/trained.safetensors --out "$model" --force ;;
+      | tee "$out/train.log" | grep -v '^train:'
+    rc=${PIPESTATUS[0]}
+    set -e
+    # a refused or failed run must not pass off an earlier run's weights in $dest as this one's
+    [ "$rc" = 0 ] || { echo "error: training exited $rc (log: train.log); nothing copied or assembled" >&2; exit "$rc"; }
+    cp "$dest"/trained.safetensors "$dest"/train.json "$out"/
+    py -m study assemble --trained "$dest"/trained.safetensors --out "$model" --force ;;
   cuda-tests)
     # the CUDA paths of debias_core's property tests (they skip without a GPU elsewhere)
     timeout "${2:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_core_*.py 2>&1 | tail -15 \
@@ -102,5 +109,5 @@ case ${1:-} in
     echo "finished runs: $(find outputs/study/runs -name done.json 2>/dev/null | wc -l)"
     pack ;;
   *)
-    sed -n 2,11p "$0"; exit 2 ;;
+    sed -n 2,14p "$0"; exit 2 ;;
 esac
