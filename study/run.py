@@ -9,7 +9,9 @@ through the common driver (``python -m eval.run``) in the baseline's own environ
 3. calibration: every baseline in mode off on the calibration split with ``--record``, then
    ``python -m debias_core.calibrate`` fits its (per-stage) trend;
 4. runs: every (method, budget, mode, trend) and control, each with ``--record``; each is scored (exact match
-   after LLaVA's normalisation) and its kept tokens measured against the evidence patches (study.selection);
+   after LLaVA's normalisation) and its kept tokens measured against the evidence patches (study.selection).
+   Calibration and runs share one pool, costliest first (``run_all``); a method's calibrated runs join it as
+   soon as its trend is fitted;
 5. report: ``study.json`` (schema in docs/study.md), ``report.md``, figures (paper Figs. 2-5 from the recorded
    attention of each baseline's first stage).
 
