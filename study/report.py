@@ -58,6 +58,10 @@ def record_of(result: dict, qids: list[str], aspect: dict, band: dict) -> dict:
     return rec
 
 
+CALIBRATION_FITS = {"lsq": "least squares on the per-position mean scores (--calibration-fit lsq)",
+                    "loglinear": "least squares on the log of the per-position mean scores (--calibration-fit loglinear)"}
+
+
 def build(results: list[dict], eval_dir: Path, *, skipped: dict, settings: dict, model: Path) -> dict:
     from .data import row_band
 
@@ -145,7 +149,8 @@ def markdown(study: dict) -> str:
              f"{study['unpruned_ci95'][1]:.1f}]." if study["unpruned_accuracy"] is not None else "", "",
              "Accuracy (%) with bootstrap 95 % intervals; Δ = paired difference to the same method and budget in "
              "mode off (points, paired 95 % interval); recall = share of the evidence patches among the tokens "
-             "the last ranking stage kept; pad = share of kept tokens that are padding.", "",
+             "the last ranking stage kept; pad = share of kept tokens that are padding. Calibrated trends: "
+             + CALIBRATION_FITS.get(study.get("settings", {}).get("calibration_fit", "lsq"), "?") + ".", "",
              "| method | budget | off | pad (Δ) | pos paper (Δ) | full paper (Δ) | full calibrated (Δ) | recall off → full "
              "paper → full calib. | pad off → full |",
              "|---|---|---|---|---|---|---|---|---|"]

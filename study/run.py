@@ -116,7 +116,20 @@ def paper_trend(method: str) -> str:
     return paper_trend_name(method, PAPER_BENCHMARK)
 
 
-def plan(methods, budgets, modes, controls, image_start: int, trends_dir: Path, calibrated: bool = True) -> list[Job]:
+def trend_file(trends_dir: Path, method: str, fit: str = "lsq") -> Path:
+    """Where a method's calibrated trend is written: ``<method>.json`` for the default least-squares fit,
+    ``<method>.<fit>.json`` for another (``debias_core.calibrate --fit``)."""
+    return Path(trends_dir) / (f"{method}.json" if fit == "lsq" else f"{method}.{fit}.json")
+
+
+def calibrated_suffix(fit: str) -> str:
+    """Run-name suffix of calibrated runs: none for the default fit, ``-<fit>`` otherwise (so a finished run of
+    one fit is never taken for another's)."""
+    return "" if fit == "lsq" else f"-{fit}"
+
+
+def plan(methods, budgets, modes, controls, image_start: int, trends_dir: Path, calibrated: bool = True,
+         fit: str = "lsq") -> list[Job]:
     jobs = [Job("unpruned", "llava", "eval", "off", None, "-", None, kind="unpruned")]
     for m in methods:
         for keep in budgets:
@@ -126,9 +139,10 @@ def plan(methods, budgets, modes, controls, image_start: int, trends_dir: Path, 
             for mode in modes:
                 trends = [("paper", paper_trend(m))]
                 if calibrated and mode == "full":   # the calibrated trend is compared where it matters most: full
-                    trends.append(("calibrated", f"calibrated:{trends_dir / f'{m}.json'}"))
+                    trends.append(("calibrated", f"calibrated:{trend_file(trends_dir, m, fit)}"))
                 for label, spec in (trends if mode in ("pos", "full") else [("-", None)]):
-                    jobs.append(Job(f"{m}/{keep}/{mode}-{label}", m, "eval", mode, spec, label, keep, args))
+                    suffix = calibrated_suffix(fit) if label == "calibrated" else ""
+                    jobs.append(Job(f"{m}/{keep}/{mode}-{label}{suffix}", m, "eval", mode, spec, label, keep, args))
     for c in controls:
         for keep in budgets:
             jobs.append(Job(f"control-{c.replace(':', '')}/{keep}/off--", CONTROL_METHOD, "eval", "off", None, "-",
@@ -389,22 +403,31 @@ def run_all(jobs: list[Job], out: Path, model: Path, data: Path, envs: Envs, *, 
     return results, failures
 
 
-def calibrate_trends(results: list[dict], out: Path) -> Path:
-    """Fit each method's trend on its calibration recording (python -m debias_core.calibrate)."""
+def calibrate_trends(results: list[dict], out: Path, fit: str = "lsq") -> Path:
+    """Fit each method's trend on its calibration recording (python -m debias_core.calibrate --fit FIT)."""
     trends = out / "trends"
     trends.mkdir(parents=True, exist_ok=True)
     for r in results:
         job = r["job"]
-        dest = trends / f"{job['method']}.json"
+        dest = trend_file(trends, job["method"], fit)
         if dest.exists():
             continue
         record = out / "runs" / job["name"] / "record.npz"
         cmd = [sys.executable, "-m", "debias_core.calibrate", str(record), "--model", "llava-smollm2-study",
-               "--method", trend_method(job["method"]), "--out", str(dest)]
+               "--method", trend_method(job["method"]), "--fit", fit, "--out", str(dest)]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if p.returncode:
             raise StudyError(f"calibrating {job['method']} failed: {p.stderr.strip()[-400:]}")
     return trends
+
+
+def check_one_calibration_fit(out: Path, fit: str) -> None:
+    """A study folder holds calibrated runs of one fit only (the report has one calibrated column)."""
+    runs = Path(out) / "runs"
+    others = sorted({p.name for p in runs.glob("*/*/full-calibrated*")} - {f"full-calibrated{calibrated_suffix(fit)}"})
+    if others:
+        raise StudyError(f"{out} already holds calibrated runs of another fit ({', '.join(others)}); this run asks "
+                         f"for --calibration-fit {fit}: use another --out (carry the other runs over as needed)")
 
 
 def finished_results(out: Path) -> list[dict]:
@@ -464,6 +487,10 @@ def parse_args(argv=None):
                         "ones, and width scales as 1/sqrt(n); the committed H100 study used --n-eval 1100)")
     p.add_argument("--n-calib", type=int, default=300)
     p.add_argument("--no-calibrated", action="store_true", help="only the paper preset trends")
+    p.add_argument("--calibration-fit", choices=("lsq", "loglinear"), default="lsq",
+                   help="how the calibrated trend is fitted (debias_core.calibrate --fit): lsq, least squares on the "
+                        "per-position means (default, the paper's presumed recipe), or loglinear, on their logarithm "
+                        "(docs/study.md: the least-squares fit over-corrects on the study model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--carry", type=Path, default=None, help="a GPU machine's carried bundle (study.carry)")
     p.add_argument("--parallel", type=int, default=1, help="driver processes at once")
@@ -539,11 +566,12 @@ def study(a) -> int:
     trends.mkdir(exist_ok=True)
     if a.stop_after == "calibration":
         cal, failed = run_all(cal_jobs, out, a.model, data, envs, limit=None, parallel=a.parallel)
-        calibrate_trends(cal, out)
+        calibrate_trends(cal, out, a.calibration_fit)
         return 1 if failed else 0
     if skipped.get(CONTROL_METHOD):
         controls = []
-    jobs = plan(methods, budgets, modes, controls, s0, trends, calibrated=not a.no_calibrated)
+    check_one_calibration_fit(out, a.calibration_fit)
+    jobs = plan(methods, budgets, modes, controls, s0, trends, calibrated=not a.no_calibrated, fit=a.calibration_fit)
     # a method's calibrated runs wait for its calibration; every other run starts at once beside the calibrations
     waiting: dict[str, list[Job]] = {}
     for j in jobs:
@@ -554,7 +582,7 @@ def study(a) -> int:
         job = record["job"]
         if job["kind"] != "calibration":
             return []
-        calibrate_trends([record], out)
+        calibrate_trends([record], out, a.calibration_fit)
         return waiting.pop(job["method"], [])
 
     ready = [j for j in jobs if j.trend_label != "calibrated"]

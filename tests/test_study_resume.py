@@ -75,3 +75,33 @@ def test_a_quick_slice_and_a_full_study_default_to_separate_folders(tmp_path):
     assert R.parse_args(["--quick"]).out.name == "study-quick"
     assert R.parse_args([]).out.name == "study"
     assert R.parse_args(["--quick", "--out", str(tmp_path)]).out == tmp_path
+
+
+def test_a_second_calibration_fit_gets_its_own_trend_files_and_run_names(tmp_path):
+    jobs = R.plan(["fastv"], [64], ["full"], [], 32, tmp_path / "trends", fit="loglinear")
+    calibrated = [j for j in jobs if j.trend_label == "calibrated"]
+    assert [j.name for j in calibrated] == ["fastv/64/full-calibrated-loglinear"]
+    assert calibrated[0].trend == f"calibrated:{tmp_path / 'trends' / 'fastv.loglinear.json'}"
+    default = [j for j in R.plan(["fastv"], [64], ["full"], [], 32, tmp_path / "trends") if j.trend_label == "calibrated"]
+    assert [j.name for j in default] == ["fastv/64/full-calibrated"]
+    assert default[0].trend == f"calibrated:{tmp_path / 'trends' / 'fastv.json'}"
+
+
+def test_a_folder_never_mixes_calibrated_runs_of_two_fits(tmp_path):
+    (tmp_path / "runs" / "fastv" / "64" / "full-calibrated").mkdir(parents=True)
+    R.check_one_calibration_fit(tmp_path, "lsq")
+    with pytest.raises(R.StudyError, match="another fit .*full-calibrated.*--calibration-fit loglinear"):
+        R.check_one_calibration_fit(tmp_path, "loglinear")
+
+
+def test_calibration_fits_with_the_chosen_fit_into_its_own_file(tmp_path, monkeypatch):
+    calls = []
+
+    class Done:
+        returncode, stderr = 0, ""
+
+    monkeypatch.setattr(R.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    R.calibrate_trends([{"job": {"method": "fastv", "name": "calibration/fastv"}}], tmp_path, "loglinear")
+    (cmd,) = calls
+    assert cmd[cmd.index("--fit") + 1] == "loglinear"
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "trends" / "fastv.loglinear.json")
