@@ -32,20 +32,17 @@ def recall_by_band(recording, items: dict, *, mode: str, trend: str | None, meth
     import numpy as np
 
     from . import selection
-    from .data import evidence_patches, row_band
+    from .data import row_band
     from .run import trend_method
 
     kept = selection.kept_sets(recording, mode=mode, trend=trend, method_key=method,
                                trend_method=trend_method(method), final_k=k)
     per_band = {b: [] for b in BANDS}
-    for qid, sets in kept.items():
-        item = items.get(qid)
-        if item is None or not item["evidence"]:
-            continue
-        boxes = [tuple(b) for b in item["evidence"]]
-        recall = selection.evidence_recall(sets.stages[-1], evidence_patches(boxes, tuple(item["image_size"])))
-        if recall is not None:
-            per_band[row_band(boxes, tuple(item["image_size"]))].append(recall)
+    for qid, measured in selection.per_question(kept, items).items():
+        recall = measured["recall"][-1]
+        if recall is not None:   # None: no evidence patch (e.g. an existence question answered "no")
+            item = items[qid]
+            per_band[row_band([tuple(b) for b in item["evidence"]], tuple(item["image_size"]))].append(recall)
     every = [r for rs in per_band.values() for r in rs]
     out = {b: (float(np.mean(rs)) if rs else None) for b, rs in per_band.items()}
     return {"all": float(np.mean(every)) if every else None, **out, "n": len(every)}

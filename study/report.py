@@ -377,7 +377,7 @@ def _relative(path, out: Path) -> str:
     return str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
 
 
-def write_report(out: Path, results: list[dict], eval_dir: Path, *, trends: Path, skipped: dict, settings: dict,
+def write_report(out: Path, results: list[dict], eval_dir: Path, *, skipped: dict, settings: dict,
                  model: Path) -> Path:
     study = build(results, eval_dir, skipped=skipped, settings=settings, model=model)
     figs = {"accuracy": str(plot_budget_curves(study, out, "accuracy"))}

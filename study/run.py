@@ -333,18 +333,7 @@ def _measure(job: Job, run_dir: Path, record: Path, split: Path) -> dict:
     spec = _method_args(job.method, args)
     kept = selection.kept_sets(rec, mode=job.mode, trend=job.trend, method_key=job.method,
                                trend_method=trend_method(job.method), final_k=selection.final_budget(job.method, spec))
-    per_q = {}
-    from .data import evidence_patches
-
-    for qid, k in kept.items():
-        item = items.get(qid)
-        if item is None:
-            continue
-        ev = evidence_patches([tuple(b) for b in item["evidence"]], tuple(item["image_size"]))
-        per_q[qid] = {"recall": [selection.evidence_recall(s, ev) for s in k.stages],
-                      "padding_share": selection.padding_share(k.stages[-1], item["image_size"]),
-                      "kept": [len(s) for s in k.stages]}
-    out["selection"] = per_q
+    out["selection"] = selection.per_question(kept, items)
     return out
 
 
@@ -403,7 +392,7 @@ def run_all(jobs: list[Job], out: Path, model: Path, data: Path, envs: Envs, *, 
     return results, failures
 
 
-def calibrate_trends(results: list[dict], out: Path, fit: str = "lsq") -> Path:
+def calibrate_trends(results: list[dict], out: Path, fit: str = "lsq") -> None:
     """Fit each method's trend on its calibration recording (python -m debias_core.calibrate --fit FIT)."""
     trends = out / "trends"
     trends.mkdir(parents=True, exist_ok=True)
@@ -418,7 +407,6 @@ def calibrate_trends(results: list[dict], out: Path, fit: str = "lsq") -> Path:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if p.returncode:
             raise StudyError(f"calibrating {job['method']} failed: {p.stderr.strip()[-400:]}")
-    return trends
 
 
 def check_one_calibration_fit(out: Path, fit: str) -> None:
@@ -460,7 +448,7 @@ def report_main(argv=None) -> int:
         return 2
     settings = {"rebuilt_from": str(a.out), "device": a.device, "note": a.note,
                 "n_eval": max(r.get("n", 0) for r in results)}
-    print(write_report(a.out, results, a.out / "data" / "eval", trends=a.out / "trends", skipped={},
+    print(write_report(a.out, results, a.out / "data" / "eval", skipped={},
                        settings=settings, model=a.model))
     return 0
 
@@ -563,7 +551,6 @@ def study(a) -> int:
 
     cal_jobs = [] if a.no_calibrated else calibration_jobs(methods, s0)
     trends = out / "trends"
-    trends.mkdir(exist_ok=True)
     if a.stop_after == "calibration":
         cal, failed = run_all(cal_jobs, out, a.model, data, envs, limit=None, parallel=a.parallel)
         calibrate_trends(cal, out, a.calibration_fit)
@@ -595,7 +582,7 @@ def study(a) -> int:
         for j in left:
             skipped[j.name] = f"{j.name}: not run, {method}'s calibration failed"
     if a.stop_after != "runs":
-        path = write_report(out, results, data / "eval", trends=trends, skipped=skipped, settings=vars(a),
+        path = write_report(out, results, data / "eval", skipped=skipped, settings=vars(a),
                             model=a.model)
         print(path)
     if failed:

@@ -88,3 +88,21 @@ def padding_share(kept: list[int], image_size, *, grid: int = 24, resolution: in
         return None
     frac = np.asarray(pad_fractions(tuple(image_size), grid=grid, resolution=resolution, preprocess="pad"))
     return float(np.mean(frac.reshape(-1)[kept] > threshold))
+
+
+def per_question(kept: dict[str, Kept], items: dict[str, dict]) -> dict[str, dict]:
+    """{question_id: {"recall": [per stage], "padding_share", "kept": [sizes per stage]}} of each question's kept
+    sets against its evidence patches (``items``: question_id -> items.jsonl record); questions without an item
+    are left out."""
+    from .data import evidence_patches
+
+    out = {}
+    for qid, k in kept.items():
+        item = items.get(qid)
+        if item is None:
+            continue
+        ev = evidence_patches([tuple(b) for b in item["evidence"]], tuple(item["image_size"]))
+        out[qid] = {"recall": [evidence_recall(s, ev) for s in k.stages],
+                    "padding_share": padding_share(k.stages[-1], item["image_size"]),
+                    "kept": [len(s) for s in k.stages]}
+    return out
