@@ -9,7 +9,7 @@
 #   bash scripts/study_gpu.sh start "ARGS" ...   study runs (one `python -m study run` per quoted ARGS, in turn) in their
 #                                                own process session: they outlive this call while the machine stays held
 #   bash scripts/study_gpu.sh wait SECS          wait up to SECS for them; pack what finished into $OUT either way
-# `start` runs the drivers under CUDA MPS where the machine has it (MPS=0: not): batch-1 drivers launch small
+# `start` and `run` run the drivers under CUDA MPS where the machine has it (MPS=0: not): batch-1 drivers launch small
 # kernels, which MPS runs side by side instead of giving each process the whole GPU in turn.
 # A study continued from an earlier session: carry its finished runs as $CARRY/prior/runs.tar.gz (docs/study.md).
 set -euo pipefail
@@ -51,6 +51,7 @@ prepare_run() {
     mkdir -p outputs/study && tar -xzf "$carry/prior/runs.tar.gz" -C outputs/study
     echo "prior: $(find outputs/study/runs -name done.json | wc -l) finished runs from $carry/prior/runs.tar.gz"
   fi
+  mps_on | tee outputs/mps-status.txt
 }
 
 study_run() {
@@ -94,7 +95,7 @@ case ${1:-} in
     shift
     prepare_run
     mkdir -p "$chain"
-    mps_on | tee -a "$chain/progress.txt"
+    cat outputs/mps-status.txt >> "$chain/progress.txt"
     export -f study_run; export carry model site chain
     # setsid: a process session of its own outlives the call (while the next call comes within 30 s)
     setsid nohup bash -c 'nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 10 > "$chain/gpu-util.csv" &
