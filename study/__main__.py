@@ -6,6 +6,7 @@
     publish   copy a training run's trained.safetensors into study/weights/ with its manifest
     run       the study: every baseline x mode x budget, controls, figures   (see python -m study run --help)
     report    the report of a study folder's finished runs                  (see python -m study report --help)
+    merge     one study from studies run on disjoint parts of the evaluation split  (python -m study merge --help)
 
 Exit codes: 0 done; 1 the work failed; 2 a usage or input error (one ``error:`` line says what and how to fix it).
 """
@@ -23,7 +24,9 @@ def _data(a) -> None:
         raise ValueError(f"--split {a.split!r}: written splits are calib and eval (train is streamed)")
     if a.n < 1:
         raise ValueError(f"--n {a.n} must be at least 1")
-    print(generate_split(a.split, Path(a.out), n_questions=a.n, seed=SPLIT_SEEDS[a.split]))
+    if a.first_image < 0:
+        raise ValueError(f"--first-image {a.first_image} must be at least 0")
+    print(generate_split(a.split, Path(a.out), n_questions=a.n, seed=SPLIT_SEEDS[a.split], first_image=a.first_image))
 
 
 def _train(a) -> None:
@@ -56,6 +59,8 @@ def main(argv=None) -> int:
     d.add_argument("--split", required=True)
     d.add_argument("--out", required=True)
     d.add_argument("--n", type=int, default=1500, help="questions (default 1500)")
+    d.add_argument("--first-image", type=int, default=0,
+                   help="write a later part of the split, from this image on (question ids from 3x it); default 0")
     d.set_defaults(func=_data)
     t = sub.add_parser("train", help="train the study model")
     t.add_argument("--out", required=True)
@@ -92,7 +97,13 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run the study", add_help=False)
     r.set_defaults(func=None)
     sub.add_parser("report", help="report the finished runs of a study folder", add_help=False).set_defaults(func=None)
+    sub.add_parser("merge", help="merge studies run on disjoint parts of the evaluation split",
+                   add_help=False).set_defaults(func=None)
     a, rest = p.parse_known_args(argv)
+    if a.cmd == "merge":
+        from .merge import main as merge_main
+
+        return merge_main(rest)
     if a.cmd == "run":
         from .run import main as run_main
 

@@ -577,8 +577,9 @@ from debias_core.calibrate import file_sha256 as _sha256  # noqa: E402  (the pro
 
 
 def _manifest_key(manifest: dict) -> dict:
-    keys = ("split", "seed", "n_questions", "questions_per_image", "generator_version", "photos_sha256")
-    return {key: manifest.get(key) for key in keys}
+    keys = ("split", "seed", "n_questions", "questions_per_image", "first_image", "generator_version",
+            "photos_sha256")
+    return {key: manifest.get(key, 0 if key == "first_image" else None) for key in keys}   # older: first part
 
 
 def _reuse_or_refuse(out_dir: Path, wanted: dict) -> Path:
@@ -590,6 +591,9 @@ def _reuse_or_refuse(out_dir: Path, wanted: dict) -> Path:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise SplitError(f"error: {manifest_path} is unreadable ({error}); {fix}") from None
+    if "parts" in manifest:
+        raise SplitError(f"error: {out_dir} joins several parts (python -m study merge): it is for reporting; run "
+                         f"more questions in a folder of their own (--eval-first-image) and merge again")
     found = _manifest_key(manifest)
     if found != wanted:
         differences = ", ".join(f"{key}={found[key]!r} (requested {wanted[key]!r})" for key in wanted
@@ -605,8 +609,13 @@ def _reuse_or_refuse(out_dir: Path, wanted: dict) -> Path:
 
 
 def generate_split(split: str, out_dir: Path, *, n_questions: int, seed: int | None = None,
-                   questions_per_image: int = 3, progress: bool = True) -> Path:
+                   questions_per_image: int = 3, first_image: int = 0, progress: bool = True) -> Path:
     """Write a split in LLaVA's evaluation layout; returns ``out_dir``.
+
+    ``first_image`` > 0 writes a later part of the same seeded split: images ``first_image, first_image + 1, ...``
+    (each image is drawn from its own index, so they are the images a larger split would hold there) and question
+    ids numbered from ``first_image * questions_per_image``. Two parts whose images do not overlap are disjoint
+    samples of one distribution; ``python -m study merge`` joins studies run on them.
 
     Files: images/<split>_<image index:06d>.png; questions.jsonl ({"question_id", "image", "text", "category"}, text
     ending in LLaVA's single-word suffix, category = family); answers.jsonl ({"question_id", "answer"}); items.jsonl
@@ -622,9 +631,12 @@ def generate_split(split: str, out_dir: Path, *, n_questions: int, seed: int | N
     _check_seed("seed", seed)
     if n_questions < 1 or questions_per_image < 1:
         raise ValueError(f"error: n_questions={n_questions} and questions_per_image={questions_per_image} must be >= 1")
+    if first_image < 0:
+        raise ValueError(f"error: first_image={first_image} must be >= 0")
     out_dir = Path(out_dir)
     wanted = {"split": split, "seed": int(seed), "n_questions": int(n_questions),
-              "questions_per_image": int(questions_per_image), "generator_version": GENERATOR_VERSION,
+              "questions_per_image": int(questions_per_image), "first_image": int(first_image),
+              "generator_version": GENERATOR_VERSION,
               "photos_sha256": _photos_fingerprint(os.environ.get(assets.ASSETS_ENV))}
     if out_dir.exists():
         if out_dir.is_dir() and not any(out_dir.iterdir()):
@@ -639,7 +651,7 @@ def generate_split(split: str, out_dir: Path, *, n_questions: int, seed: int | N
     if partial.exists():
         shutil.rmtree(partial)
     try:
-        _write_split(partial, split, int(seed), n_questions, questions_per_image, progress)
+        _write_split(partial, split, int(seed), n_questions, questions_per_image, int(first_image), progress)
         manifest = dict(wanted, n_images=math.ceil(n_questions / questions_per_image),
                         items_sha256=_sha256(partial / "items.jsonl"))
         (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -651,26 +663,27 @@ def generate_split(split: str, out_dir: Path, *, n_questions: int, seed: int | N
 
 
 def _write_split(folder: Path, split: str, seed: int, n_questions: int, questions_per_image: int,
-                 progress: bool) -> None:
+                 first_image: int, progress: bool) -> None:
     (folder / "images").mkdir(parents=True)
     n_images = math.ceil(n_questions / questions_per_image)
     with open(folder / "questions.jsonl", "w", encoding="utf-8") as questions, \
             open(folder / "answers.jsonl", "w", encoding="utf-8") as answers, \
             open(folder / "items.jsonl", "w", encoding="utf-8") as records:
-        index = 0
-        for image_index in range(n_images):
+        written = 0
+        for image_index in range(first_image, first_image + n_images):
             name = f"{split}_{image_index:06d}.png"
-            count = min(questions_per_image, n_questions - index)
+            count = min(questions_per_image, n_questions - written)
             image, items = make_items(split_image_rng(seed, image_index), name, count)
             image.save(folder / "images" / name, compress_level=3)
-            for item in items:
-                item = dataclasses.replace(item, question_id=f"{split}_{index:06d}")
+            for k, item in enumerate(items):
+                item = dataclasses.replace(item, question_id=f"{split}_{image_index * questions_per_image + k:06d}")
                 questions.write(json.dumps({"question_id": item.question_id, "image": item.image,
                                             "text": item.question + LLAVA_ANSWER_SUFFIX,
                                             "category": item.family}) + "\n")
                 answers.write(json.dumps({"question_id": item.question_id, "answer": item.answer}) + "\n")
                 records.write(json.dumps(_item_record(item)) + "\n")
-                index += 1
-            if progress and (image_index + 1 == n_images or (image_index + 1) % 50 == 0):
-                print(f"{split}: {image_index + 1}/{n_images} images, {index}/{n_questions} questions",
+                written += 1
+            done = image_index + 1 - first_image
+            if progress and (done == n_images or done % 50 == 0):
+                print(f"{split}: {done}/{n_images} images, {written}/{n_questions} questions",
                       file=sys.stderr, flush=True)

@@ -86,7 +86,11 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x):
-        return self.base(x) + (x.to(self.lora_a.dtype) @ self.lora_a.T @ self.lora_b.T).to(x.dtype) * self.scale
+        if not torch.is_autocast_enabled(x.device.type):
+            x_lora = x.to(self.lora_a.dtype)
+        else:   # autocast casts both factors to its dtype anyway: an fp32 copy of x would only cost memory traffic
+            x_lora = x
+        return self.base(x) + (x_lora @ self.lora_a.T @ self.lora_b.T).to(x.dtype) * self.scale
 
     def delta(self) -> torch.Tensor:
         """scale · B A  [out, in]: what merging adds to W."""
@@ -172,19 +176,27 @@ class StudyVLM(nn.Module):
         head = table(prefix)[None].expand(b, -1, -1)
         return torch.cat([head, image.to(head.dtype), table(suffix)], dim=1)
 
-    def hidden(self, prefix, pixels, suffix, suffix_mask, features=None):
-        """Last hidden states [B, P + 576 + T, H] (right padding masked out)."""
+    def hidden(self, prefix, pixels, suffix, suffix_mask, features=None, mask_padding: bool = True):
+        """Last hidden states [B, P + 576 + T, H]; suffix_mask [B, T] marks the real tokens of a right-padded
+        suffix. ``mask_padding=False`` passes no attention mask: under causal attention no position attends to a
+        later one, so the states of real tokens are the same (to rounding) and only the padding's own states, which
+        nothing reads, change; without a mask SDPA may use its fused causal kernel (training's fast path)."""
         embeds = self.embed(prefix, pixels, suffix, features)
+        if not mask_padding:
+            return self.llm.model(inputs_embeds=embeds).last_hidden_state
         lead = embeds.shape[1] - suffix.shape[1]
         mask = torch.cat([suffix_mask.new_ones(suffix.shape[0], lead), suffix_mask], dim=1)
         return self.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
-    def loss(self, prefix, pixels, suffix, suffix_mask, labels, return_features: bool = False):
-        """Mean next-token cross-entropy over answer tokens (labels [B, T], -100 elsewhere); also the share of
-        answers whose every token is predicted right (teacher-forced exact match) [B] bool; with
-        ``return_features`` also the vision features [B, 576, H_vision] (for auxiliary losses)."""
+    def loss(self, prefix, pixels, suffix, suffix_mask, labels, return_features: bool = False,
+             mask_padding: bool = False):
+        """Mean next-token cross-entropy over answer tokens (labels [B, T], -100 elsewhere; right-padded); also
+        the share of answers whose every token is predicted right (teacher-forced exact match) [B] bool; with
+        ``return_features`` also the vision features [B, 576, H_vision] (for auxiliary losses). Only real
+        tokens' states are read, so the padding needs no attention mask (``hidden``); ``mask_padding=True``
+        masks it anyway (the two agree to rounding; tested)."""
         features = self.patch_features(pixels)
-        h = self.hidden(prefix, pixels, suffix, suffix_mask, features)
+        h = self.hidden(prefix, pixels, suffix, suffix_mask, features, mask_padding=mask_padding)
         lead = h.shape[1] - suffix.shape[1]
         # position j of the suffix is predicted from position lead + j - 1
         pred_h = h[:, lead - 1: h.shape[1] - 1]

@@ -473,6 +473,10 @@ def parse_args(argv=None):
                    help="evaluation questions (default 2000: every off -> full paired 95 %% interval within about "
                         "±3 points; on 1,100 the widest was ±3.2 with the paper trends and ±4.0 with calibrated "
                         "ones, and width scales as 1/sqrt(n); the committed H100 study used --n-eval 1100)")
+    p.add_argument("--eval-first-image", type=int, default=0,
+                   help="run on a later part of the evaluation split, from this image on (question ids from 3x it), "
+                        "to add questions to a finished study: carry its trends and calibration runs, then "
+                        "python -m study merge the two folders (docs/study.md)")
     p.add_argument("--n-calib", type=int, default=300)
     p.add_argument("--no-calibrated", action="store_true", help="only the paper preset trends")
     p.add_argument("--calibration-fit", choices=("lsq", "loglinear"), default="lsq",
@@ -514,7 +518,7 @@ def main(argv=None) -> int:
 
 def study(a) -> int:
     from .checkpoint import image_start
-    from .data import SPLIT_SEEDS, generate_split
+    from .data import SPLIT_SEEDS, SplitError, generate_split
     from .report import write_report
 
     methods = [m for m in a.methods.split(",") if m]
@@ -532,8 +536,13 @@ def study(a) -> int:
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    for split, n in (("calib", a.n_calib), ("eval", a.n_eval)):
-        generate_split(split, data / split, n_questions=n, seed=SPLIT_SEEDS[split])
+    if a.eval_first_image < 0:
+        raise StudyError(f"--eval-first-image {a.eval_first_image} must be at least 0")
+    for split, n, first in (("calib", a.n_calib, 0), ("eval", a.n_eval, a.eval_first_image)):
+        try:
+            generate_split(split, data / split, n_questions=n, seed=SPLIT_SEEDS[split], first_image=first)
+        except SplitError as e:
+            raise StudyError(str(e).removeprefix("error: ")) from None
 
     check_finished_runs(out, a.model, data)
     threads = max(1, (os.cpu_count() or 1) // a.parallel) if a.device == "cpu" and a.parallel > 1 else None

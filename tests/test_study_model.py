@@ -83,6 +83,68 @@ def test_lora_starts_as_the_identity():
     torch.testing.assert_close(after, before)
 
 
+def _tiny_vlm(seed=0):
+    llm, cfg = tiny_llama(seed=seed)
+    llm.requires_grad_(False)
+    wrapped = M.add_lora(llm, M.LoraSpec())
+    for m in wrapped.values():
+        torch.nn.init.normal_(m.lora_b, std=0.05)
+    vision = M.build_vision_tower(seed)
+    return M.StudyVLM(llm, vision, M.build_projector(M.VISION["hidden_size"], cfg.hidden_size)).eval()
+
+
+def test_training_loss_without_a_padding_mask_equals_the_masked_one():
+    """Right-padded suffixes under causal attention: the loss, the exact-match flags and the gradients are the
+    same with no attention mask (training's fast path) as with the padding masked; and the padding is really
+    there (the masked and unmasked states of padded positions differ), so the test can fail."""
+    vlm = _tiny_vlm()
+    torch.manual_seed(1)
+    prefix = torch.randint(0, 97, (5,))
+    pixels = torch.randn(3, 3, 336, 336)
+    lengths = [9, 4, 6]
+    suffix = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    labels = torch.full((3, 9), -100)
+    for i, n in enumerate(lengths):
+        suffix[i, :n] = torch.randint(1, 97, (n,))
+        mask[i, :n] = 1
+        labels[i, n - 2:n] = suffix[i, n - 2:n]
+    results = []
+    for mask_padding in (True, False):
+        vlm.zero_grad(set_to_none=True)
+        loss, right = vlm.loss(prefix, pixels, suffix, mask, labels, mask_padding=mask_padding)
+        loss.backward()
+        results.append((loss.detach(), right, vlm.projector[0].weight.grad.clone()))
+    (l1, r1, g1), (l2, r2, g2) = results
+    torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-5)
+    assert torch.equal(r1, r2)
+    torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        h_masked = vlm.hidden(prefix, pixels, suffix, mask, mask_padding=True)
+        h_plain = vlm.hidden(prefix, pixels, suffix, mask, mask_padding=False)
+    lead = h_masked.shape[1] - suffix.shape[1]
+    assert not torch.allclose(h_masked[1, lead + 4:], h_plain[1, lead + 4:])   # padding: states differ
+    torch.testing.assert_close(h_plain[1, :lead + 4], h_masked[1, :lead + 4], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_under_autocast_computes_what_the_fp32_copy_did():
+    """LoraLinear no longer copies its input to float32 under autocast (autocast casts the factors back to its
+    dtype anyway): same output as the float32 round trip, bit for bit."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    lora = M.LoraLinear(base, M.LoraSpec())
+    torch.nn.init.normal_(lora.lora_b, std=0.1)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lora(x)
+        want = base(x) + (x.float() @ lora.lora_a.T @ lora.lora_b.T).to(x.dtype) * lora.scale
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    with torch.no_grad():   # without autocast a float32 LoRA still takes a float32 input (CPU training)
+        y = M.LoraLinear(torch.nn.Linear(16, 8), M.LoraSpec())(torch.randn(2, 16))
+    assert y.dtype == torch.float32
+
+
 # ------------------------------------------------------------------------------------------- controls
 
 def test_grid_priority_spreads_every_budget():
