@@ -469,10 +469,10 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--controls", default=",".join(CONTROLS))
-    p.add_argument("--n-eval", type=int, default=2000,
-                   help="evaluation questions (default 2000: every off -> full paired 95 %% interval within about "
-                        "±3 points; on 1,100 the widest was ±3.2 with the paper trends and ±4.0 with calibrated "
-                        "ones, and width scales as 1/sqrt(n); the committed H100 study used --n-eval 1100)")
+    p.add_argument("--n-eval", type=int, default=2200,
+                   help="evaluation questions (default 2200: the committed H100 study's 2,200 kept every off -> full "
+                        "paired 95 %% interval within ±2.9 points; width scales as 1/sqrt(n); that study ran as two "
+                        "parts of 1,100, see --eval-first-image)")
     p.add_argument("--eval-first-image", type=int, default=0,
                    help="run on a later part of the evaluation split, from this image on (question ids from 3x it), "
                         "to add questions to a finished study: carry its trends and calibration runs, then "
