@@ -31,17 +31,18 @@ def fp32_lora_forward(self, x):
     return self.base(x) + (x.to(self.lora_a.dtype) @ self.lora_a.T @ self.lora_b.T).to(x.dtype) * self.scale
 
 
-def time_variant(variant: str, *, gguf, batch: int, steps: int, warmup: int, turns: int, device: str) -> dict:
+def time_variant(variant: str, *, gguf, batch: int, steps: int, warmup: int, turns: int, device: str,
+                 llm_source: str = "smollm2") -> dict:
     import functools
 
     from . import model as M
     from . import train as T
 
     torch.manual_seed(0)
-    vlm, tokenizer, config, wrapped = T.build("smollm2", gguf, 0, M.LoraSpec())
-    vlm.llm.to(torch.bfloat16)
-    for m in wrapped.values():
-        m.lora_a.data, m.lora_b.data = m.lora_a.data.float(), m.lora_b.data.float()
+    vlm, tokenizer, config, wrapped = T.build(llm_source, gguf, 0, M.LoraSpec())
+    cuda = device.startswith("cuda")
+    if cuda:   # as study.train: the frozen base in bf16 under autocast, the trained parts in fp32
+        vlm.llm.to(torch.bfloat16)
     vlm.to(device)
     aux = T.AuxHeads(M.VISION["hidden_size"]).to(device)
     params = list(vlm.vision.parameters()) + list(vlm.projector.parameters()) + list(aux.parameters()) + \
@@ -60,8 +61,8 @@ def time_variant(variant: str, *, gguf, batch: int, steps: int, warmup: int, tur
     if variant == "compiled":
         vlm.llm.model = torch.compile(vlm.llm.model)
     loss_fn = functools.partial(vlm.loss, mask_padding=variant.startswith("masked"), return_features=True)
-    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
-    times = []
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    times, first_loss = [], None
     try:
         for i in range(warmup + steps):
             if device.startswith("cuda"):
@@ -76,6 +77,8 @@ def time_variant(variant: str, *, gguf, batch: int, steps: int, warmup: int, tur
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
+            if i == 0:
+                first_loss = float(loss)
             if i == 0 and variant == "compiled":
                 compile_s = round(dt, 1)
             if i >= warmup:
@@ -84,7 +87,7 @@ def time_variant(variant: str, *, gguf, batch: int, steps: int, warmup: int, tur
         M.LoraLinear.forward = restore
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"variant": variant, "ms_per_step": round(statistics.median(times), 1),
-            "quartiles_ms": [round(q[0], 1), round(q[2], 1)], "steps_timed": steps, "loss": round(float(loss), 4),
+            "quartiles_ms": [round(q[0], 1), round(q[2], 1)], "steps_timed": steps, "first_loss": first_loss,
             "tokens_per_sample": prefix_len + 576 + suffix.shape[1], "compile_s": compile_s,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if device.startswith("cuda") else None}
 
@@ -97,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--gguf", default=None)
+    p.add_argument("--llm", default="smollm2", choices=("smollm2", "tiny"),
+                   help="tiny: a random two-layer LLM (a CPU check of the script, not a timing)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", type=Path, default=Path("outputs/train-speed"))
     a = p.parse_args(argv)
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
         try:
             r = time_variant(v, gguf=a.gguf, batch=a.batch, steps=a.steps, warmup=a.warmup, turns=a.turns,
-                             device=a.device)
+                             device=a.device, llm_source=a.llm)
         except Exception as e:  # noqa: BLE001 - a variant that fails (e.g. no compiler) is reported, not fatal
             r = {"variant": v, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(json.dumps(r), flush=True)

@@ -132,3 +132,21 @@ def test_resume_continues_and_refuses_other_turns(tmp_path, tokenizer):
     record = T.train(out, turns=2, log=messages.append, **kw)
     assert any("resuming at step 2" in m for m in messages)
     assert record["steps"] == 4 and not (out / "resume").exists()
+
+
+def test_train_speed_variants_compute_the_same_step(tmp_path, tokenizer):
+    """python -m study.train_speed on CPU with the tiny LLM: every variant times the same first step (same seed,
+    same batch), so their first losses agree; an unknown variant is a usage error. A check of the script, not a
+    timing."""
+    from study import train_speed
+
+    out = tmp_path / "speed"
+    assert train_speed.main(["--llm", "tiny", "--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0",
+                             "--variants", "masked-fp32lora,masked,unmasked", "--out", str(out)]) == 0
+    results = json.loads((out / "train_speed.json").read_text())["results"]
+    assert [r["variant"] for r in results] == ["masked-fp32lora", "masked", "unmasked"]
+    assert all("error" not in r and r["ms_per_step"] > 0 for r in results), results
+    losses = [r["first_loss"] for r in results]
+    assert max(losses) - min(losses) < 1e-4, losses
+    assert M.LoraLinear.forward is not train_speed.fp32_lora_forward   # the monkeypatch was undone
+    assert train_speed.main(["--variants", "fast", "--out", str(out)]) == 2
