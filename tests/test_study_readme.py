@@ -44,3 +44,15 @@ def test_the_unpruned_accuracy_quoted_is_the_study_s():
     low, high = study["unpruned_ci95"]
     quoted = f"{study['unpruned_accuracy']:.1f} % [{low:.1f}, {high:.1f}] unpruned"
     assert quoted in _section()
+
+
+def test_the_interval_widths_quoted_are_the_study_s():
+    """The README's half-width ranges of the paired off -> full intervals (paper and calibrated trends) are the
+    linked study's, so the claim about the ±3-point aim follows the data."""
+    records = _study()["records"]
+    for trend in ("paper", "calibrated"):
+        half = [(r["vs_off"]["ci95"][1] - r["vs_off"]["ci95"][0]) / 2 for r in records
+                if r["kind"] == "baseline" and r["mode"] == "full" and r["trend"] == trend]
+        assert len(half) == 17
+        quoted = f"±{min(half):.1f} to ±{max(half):.1f}"
+        assert quoted in _section(), (trend, quoted)
