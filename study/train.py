@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -318,29 +319,12 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
                     rope_theta=M.ROPE_THETA, vision=M.VISION, lora_targets=list(M.LORA_TARGETS), turns=turns,
                     init=str(init) if init else None, init_sha256=init_sha256,
                     aux_background_weight=AuxHeads.BACKGROUND_WEIGHT)
-    torch.manual_seed(seed)
-    vlm, tokenizer, config, wrapped = build(llm_source, gguf, seed, spec)
-    if init is not None:
-        from safetensors.torch import load_file
-
-        load_trainable(vlm, wrapped, {k: v.float() for k, v in load_file(str(init)).items()})
+    training = prepare(llm_source, gguf, seed, device, lr_vision=lr_vision, lr_lora=lr_lora, init=init)
+    vlm, tokenizer, config, wrapped, opt, prefix, prefix_len, amp = (
+        training.vlm, training.tokenizer, training.config, training.wrapped, training.opt, training.prefix,
+        training.prefix_len, training.amp)
     cuda = device.startswith("cuda")
-    if cuda:
-        vlm.llm.to(torch.bfloat16)  # frozen base in bf16; LoRA, vision tower and projector train in fp32
-        for m in wrapped.values():
-            m.lora_a.data, m.lora_b.data = m.lora_a.data.float(), m.lora_b.data.float()
-    vlm.to(device)
-    prefix_ids = M.prompt_ids(tokenizer, "x")
-    prefix_len = prefix_ids.index(M.IMAGE_TOKEN_INDEX)
-    prefix = torch.tensor(prefix_ids[:prefix_len], device=device)
-
-    aux = AuxHeads(M.VISION["hidden_size"]).to(device)
-    groups = [{"params": list(vlm.vision.parameters()) + list(vlm.projector.parameters()) + list(aux.parameters()),
-               "lr": lr_vision, "weight_decay": 0.05},
-              {"params": [p for m in wrapped.values() for p in (m.lora_a, m.lora_b)], "lr": lr_lora,
-               "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98))
-    base_lrs = [g["lr"] for g in groups]
+    base_lrs = [g["lr"] for g in opt.param_groups]
 
     resume_dir = out / "resume"
     step, total, history, t_spent = 0, max_steps, [], 0.0
@@ -356,27 +340,18 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
     loader = torch.utils.data.DataLoader(Stream(tokenizer, TRAIN_SEED + 100_000 * seed + step, prefix_len, turns), batch_size=batch,
                                          num_workers=workers, collate_fn=functools.partial(collate, pad_id=tokenizer.eos_token_id),
                                          persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    vlm.train()
-    vlm.llm.eval()  # no dropout in Llama anyway; keeps the frozen base in inference mode
     t0 = time.time() - t_spent
     it = iter(loader)
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr, desc="train")
     while total is None or step < total:
-        pixels, suffix, mask, labels, targets = (x.to(device, non_blocking=True) for x in next(it))
+        batch_on_device = [x.to(device, non_blocking=True) for x in next(it)]
         frac = step / total if total else 0.0
         for g, base in zip(opt.param_groups, base_lrs):
             warm = min(1.0, (step + 1) / warmup_steps)
             g["lr"] = base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        with amp:
-            loss, right, features = vlm.loss(prefix, pixels, suffix, mask, labels, return_features=True)
-            aux_loss = aux.loss(features, targets)
-        opt.zero_grad(set_to_none=True)
-        (loss + aux_weight * aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        opt.step()
+        loss, right, aux_loss = training_step(training, batch_on_device, aux_weight)
         step += 1
         bar.update(1)
         if step % 10 == 0:
@@ -419,6 +394,65 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
             f.unlink()
         resume_dir.rmdir()
     return record
+
+
+@dataclass
+class Training:
+    """What a training step needs, set up as ``train`` runs it (``prepare``)."""
+    vlm: M.StudyVLM
+    tokenizer: object
+    config: dict
+    wrapped: dict            # {prefix: LoraLinear}
+    aux: AuxHeads
+    opt: torch.optim.Optimizer
+    prefix: torch.Tensor     # [P] the prompt's tokens before the image
+    prefix_len: int
+    amp: object              # autocast context: bf16 on CUDA, off on CPU
+
+
+def prepare(llm_source: str, gguf, seed: int, device: str, *, lr_vision: float, lr_lora: float,
+            init: Path | None = None) -> Training:
+    """The model (``init``: an earlier run's trained.safetensors loaded), auxiliary heads and AdamW on ``device``.
+    On CUDA the frozen LLM runs in bf16 under autocast; LoRA, vision tower and projector train in fp32."""
+    torch.manual_seed(seed)
+    vlm, tokenizer, config, wrapped = build(llm_source, gguf, seed, M.LoraSpec())
+    if init is not None:
+        from safetensors.torch import load_file
+
+        load_trainable(vlm, wrapped, {k: v.float() for k, v in load_file(str(init)).items()})
+    cuda = device.startswith("cuda")
+    if cuda:
+        vlm.llm.to(torch.bfloat16)
+        for m in wrapped.values():
+            m.lora_a.data, m.lora_b.data = m.lora_a.data.float(), m.lora_b.data.float()
+    vlm.to(device)
+    prefix_ids = M.prompt_ids(tokenizer, "x")
+    prefix_len = prefix_ids.index(M.IMAGE_TOKEN_INDEX)
+    aux = AuxHeads(M.VISION["hidden_size"]).to(device)
+    groups = [{"params": list(vlm.vision.parameters()) + list(vlm.projector.parameters()) + list(aux.parameters()),
+               "lr": lr_vision, "weight_decay": 0.05},
+              {"params": [p for m in wrapped.values() for p in (m.lora_a, m.lora_b)], "lr": lr_lora,
+               "weight_decay": 0.0}]
+    vlm.train()
+    vlm.llm.eval()  # no dropout in Llama anyway; keeps the frozen base in inference mode
+    return Training(vlm, tokenizer, config, wrapped, aux, torch.optim.AdamW(groups, betas=(0.9, 0.98)),
+                    torch.tensor(prefix_ids[:prefix_len], device=device), prefix_len,
+                    torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False))
+
+
+def training_step(t: Training, batch, aux_weight: float = 1.0, mask_padding: bool = False):
+    """One optimiser step on a collated batch on the device (pixels, suffix, mask, labels, patch targets)
+    -> (answer loss, exact match [B] bool, auxiliary loss)."""
+    pixels, suffix, mask, labels, targets = batch
+    with t.amp:
+        loss, right, features = t.vlm.loss(t.prefix, pixels, suffix, mask, labels, return_features=True,
+                                           mask_padding=mask_padding)
+        aux_loss = t.aux.loss(features, targets)
+    t.opt.zero_grad(set_to_none=True)
+    (loss + aux_weight * aux_loss).backward()
+    torch.nn.utils.clip_grad_norm_([p for g in t.opt.param_groups for p in g["params"]], 1.0)
+    t.opt.step()
+    return loss, right, aux_loss
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """``python -m study.train_speed``: time one training step of the study model, variant by variant (a benchmark for
 choosing how ``study.train`` runs on a GPU; nothing here asserts a timing).
 
-Every variant runs the step ``study.train`` runs (vision tower, projector, LoRA'd SmolLM2 in bf16 under autocast,
-auxiliary heads, AdamW) on the same real collated batch from the training stream:
+Every variant runs ``study.train.training_step`` as ``study.train.prepare`` sets it up (vision tower, projector,
+LoRA'd SmolLM2 in bf16 under autocast, auxiliary heads, AdamW, gradient clipping) on the same real collated batch
+from the training stream:
 
     masked-fp32lora  the step before 2026-12-06: padding masked, LoRA input copied to float32 (monkeypatched back)
     masked           padding masked; LoRA without the copy
@@ -33,54 +34,34 @@ def fp32_lora_forward(self, x):
 
 def time_variant(variant: str, *, gguf, batch: int, steps: int, warmup: int, turns: int, device: str,
                  llm_source: str = "smollm2") -> dict:
-    import functools
-
+    """Median ms of ``study.train.training_step`` (set up by ``study.train.prepare``, default learning rates) over
+    ``steps`` steps after ``warmup``, all on one batch."""
     from . import model as M
     from . import train as T
 
-    torch.manual_seed(0)
-    vlm, tokenizer, config, wrapped = T.build(llm_source, gguf, 0, M.LoraSpec())
-    cuda = device.startswith("cuda")
-    if cuda:   # as study.train: the frozen base in bf16 under autocast, the trained parts in fp32
-        vlm.llm.to(torch.bfloat16)
-    vlm.to(device)
-    aux = T.AuxHeads(M.VISION["hidden_size"]).to(device)
-    params = list(vlm.vision.parameters()) + list(vlm.projector.parameters()) + list(aux.parameters()) + \
-        [p for m in wrapped.values() for p in (m.lora_a, m.lora_b)]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    prefix_ids = M.prompt_ids(tokenizer, "x")
-    prefix_len = prefix_ids.index(M.IMAGE_TOKEN_INDEX)
-    prefix = torch.tensor(prefix_ids[:prefix_len], device=device)
-    stream = iter(T.Stream(tokenizer, T.TRAIN_SEED, prefix_len, turns))
-    pixels, suffix, mask, labels, targets = (x.to(device) for x in T.collate([next(stream) for _ in range(batch)],
-                                                                              tokenizer.eos_token_id))
+    training = T.prepare(llm_source, gguf, 0, device, lr_vision=5e-4, lr_lora=6e-4)
+    stream = iter(T.Stream(training.tokenizer, T.TRAIN_SEED, training.prefix_len, turns))
+    batch_on_device = [x.to(device) for x in T.collate([next(stream) for _ in range(batch)],
+                                                       training.tokenizer.eos_token_id)]
     restore = M.LoraLinear.forward
     if variant == "masked-fp32lora":
         M.LoraLinear.forward = fp32_lora_forward
-    compile_s = None
     if variant == "compiled":
-        vlm.llm.model = torch.compile(vlm.llm.model)
-    loss_fn = functools.partial(vlm.loss, mask_padding=variant.startswith("masked"), return_features=True)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    times, first_loss = [], None
+        training.vlm.llm.model = torch.compile(training.vlm.llm.model)
+    cuda = device.startswith("cuda")
+    times, first_loss, compile_s = [], None, None
     try:
         for i in range(warmup + steps):
-            if device.startswith("cuda"):
+            if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with amp:
-                loss, _, features = loss_fn(prefix, pixels, suffix, mask, labels)
-                aux_loss = aux.loss(features, targets)
-            opt.zero_grad(set_to_none=True)
-            (loss + aux_loss).backward()
-            opt.step()
-            if device.startswith("cuda"):
+            loss, _, _ = T.training_step(training, batch_on_device, mask_padding=variant.startswith("masked"))
+            if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             if i == 0:
                 first_loss = float(loss)
-            if i == 0 and variant == "compiled":
-                compile_s = round(dt, 1)
+                compile_s = round(dt, 1) if variant == "compiled" else None
             if i >= warmup:
                 times.append(dt * 1000)
     finally:
@@ -88,8 +69,8 @@ def time_variant(variant: str, *, gguf, batch: int, steps: int, warmup: int, tur
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"variant": variant, "ms_per_step": round(statistics.median(times), 1),
             "quartiles_ms": [round(q[0], 1), round(q[2], 1)], "steps_timed": steps, "first_loss": first_loss,
-            "tokens_per_sample": prefix_len + 576 + suffix.shape[1], "compile_s": compile_s,
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if device.startswith("cuda") else None}
+            "tokens_per_sample": training.prefix_len + 576 + batch_on_device[1].shape[1], "compile_s": compile_s,
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if cuda else None}
 
 
 def main(argv=None) -> int:
