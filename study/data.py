@@ -576,9 +576,12 @@ def read_items(split_dir: Path) -> list[Item]:
 from debias_core.calibrate import file_sha256 as _sha256  # noqa: E402  (the project's one streaming sha256)
 
 
+# What makes two written parts samples of one split (study.merge); a part adds where it starts and its size.
+SPLIT_IDENTITY = ("split", "seed", "questions_per_image", "generator_version", "photos_sha256")
+
+
 def _manifest_key(manifest: dict) -> dict:
-    keys = ("split", "seed", "n_questions", "questions_per_image", "first_image", "generator_version",
-            "photos_sha256")
+    keys = (*SPLIT_IDENTITY, "n_questions", "first_image")
     return {key: manifest.get(key, 0 if key == "first_image" else None) for key in keys}   # older: first part
 
 

@@ -12,13 +12,14 @@ came from. ``python -m study report --out DIR`` then reports the whole.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
 
-SPLIT_KEYS = ("split", "seed", "questions_per_image", "generator_version", "photos_sha256")
+from debias_core.calibrate import file_sha256
+
+from .data import SPLIT_IDENTITY
 PER_QUESTION = ("correct", "selection")
 RUN_KEYS = {"job", "run_dir", "seconds", "made_with", "accuracy", "n", *PER_QUESTION}
 
@@ -80,18 +81,16 @@ def merge_run(records: list[dict], parts: list[Path], trends: Path) -> dict:
         if unknown:
             raise MergeError(f"{part}: run {r['job']['name']} has fields this merge does not know "
                              f"({', '.join(sorted(unknown))}); update study.merge")
-        if _job_key(r["job"]) != _job_key(first["job"]):
+        if _trend_moved(r["job"], Path()) != _trend_moved(first["job"], Path()):
             raise MergeError(f"{part}: run {r['job']['name']} was run with other settings than in {parts[0]}")
         if r["made_with"]["model"] != first["made_with"]["model"]:
             raise MergeError(f"{part}: run {r['job']['name']} was made with other weights than in {parts[0]}")
         if ("selection" in r) != ("selection" in first):
             raise MergeError(f"{part}: run {r['job']['name']} has kept-token measures in some parts only")
-    merged = {"job": dict(first["job"]), "run_dir": [r["run_dir"] for r in records],
+    merged = {"job": _trend_moved(first["job"], trends), "run_dir": [r["run_dir"] for r in records],
               "seconds": round(sum(r["seconds"] for r in records), 1),
               "made_with": {"model": first["made_with"]["model"],
                             "questions": sum(r["made_with"]["questions"] for r in records)}}
-    if merged["job"].get("trend", "") and merged["job"]["trend"].startswith("calibrated:"):
-        merged["job"]["trend"] = f"calibrated:{trends / Path(merged['job']['trend'].split(':', 1)[1]).name}"
     for key in PER_QUESTION:
         if key not in first:
             continue
@@ -109,12 +108,13 @@ def merge_run(records: list[dict], parts: list[Path], trends: Path) -> dict:
     return merged
 
 
-def _job_key(job: dict) -> dict:
-    """A job's settings, with a calibrated trend named by file (the parts ran in different folders)."""
-    key = dict(job)
-    if (key.get("trend") or "").startswith("calibrated:"):
-        key["trend"] = "calibrated:" + Path(key["trend"].split(":", 1)[1]).name
-    return key
+def _trend_moved(job: dict, trends: Path) -> dict:
+    """The job with its calibrated trend file (if any) named in the folder ``trends`` (the parts ran in different
+    folders; ``Path()`` leaves the bare file name, to compare jobs)."""
+    moved = dict(job)
+    if (moved.get("trend") or "").startswith("calibrated:"):
+        moved["trend"] = f"calibrated:{trends / Path(moved['trend'].split(':', 1)[1]).name}"
+    return moved
 
 
 def _eval_manifest(part: Path) -> dict:
@@ -129,7 +129,7 @@ def _eval_manifest(part: Path) -> dict:
 
 def _check_same_split(parts, manifests) -> None:
     for part, m in zip(parts[1:], manifests[1:]):
-        differ = [k for k in SPLIT_KEYS if m.get(k) != manifests[0].get(k)]
+        differ = [k for k in SPLIT_IDENTITY if m.get(k) != manifests[0].get(k)]
         if differ:
             raise MergeError(f"{part}: its evaluation split differs from {parts[0]}'s in "
                              f"{', '.join(f'{k}={m.get(k)!r} vs {manifests[0].get(k)!r}' for k in differ)}")
@@ -145,12 +145,12 @@ def _check_disjoint_images(parts, manifests) -> None:
 
 
 def _check_same_trends(parts) -> None:
-    def digests(part):
-        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((part / "trends").glob("*.json"))}
+    def contents(part):
+        return {f.name: f.read_bytes() for f in (part / "trends").glob("*.json")}
 
-    first = digests(parts[0])
+    first = contents(parts[0])
     for part in parts[1:]:
-        d = digests(part)
+        d = contents(part)
         differ = sorted(name for name in first.keys() & d.keys() if first[name] != d[name])
         missing = sorted(first.keys() ^ d.keys())
         if differ or missing:
@@ -188,10 +188,10 @@ def _merge_data(parts, manifests, dest: Path) -> int:
     for part in parts:
         for image in sorted((part / "data" / "eval" / "images").glob("*.png")):
             shutil.copy2(image, dest / "images" / image.name)
-    n = sum(1 for line in open(dest / "questions.jsonl") if line.strip())
-    manifest = {k: manifests[0].get(k) for k in SPLIT_KEYS}
+    n = sum(m["n_questions"] for m in manifests)
+    manifest = {k: manifests[0].get(k) for k in SPLIT_IDENTITY}
     manifest.update(n_questions=n, n_images=sum(m["n_images"] for m in manifests),
-                    items_sha256=hashlib.sha256((dest / "items.jsonl").read_bytes()).hexdigest(),
+                    items_sha256=file_sha256(dest / "items.jsonl"),
                     parts=[{"from": str(p), "first_image": m.get("first_image", 0), "n_images": m["n_images"],
                             "n_questions": m["n_questions"], "items_sha256": m["items_sha256"]}
                            for p, m in zip(parts, manifests)])
