@@ -35,7 +35,8 @@ def _train(a) -> None:
     rec = train(Path(a.out), llm_source=a.llm, minutes=a.minutes, max_steps=a.max_steps, batch=a.batch,
                 seed=a.seed, device=a.device, workers=a.workers, save_every=a.save_every, val_every=a.val_every,
                 val_n=a.val_n, turns=a.turns, init=Path(a.init) if a.init else None, lr_vision=a.lr_vision,
-                lr_lora=a.lr_lora)
+                lr_lora=a.lr_lora, vision_minutes=a.vision_minutes, vision_max_steps=a.vision_max_steps,
+                vision_batch=a.vision_batch, vision_lr=a.vision_lr)
     print(f"{a.out}: {rec['steps']} steps in {rec['seconds']} s, validation exact match {rec['final_val_exact']}")
 
 
@@ -79,6 +80,11 @@ def main(argv=None) -> int:
     t.add_argument("--init", default=None, help="start from this trained.safetensors (e.g. study/weights/...)")
     t.add_argument("--lr-vision", type=float, default=5e-4, help="vision tower + projector (default 5e-4)")
     t.add_argument("--lr-lora", type=float, default=6e-4, help="LoRA (default 6e-4)")
+    t.add_argument("--vision-minutes", type=float, default=0.0,
+                   help="first train the vision tower alone on the patch targets for this long, within --minutes")
+    t.add_argument("--vision-max-steps", type=int, default=None, help="fixed step count for that warm-up instead")
+    t.add_argument("--vision-batch", type=int, default=128, help="images per warm-up step (default 128)")
+    t.add_argument("--vision-lr", type=float, default=1e-3, help="warm-up learning rate (default 1e-3)")
     t.set_defaults(func=_train)
     s = sub.add_parser("assemble", help="write the LLaVA checkpoint folder")
     s.add_argument("--out", default=None, help="default models/llava-smollm2-study")

@@ -74,6 +74,29 @@ def pad_and_process(image, processor) -> torch.Tensor:
     return processor.preprocess(square, return_tensors="pt")["pixel_values"][0]
 
 
+def square_pixels(image) -> torch.Tensor:
+    """PIL image -> uint8 [3, 336, 336]: LLaVA's padding (``expand2square`` with the CLIP mean colour) and the CLIP
+    processor's bicubic resize, the part of ``pad_and_process`` that needs the image. ``clip_normalize`` does the
+    rest on the device; together they give ``pad_and_process``'s pixels bit for bit (tested). Data workers send a
+    quarter of the bytes and spend about half the time of the processor's own path."""
+    import numpy as np
+    from PIL import Image
+
+    background = tuple(int(x * 255) for x in M.CLIP_MEAN)
+    square = expand2square(image.convert("RGB"), background)
+    resized = square.resize((336, 336), Image.BICUBIC, reducing_gap=None)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1)))
+
+
+def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 CLIP input, with CLIPImageProcessor's arithmetic: rescale by 1/255 in float64
+    then cast to float32, then (x - mean) / std in float32."""
+    x = (pixels.double() * (1 / 255)).float()
+    mean = torch.tensor(M.CLIP_MEAN, dtype=torch.float32, device=pixels.device)[:, None, None]
+    std = torch.tensor(M.CLIP_STD, dtype=torch.float32, device=pixels.device)[:, None, None]
+    return (x - mean) / std
+
+
 def patch_targets(objects, image_size, grid: int = 24, resolution: int = 336) -> torch.Tensor:
     """long [grid², 3]: per patch (raster order, after LLaVA's padding) the colour, shape and glyph class of the
     object whose box holds the patch centre (0 = no object / no glyph). Auxiliary targets for the vision tower."""
@@ -123,6 +146,14 @@ class AuxHeads(torch.nn.Module):
             total = total + (ce * weight).sum() / weight.sum()
         return total / len(self.heads)
 
+    @torch.no_grad()
+    def accuracy(self, features: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Share of object patches whose colour and shape the read-outs get right, and of glyph-bearing patches
+        whose glyph they get right: how well the vision features already name what is where."""
+        where = (targets[..., 0] > 0, targets[..., 0] > 0, targets[..., 2] > 0)
+        return {name: float((head(features).argmax(-1) == targets[..., i])[where[i]].float().mean())
+                for i, (name, head) in enumerate(zip(("color", "shape", "glyph"), self.heads))}
+
 
 def conversation_tokens(tokenizer, turns: list[tuple[str, str]], prefix_len: int) -> tuple[list[int], list[int]]:
     """(ids, labels) of everything after the image in a vicuna_v1 conversation about one image:
@@ -145,8 +176,8 @@ def conversation_tokens(tokenizer, turns: list[tuple[str, str]], prefix_len: int
 
 
 class Stream(torch.utils.data.IterableDataset):
-    """(pixels [3, 336, 336], ids [T], labels [T], patch targets [576, 3]) from study.data.training_conversations,
-    one stream per worker."""
+    """(pixels uint8 [3, 336, 336] (``square_pixels``), ids [T], labels [T], patch targets [576, 3]) from
+    study.data.training_conversations, one stream per worker."""
 
     def __init__(self, tokenizer, seed: int, prefix_len: int, turns: int):
         self.tokenizer, self.seed, self.prefix_len, self.turns = tokenizer, seed, prefix_len, turns
@@ -156,15 +187,29 @@ class Stream(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        processor = image_processor()
         for image, turns, objects in training_conversations(self.seed, worker, turns=self.turns):
             ids, labels = conversation_tokens(self.tokenizer, turns, self.prefix_len)
-            yield (pad_and_process(image, processor), torch.tensor(ids), torch.tensor(labels),
-                   patch_targets(objects, image.size))
+            yield square_pixels(image), torch.tensor(ids), torch.tensor(labels), patch_targets(objects, image.size)
+
+
+class PatchStream(torch.utils.data.IterableDataset):
+    """(pixels uint8 [3, 336, 336], patch targets [576, 3]): the vision warm-up's data (no text), one stream per
+    worker, from study.data.training_conversations with its own seeds."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __iter__(self):
+        from .data import training_conversations
+
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        for image, _, objects in training_conversations(self.seed, worker, turns=1):
+            yield square_pixels(image), patch_targets(objects, image.size)
 
 
 def collate(batch, pad_id: int):
-    """-> pixels [B, 3, R, R], suffix [B, T] (right-padded), mask [B, T], labels [B, T], patch targets [B, 576, 3]"""
+    """-> pixels uint8 [B, 3, R, R], suffix [B, T] (right-padded), mask [B, T], labels [B, T], patch targets [B, 576, 3]"""
     pixels = torch.stack([b[0] for b in batch])
     t = max(len(b[1]) for b in batch)
     suffix = torch.full((len(batch), t), pad_id, dtype=torch.long)
@@ -182,13 +227,12 @@ def validation_batches(tokenizer, prefix_len: int, n: int, batch: int, seed: int
     evaluation split)."""
     from .data import training_stream
 
-    processor = image_processor()
     items = []
     for k, (image, question, answer) in enumerate(training_stream(VALIDATION_SEED + seed, 0)):
         if k == n:
             break
         ids, labels = conversation_tokens(tokenizer, [(question, answer)], prefix_len)
-        items.append((pad_and_process(image, processor), torch.tensor(ids), torch.tensor(labels)))
+        items.append((square_pixels(image), torch.tensor(ids), torch.tensor(labels)))
     return [collate(items[i:i + batch], tokenizer.eos_token_id) for i in range(0, len(items), batch)]
 
 
@@ -262,42 +306,83 @@ def _save_atomic(tensors: dict, meta: dict, folder: Path) -> None:
         tmp.rename(folder)
 
 
-def save_resume(folder: Path, vlm, wrapped, opt, step: int, meta: dict) -> None:
-    tensors = {f"w.{k}": v for k, v in trainable_state(vlm, wrapped).items()}
+def save_resume(folder: Path, t: "Training", opt, meta: dict) -> None:
+    """Trainable weights, auxiliary heads, ``opt``'s AdamW moments (the optimiser of the phase under way) and meta."""
+    tensors = {f"w.{k}": v for k, v in trainable_state(t.vlm, t.wrapped).items()}
+    tensors.update({f"aux.{k}": v.detach().float().cpu() for k, v in t.aux.state_dict().items()})
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
         st = opt.state.get(p)
         if st:
             tensors[f"opt.{i}.exp_avg"] = st["exp_avg"].detach().cpu()
             tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu()
             tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).float().reshape(1).cpu()
-    _save_atomic(tensors, dict(meta, step=step), folder)
+    _save_atomic(tensors, meta, folder)
 
 
-def load_resume(folder: Path, vlm, wrapped, opt):
+def read_resume_meta(folder: Path) -> dict:
+    return json.loads((folder / "state.json").read_text())
+
+
+def load_resume(folder: Path, t: "Training", opt) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / "state.safetensors"))
-    meta = json.loads((folder / "state.json").read_text())
-    load_trainable(vlm, wrapped, {k[2:]: v for k, v in tensors.items() if k.startswith("w.")})
+    load_trainable(t.vlm, t.wrapped, {k[2:]: v for k, v in tensors.items() if k.startswith("w.")})
+    t.aux.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("aux.")})
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
         if f"opt.{i}.exp_avg" in tensors:
             opt.state[p] = {"exp_avg": tensors[f"opt.{i}.exp_avg"].to(p.device),
                             "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(p.device),
                             "step": tensors[f"opt.{i}.step"].reshape(()).to(p.device)}
-    return meta
 
 
 # ------------------------------------------------------------------------------------------------ train
 
 SETTINGS_THAT_MATTER = ("llm_source", "batch", "lr_vision", "lr_lora", "seed", "lora_rank", "lora_alpha", "minutes",
-                        "max_steps", "rope_theta", "aux_weight", "turns", "init_sha256")
+                        "max_steps", "rope_theta", "aux_weight", "turns", "init_sha256", "vision_minutes",
+                        "vision_max_steps", "vision_batch", "vision_lr")
+VISION_WARMUP_SEED = TRAIN_SEED + 50_000  # + 100_000 * seed + warm-up step at which the patch stream (re)starts
+
+
+def lr_factor(step: int, total: int | None, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from 1 to 0.1 at step ``total`` (unknown yet: 1)."""
+    warm = min(1.0, (step + 1) / warmup_steps)
+    frac = step / total if total else 0.0
+    return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class StepBudget:
+    """Fixes a time-bounded phase's step count: from step 10 to ``warmup_steps`` the time per step is measured, and
+    the steps that fit before ``deadline`` seconds of training time follow from it."""
+
+    def __init__(self, warmup_steps: int, deadline: float, clock, cuda: bool):
+        self.warmup_steps, self.deadline, self.clock, self.cuda, self.t10 = warmup_steps, deadline, clock, cuda, None
+
+    def after(self, step: int) -> int | None:
+        """Call after each step; returns the total step count once it is known (at ``warmup_steps``)."""
+        if step in (10, self.warmup_steps) and self.cuda:
+            torch.cuda.synchronize()
+        if step == 10:
+            self.t10 = self.clock()
+        if step == self.warmup_steps and self.t10 is not None:
+            self.per_step = (self.clock() - self.t10) / (step - 10)
+            return max(step + 1, int((self.deadline - self.clock()) / self.per_step) + step)
+        return None
 
 
 def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float = 6.0, max_steps: int | None = None,
           batch: int = 64, lr_vision: float = 5e-4, lr_lora: float = 6e-4, seed: int = 0, device: str = "cpu",
           workers: int = 0, warmup_steps: int = 60, aux_weight: float = 1.0, save_every: int = 200, val_every: int = 200,
-          val_n: int = 256, turns: int = 3, init: Path | None = None, log=print) -> dict:
-    """Train and write DIR/trained.safetensors + DIR/train.json; returns the train.json record."""
+          val_n: int = 256, turns: int = 3, init: Path | None = None, vision_minutes: float = 0.0,
+          vision_max_steps: int | None = None, vision_batch: int = 128, vision_lr: float = 1e-3,
+          log=print) -> dict:
+    """Train and write DIR/trained.safetensors + DIR/train.json; returns the train.json record.
+
+    Two phases share the ``minutes`` budget (training time, from the first step; model loading not counted):
+    1. vision warm-up (``vision_minutes`` or ``vision_max_steps``; none when both are 0/None): the vision tower and
+       the auxiliary read-outs alone learn each patch's colour, shape and glyph (``warm_up_vision``), with no LLM
+       in the loop, so its steps cost a few milliseconds and the data generator sets the pace;
+    2. the whole model (answers' cross-entropy + auxiliary loss) until ``minutes`` or ``max_steps``."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -306,6 +391,8 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
         raise FileExistsError(f"{out / TRAINED} exists: training there finished; choose another --out")
     if turns < 1:
         raise ValueError(f"--turns {turns} must be at least 1")
+    if vision_minutes < 0 or vision_minutes >= minutes and max_steps is None:
+        raise ValueError(f"--vision-minutes {vision_minutes} must be at least 0 and below --minutes {minutes}")
     spec = M.LoraSpec()
     init_sha256 = None
     if init is not None:
@@ -318,75 +405,61 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
                     lora_rank=spec.rank, lora_alpha=spec.alpha, minutes=minutes, max_steps=max_steps,
                     rope_theta=M.ROPE_THETA, vision=M.VISION, lora_targets=list(M.LORA_TARGETS), turns=turns,
                     init=str(init) if init else None, init_sha256=init_sha256,
-                    aux_background_weight=AuxHeads.BACKGROUND_WEIGHT)
+                    aux_background_weight=AuxHeads.BACKGROUND_WEIGHT, vision_minutes=vision_minutes,
+                    vision_max_steps=vision_max_steps, vision_batch=vision_batch, vision_lr=vision_lr)
+    started = time.time()
     training = prepare(llm_source, gguf, seed, device, lr_vision=lr_vision, lr_lora=lr_lora, init=init)
-    vlm, tokenizer, config, wrapped, opt, prefix, prefix_len, amp = (
-        training.vlm, training.tokenizer, training.config, training.wrapped, training.opt, training.prefix,
-        training.prefix_len, training.amp)
     cuda = device.startswith("cuda")
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    vision_phase = bool(vision_max_steps) or vision_minutes > 0
 
     resume_dir = out / "resume"
-    step, total, history, t_spent = 0, max_steps, [], 0.0
+    state = {"phase": "vision" if vision_phase else "joint", "vision_step": 0, "vision_total": vision_max_steps,
+             "step": 0, "total_steps": max_steps, "history": [], "seconds": 0.0}
     if resume_dir.exists():
-        meta = load_resume(resume_dir, vlm, wrapped, opt)
+        meta = read_resume_meta(resume_dir)
         if {k: meta["settings"].get(k) for k in SETTINGS_THAT_MATTER} != {k: settings[k] for k in SETTINGS_THAT_MATTER}:
             raise ValueError(f"{resume_dir} was written with other settings ({meta['settings']}); "
                              f"rerun with those or delete {resume_dir}")
-        step, total, history, t_spent = meta["step"], meta["total_steps"], meta["history"], meta["seconds"]
-        log(f"resuming at step {step} of {total}")
+        state.update({k: meta[k] for k in state if k in meta})
+        log(f"resuming the {state['phase']} phase at step "
+            f"{state['vision_step'] if state['phase'] == 'vision' else state['step']}")
+    aux_val = patch_validation(seed, min(val_n, 256))
+    val = validation_batches(training.tokenizer, training.prefix_len, val_n, batch, seed)
+    t0 = time.time() - state["seconds"]
+    clock = lambda: time.time() - t0  # noqa: E731 - training time, continued across resumes
 
-    val = validation_batches(tokenizer, prefix_len, val_n, batch, seed)
-    loader = torch.utils.data.DataLoader(Stream(tokenizer, TRAIN_SEED + 100_000 * seed + step, prefix_len, turns), batch_size=batch,
-                                         num_workers=workers, collate_fn=functools.partial(collate, pad_id=tokenizer.eos_token_id),
-                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    t0 = time.time() - t_spent
-    it = iter(loader)
-    from tqdm import tqdm
+    pending = [resume_dir.exists()]
 
-    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr, desc="train")
-    while total is None or step < total:
-        batch_on_device = [x.to(device, non_blocking=True) for x in next(it)]
-        frac = step / total if total else 0.0
-        for g, base in zip(opt.param_groups, base_lrs):
-            warm = min(1.0, (step + 1) / warmup_steps)
-            g["lr"] = base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        loss, right, aux_loss = training_step(training, batch_on_device, aux_weight)
-        step += 1
-        bar.update(1)
-        if step % 10 == 0:
-            history.append({"step": step, "loss": round(float(loss), 4), "aux_loss": round(float(aux_loss), 4),
-                            "train_exact": float(right.float().mean()), "seconds": round(time.time() - t0, 1)})
-            bar.set_postfix(loss=f"{float(loss):.3f}", exact=f"{float(right.float().mean()):.2f}")
-        if total is None and step == 10:
-            if cuda:
-                torch.cuda.synchronize()
-            t10 = time.time()
-        if total is None and step == warmup_steps:
-            if cuda:
-                torch.cuda.synchronize()
-            per_step = (time.time() - t10) / (step - 10)
-            total = max(step + 1, int((minutes * 60 - (time.time() - t0)) / per_step) + step)
-            bar.total = total
-            bar.refresh()
-            log(f"{per_step * 1000:.0f} ms/step -> {total} steps in {minutes} min")
-        if step % val_every == 0 or step == total:
-            acc = validate(vlm, prefix, val, device, amp)
-            history.append({"step": step, "val_exact": acc, "seconds": round(time.time() - t0, 1)})
-            log(f"step {step}: validation exact match {acc:.3f} (loss {float(loss):.3f})")
-            vlm.train()
-            vlm.llm.eval()
-        if step % save_every == 0 and step < (total or 0):
-            save_resume(resume_dir, vlm, wrapped, opt, step,
-                        {"settings": settings, "total_steps": total, "history": history,
-                         "seconds": time.time() - t0})
-    bar.close()
-    record = {"settings": settings, "steps": step, "seconds": round(time.time() - t0, 1), "history": history,
+    def save(opt):
+        save_resume(resume_dir, training, opt, dict(state, settings=settings, seconds=clock()))
+
+    def restore(opt):   # the phase under way at the interruption loads the weights and its optimiser's moments
+        if pending[0]:
+            load_resume(resume_dir, training, opt)
+            pending[0] = False
+
+    if state["phase"] == "vision":
+        warm_up_vision(training, state, save, restore, settings, aux_val, clock=clock, cuda=cuda, workers=workers,
+                       val_every=val_every, save_every=save_every, log=log)
+        state["phase"] = "joint"
+    run_joint_phase(training, state, save, restore, settings, val, aux_val, clock=clock, cuda=cuda, workers=workers,
+                    warmup_steps=warmup_steps, val_every=val_every, save_every=save_every, log=log)
+
+    history = state["history"]
+    vision_history = [h for h in history if h.get("phase") == "vision"]
+    record = {"settings": settings, "steps": state["step"], "vision_steps": state["vision_step"],
+              "seconds": round(clock(), 1), "wall_seconds_with_loading": round(time.time() - started, 1),
+              "history": history,
               "final_val_exact": next((h["val_exact"] for h in reversed(history) if "val_exact" in h), None),
+              "vision_warmup": {"steps": state["vision_step"], "batch": vision_batch,
+                                "seconds": next((h["seconds"] for h in reversed(vision_history)), 0.0),
+                                "final_aux_accuracy": next((h["aux_accuracy"] for h in reversed(vision_history)
+                                                            if "aux_accuracy" in h), None)} if vision_phase else None,
+              "final_aux_accuracy": next((h["aux_accuracy"] for h in reversed(history) if "aux_accuracy" in h), None),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "llm_config": config}
-    state = {k: v.half() for k, v in trainable_state(vlm, wrapped).items()}
-    save_file(state, str(out / (TRAINED + ".tmp")))
+              "llm_config": training.config}
+    weights = {k: v.half() for k, v in trainable_state(training.vlm, training.wrapped).items()}
+    save_file(weights, str(out / (TRAINED + ".tmp")))
     os.replace(out / (TRAINED + ".tmp"), out / TRAINED)
     (out / "train.json").write_text(json.dumps(record, indent=1))
     if resume_dir.exists():
@@ -394,6 +467,135 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
             f.unlink()
         resume_dir.rmdir()
     return record
+
+
+def _loader(dataset, batch: int, workers: int, collate_fn=None):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate_fn,
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+
+def patch_validation(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed set of ``n`` images for the auxiliary accuracy (own seed, never a written split):
+    (pixels uint8 [n, 3, 336, 336], patch targets [n, 576, 3])."""
+    import itertools
+
+    items = list(itertools.islice(PatchStream(VALIDATION_SEED + seed), n))
+    return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+
+
+@torch.no_grad()
+def aux_accuracy(t: "Training", validation, device, chunk: int = 64) -> dict[str, float]:
+    """``AuxHeads.accuracy`` over ``patch_validation``'s images (the vision tower in eval mode, then back)."""
+    pixels, targets = validation
+    t.vlm.vision.eval()
+    features = []
+    for i in range(0, len(pixels), chunk):
+        with t.amp:
+            features.append(t.vlm.patch_features(clip_normalize(pixels[i:i + chunk].to(device))).float())
+    t.vlm.vision.train()
+    return {k: round(v, 4) for k, v in t.aux.accuracy(torch.cat(features), targets.to(device)).items()}
+
+
+def warm_up_vision(t: "Training", state: dict, save, restore, settings: dict, aux_val, *, clock, cuda: bool,
+                   workers: int, val_every: int, save_every: int, log, warmup_steps: int = 50) -> None:
+    """Phase 1: the vision tower (and the auxiliary read-outs) alone learn the patch targets; advances
+    ``state['vision_step']`` to its total (fixed by the time budget ``settings['vision_minutes']`` or
+    ``settings['vision_max_steps']``). Its own AdamW; the joint phase starts its optimiser afresh. ``save(opt)``
+    writes the resume state, ``restore(opt)`` loads it once if training resumed in this phase."""
+    from tqdm import tqdm
+
+    device = t.prefix.device
+    params = list(t.vlm.vision.parameters()) + list(t.aux.parameters())
+    opt = torch.optim.AdamW(params, lr=settings["vision_lr"], betas=(0.9, 0.98), weight_decay=0.05)
+    restore(opt)
+    step, total = state["vision_step"], state["vision_total"]
+    budget = StepBudget(warmup_steps, settings["vision_minutes"] * 60, clock, cuda)
+    seed = VISION_WARMUP_SEED + 100_000 * settings["seed"] + step
+    it = iter(_loader(PatchStream(seed), settings["vision_batch"], workers))
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr, desc="vision warm-up")
+    waited = 0.0
+    t.vlm.vision.train()
+    while total is None or step < total:
+        t_wait = time.time()
+        pixels, targets = (x.to(device, non_blocking=True) for x in next(it))
+        waited += time.time() - t_wait
+        for g in opt.param_groups:
+            g["lr"] = settings["vision_lr"] * lr_factor(step, total, warmup_steps)
+        with t.amp:
+            loss = t.aux.loss(t.vlm.patch_features(clip_normalize(pixels)), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        fixed = budget.after(step) if total is None else None
+        if fixed is not None:
+            total = fixed
+            bar.total = total
+            log(f"vision warm-up: {budget.per_step * 1000:.0f} ms/step -> {total} steps in "
+                f"{settings['vision_minutes']} min")
+        if step % 10 == 0:
+            state["history"].append({"phase": "vision", "step": step, "aux_loss": round(float(loss), 4),
+                                     "seconds": round(clock(), 1), "data_wait_s": round(waited, 1)})
+            bar.set_postfix(aux_loss=f"{float(loss):.3f}")
+        if step % val_every == 0 or step == total:
+            acc = aux_accuracy(t, aux_val, device)
+            state["history"].append({"phase": "vision", "step": step, "aux_accuracy": acc, "seconds": round(clock(), 1)})
+            log(f"vision warm-up step {step}: object-patch accuracy {acc}")
+        state["vision_step"], state["vision_total"] = step, total
+        if step % save_every == 0 and step < (total or 0):
+            save(opt)
+    bar.close()
+
+
+def run_joint_phase(t: "Training", state: dict, save, restore, settings: dict, val, aux_val, *, clock, cuda: bool,
+                    workers: int, warmup_steps: int, val_every: int, save_every: int, log) -> None:
+    """Phase 2: answers' cross-entropy + auxiliary loss on the whole trainable model until ``settings['minutes']``
+    of training time (or ``settings['max_steps']``); validation exact match every ``val_every`` steps."""
+    from tqdm import tqdm
+
+    device = t.prefix.device
+    restore(t.opt)
+    base_lrs = [g["lr"] for g in t.opt.param_groups]
+    step, total = state["step"], state["total_steps"]
+    budget = StepBudget(warmup_steps, settings["minutes"] * 60, clock, cuda)
+    seed = TRAIN_SEED + 100_000 * settings["seed"] + step
+    it = iter(_loader(Stream(t.tokenizer, seed, t.prefix_len, settings["turns"]), settings["batch"], workers,
+                      functools.partial(collate, pad_id=t.tokenizer.eos_token_id)))
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr, desc="train")
+    waited = 0.0
+    while total is None or step < total:
+        t_wait = time.time()
+        batch_on_device = [x.to(device, non_blocking=True) for x in next(it)]
+        waited += time.time() - t_wait
+        for g, base in zip(t.opt.param_groups, base_lrs):
+            g["lr"] = base * lr_factor(step, total, warmup_steps)
+        loss, right, aux_loss = training_step(t, batch_on_device, settings["aux_weight"])
+        step += 1
+        bar.update(1)
+        fixed = budget.after(step) if total is None else None
+        if fixed is not None:
+            total = fixed
+            bar.total = total
+            bar.refresh()
+            log(f"{budget.per_step * 1000:.0f} ms/step -> {total} steps in {settings['minutes']} min")
+        if step % 10 == 0:
+            state["history"].append({"step": step, "loss": round(float(loss), 4), "aux_loss": round(float(aux_loss), 4),
+                                     "train_exact": float(right.float().mean()), "seconds": round(clock(), 1),
+                                     "data_wait_s": round(waited, 1)})
+            bar.set_postfix(loss=f"{float(loss):.3f}", exact=f"{float(right.float().mean()):.2f}")
+        state["step"], state["total_steps"] = step, total
+        if step % val_every == 0 or step == total:
+            acc = validate(t.vlm, t.prefix, val, device, t.amp)
+            state["history"].append({"step": step, "val_exact": acc, "aux_accuracy": aux_accuracy(t, aux_val, device),
+                                     "seconds": round(clock(), 1)})
+            log(f"step {step}: validation exact match {acc:.3f} (loss {float(loss):.3f})")
+            t.vlm.train()
+            t.vlm.llm.eval()
+        if step % save_every == 0 and step < (total or 0):
+            save(t.opt)
+    bar.close()
 
 
 @dataclass
@@ -444,6 +646,7 @@ def training_step(t: Training, batch, aux_weight: float = 1.0, mask_padding: boo
     """One optimiser step on a collated batch on the device (pixels, suffix, mask, labels, patch targets)
     -> (answer loss, exact match [B] bool, auxiliary loss)."""
     pixels, suffix, mask, labels, targets = batch
+    pixels = clip_normalize(pixels)
     with t.amp:
         loss, right, features = t.vlm.loss(t.prefix, pixels, suffix, mask, labels, return_features=True,
                                            mask_padding=mask_padding)
@@ -462,7 +665,7 @@ def validate(vlm, prefix, batches, device, amp) -> float:
     right = n = 0
     for pixels, suffix, mask, labels, _ in batches:
         with amp:
-            _, ok = vlm.loss(prefix, pixels.to(device), suffix.to(device), mask.to(device), labels.to(device))
+            _, ok = vlm.loss(prefix, clip_normalize(pixels.to(device)), suffix.to(device), mask.to(device), labels.to(device))
         right += int(ok.sum())
         n += len(ok)
     return right / max(n, 1)

@@ -130,7 +130,7 @@ def test_resume_continues_and_refuses_other_turns(tmp_path, tokenizer):
         T.train(out, turns=3, log=lambda *_: None, **kw)
     messages = []
     record = T.train(out, turns=2, log=messages.append, **kw)
-    assert any("resuming at step 2" in m for m in messages)
+    assert any("resuming the joint phase at step 2" in m for m in messages)
     assert record["steps"] == 4 and not (out / "resume").exists()
 
 
