@@ -536,9 +536,9 @@ def warm_up_vision(t: "Training", state: dict, save, restore, settings: dict, au
             log(f"vision warm-up: {budget.per_step * 1000:.0f} ms/step -> {total} steps in "
                 f"{settings['vision_minutes']} min")
         if step % 10 == 0:
-            state["history"].append({"phase": "vision", "step": step, "aux_loss": round(float(loss), 4),
+            state["history"].append({"phase": "vision", "step": step, "aux_loss": round(loss.item(), 4),
                                      "seconds": round(clock(), 1), "data_wait_s": round(waited, 1)})
-            bar.set_postfix(aux_loss=f"{float(loss):.3f}")
+            bar.set_postfix(aux_loss=f"{loss.item():.3f}")
         if step % val_every == 0 or step == total:
             acc = aux_accuracy(t, aux_val, device)
             state["history"].append({"phase": "vision", "step": step, "aux_accuracy": acc, "seconds": round(clock(), 1)})

@@ -18,7 +18,7 @@ import torch
 
 
 def run_setting(batch: int, lr: float, *, seconds: float, workers: int, device: str, val_n: int, val_every: int,
-                seed: int = 0) -> dict:
+                warmup_steps: int = 50, seed: int = 0) -> dict:
     from . import model as M
     from . import train as T
 
@@ -34,7 +34,8 @@ def run_setting(batch: int, lr: float, *, seconds: float, workers: int, device: 
     aux_val = T.patch_validation(seed, val_n)
     t0 = time.time()
     T.warm_up_vision(t, state, lambda opt: None, lambda opt: None, settings, aux_val, clock=lambda: time.time() - t0,
-                     cuda=cuda, workers=workers, val_every=val_every, save_every=10 ** 9, log=print)
+                     cuda=cuda, workers=workers, val_every=val_every, save_every=10 ** 9, log=print,
+                     warmup_steps=warmup_steps)
     return {"batch": batch, "lr": lr, "steps": state["vision_step"], "seconds": round(time.time() - t0, 1),
             "images_per_s": round(state["vision_step"] * batch / (time.time() - t0), 1),
             "history": state["history"]}
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--val-n", type=int, default=256)
     p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--warmup-steps", type=int, default=50,
+                   help="learning-rate warm-up steps; the step count is fixed from their timing (default 50)")
     p.add_argument("--out", type=Path, default=Path("outputs/vision-sweep"))
     a = p.parse_args(argv)
     try:
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
     results = []
     for batch, lr in settings:
         results.append(run_setting(batch, lr, seconds=a.seconds, workers=a.workers, device=a.device, val_n=a.val_n,
-                                   val_every=a.val_every))
+                                   val_every=a.val_every, warmup_steps=a.warmup_steps))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "history"}), flush=True)
         (a.out / "vision_sweep.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",

@@ -150,3 +150,79 @@ def test_train_speed_variants_compute_the_same_step(tmp_path, tokenizer):
     assert max(losses) - min(losses) < 1e-4, losses
     assert M.LoraLinear.forward is not train_speed.fp32_lora_forward   # the monkeypatch was undone
     assert train_speed.main(["--variants", "fast", "--out", str(out)]) == 2
+
+
+def test_worker_pixels_normalised_on_the_device_equal_the_clip_processor():
+    """square_pixels (in the data workers) then clip_normalize (on the device) == LLaVA's pad-and-process through
+    CLIPImageProcessor, bit for bit, for every aspect class of the generator (wide, tall, square)."""
+    import numpy as np
+
+    processor = T.image_processor()
+    seen = set()
+    for k in range(400):
+        image, _ = data.render_image(np.random.default_rng(k))
+        w, h = image.size
+        kind = "wide" if w > h else "tall" if h > w else "square"
+        if kind in seen and len(seen) < 3:
+            continue
+        seen.add(kind)
+        fast = T.clip_normalize(T.square_pixels(image)[None])[0]
+        assert fast.dtype == torch.float32
+        assert torch.equal(fast, T.pad_and_process(image, processor)), (k, image.size)
+        if len(seen) == 3 and k > 10:
+            break
+    assert seen == {"wide", "tall", "square"}
+
+
+def test_vision_warmup_trains_only_the_vision_tower(tmp_path, tokenizer):
+    """With no joint steps, a warm-up changes the vision tower's weights and nothing else (projector and LoRA keep
+    their initial values); without it nothing changes. Its record logs object-patch accuracies."""
+    from safetensors.torch import load_file
+
+    plain = _tiny_run(tmp_path, "plain", max_steps=0)
+    warmed = _tiny_run(tmp_path, "warm", max_steps=0, vision_max_steps=3, vision_batch=2)
+    assert plain["vision_warmup"] is None and warmed["vision_steps"] == 3 and warmed["steps"] == 0
+    accuracy = warmed["vision_warmup"]["final_aux_accuracy"]
+    assert set(accuracy) == {"color", "shape", "glyph"} and all(0 <= v <= 1 for v in accuracy.values())
+    a, b = load_file(str(tmp_path / "plain" / T.TRAINED)), load_file(str(tmp_path / "warm" / T.TRAINED))
+    changed = {k.split(".")[0] for k in a if not torch.equal(a[k], b[k])}
+    assert changed == {"vision"}
+
+
+def _interrupt_at_vision_check(message):
+    if "vision warm-up step 2" in message:
+        raise _Interrupt(message)
+
+
+def test_resume_inside_the_vision_warmup_keeps_the_auxiliary_heads(tmp_path, tokenizer):
+    out = tmp_path / "v"
+    kw = dict(llm_source="tiny", device="cpu", batch=2, max_steps=2, warmup_steps=2, val_every=2, val_n=2,
+              save_every=1, vision_max_steps=3, vision_batch=2)
+    with pytest.raises(_Interrupt):      # the check at warm-up step 2 comes before its save: step 1 was saved last
+        T.train(out, log=_interrupt_at_vision_check, **kw)
+    meta = T.read_resume_meta(out / "resume")
+    assert meta["phase"] == "vision" and meta["vision_step"] == 1
+    training = T.prepare("tiny", None, 0, "cpu", lr_vision=5e-4, lr_lora=6e-4)
+    before = {k: v.clone() for k, v in training.aux.state_dict().items()}
+    T.load_resume(out / "resume", training, training.opt)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "resume" / "state.safetensors"))
+    assert all(torch.equal(v, saved[f"aux.{k}"]) for k, v in training.aux.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in training.aux.state_dict().items())
+    messages = []
+    record = T.train(out, log=messages.append, **kw)
+    assert any("resuming the vision phase at step 1" in m for m in messages)
+    assert record["vision_steps"] == 3 and record["steps"] == 2 and not (out / "resume").exists()
+
+
+def test_vision_sweep_runs_each_setting_and_refuses_bad_settings(tmp_path):
+    from study import vision_sweep
+
+    out = tmp_path / "sweep"
+    assert vision_sweep.main(["--settings", "1:1e-3", "--seconds", "0.5", "--warmup-steps", "11", "--workers", "0",
+                              "--device", "cpu", "--val-n", "2", "--val-every", "5", "--out", str(out)]) == 0
+    result = json.loads((out / "vision_sweep.json").read_text())["results"][0]
+    assert result["batch"] == 1 and result["steps"] >= 12
+    assert any("aux_accuracy" in h for h in result["history"])
+    assert vision_sweep.main(["--settings", "128-1e-3", "--out", str(out)]) == 2
