@@ -1,4 +1,4 @@
-"""Train the study model: ``python -m study train --out DIR [--minutes 6] [--device cuda]``.
+"""Train the study model: ``python -m study train --out DIR [--minutes 9] [--vision-minutes 2.5] [--device cuda]``.
 
 What is trained (everything else is SmolLM2-135M-Instruct's pretrained weights, frozen):
 - the CLIP-architecture vision tower, from scratch (no pretrained vision weights exist offline);
@@ -8,19 +8,27 @@ What is trained (everything else is SmolLM2-135M-Instruct's pretrained weights, 
   a low-rank update (a frozen LLM could not learn to read a vision tower trained from scratch in minutes;
   full fine-tuning would overwrite the behaviour under study).
 
+Two phases share one time budget (``--minutes``; each phase fixes its step count once its first steps are timed):
+1. vision warm-up (``--vision-minutes``): the vision tower and linear read-outs (``AuxHeads``) alone learn each
+   patch's colour, shape and glyph from the generator's labels; no LLM in the loop, so steps are cheap and the
+   vision features are informative before the LLM first sees them. Learning them through the LLM's answer loss
+   was what made training slow.
+2. the whole model: answers' cross-entropy + the read-outs' loss, cosine schedule.
+
 Data: ``study.data.training_conversations`` (endless, seeded, disjoint from the calibration and evaluation
 splits). Each sample is one image with ``--turns`` questions in one vicuna_v1 conversation, as LLaVA-1.5's own
 instruction data has several turns per image; every question ends with LLaVA's answer-format suffix, exactly as
 the evaluation question files have it (the first turn is token for token what the evaluation prompt is). The loss
 is on the answer tokens and their end-of-sequence tokens only. Several turns give several supervised answers per
-forward pass of the 576 visual tokens for about 10 % more tokens. ``--init FILE`` starts from an earlier run's trained.safetensors (its sha256 is recorded). Training is time-bounded: after ``--warmup-steps`` the step time is measured and the
-total number of steps fixed (and stored), then a cosine schedule runs to it.
+forward pass of the 576 visual tokens for about 10 % more tokens. ``--init FILE`` starts from an earlier run's
+trained.safetensors (its sha256 is recorded).
 
-Resumable: every ``--save-every`` steps the trainable weights, AdamW moments and step are written
-(safetensors + JSON, atomically); rerunning the same command continues from there (the data stream is reseeded
-with the step, so no sample repeats the pre-interruption stream). Outputs in DIR: ``trained.safetensors``
-(fp16: vision tower ``vision.*``, projector ``projector.*``, LoRA ``lora.*``), ``train.json`` (settings, log,
-validation accuracy), and ``resume/`` while training is unfinished.
+Resumable: every ``--save-every`` steps (of either phase) the trainable weights, read-outs, the phase's AdamW
+moments and step are written (safetensors + JSON, atomically); rerunning the same command continues from there
+(the data stream is reseeded with the step, so no sample repeats the pre-interruption stream). Outputs in DIR:
+``trained.safetensors`` (fp16: vision tower ``vision.*``, projector ``projector.*``, LoRA ``lora.*``),
+``train.json`` (settings, log, validation accuracy, the read-outs' object-patch accuracy), and ``resume/`` while
+training is unfinished.
 """
 from __future__ import annotations
 
@@ -547,6 +555,7 @@ def warm_up_vision(t: "Training", state: dict, save, restore, settings: dict, au
         if step % save_every == 0 and step < (total or 0):
             save(opt)
     bar.close()
+    save(opt)   # an interruption before the joint phase's first save then resumes there, not inside the warm-up
 
 
 def run_joint_phase(t: "Training", state: dict, save, restore, settings: dict, val, aux_val, *, clock, cuda: bool,
