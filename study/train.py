@@ -1,4 +1,4 @@
-"""Train the study model: ``python -m study train --out DIR [--minutes 9] [--vision-minutes 2.5] [--device cuda]``.
+"""Train the study model: ``python -m study train --out DIR [--minutes 5] [--vision-minutes 1.5] [--device cuda]``.
 
 What is trained (everything else is SmolLM2-135M-Instruct's pretrained weights, frozen):
 - the CLIP-architecture vision tower, from scratch (no pretrained vision weights exist offline);
@@ -394,13 +394,13 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / TRAINED).exists():
-        raise FileExistsError(f"{out / TRAINED} exists: training there finished; choose another --out")
     if turns < 1:
         raise ValueError(f"--turns {turns} must be at least 1")
     if vision_minutes < 0 or vision_minutes >= minutes and max_steps is None:
         raise ValueError(f"--vision-minutes {vision_minutes} must be at least 0 and below --minutes {minutes}")
+    if (out / TRAINED).exists():
+        raise FileExistsError(f"{out / TRAINED} exists: training there finished; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
     spec = M.LoraSpec()
     init_sha256 = None
     if init is not None:
@@ -590,10 +590,10 @@ def run_joint_phase(t: "Training", state: dict, save, restore, settings: dict, v
             bar.refresh()
             log(f"{budget.per_step * 1000:.0f} ms/step -> {total} steps in {settings['minutes']} min")
         if step % 10 == 0:
-            state["history"].append({"step": step, "loss": round(float(loss), 4), "aux_loss": round(float(aux_loss), 4),
+            state["history"].append({"step": step, "loss": round(loss.item(), 4), "aux_loss": round(aux_loss.item(), 4),
                                      "train_exact": float(right.float().mean()), "seconds": round(clock(), 1),
                                      "data_wait_s": round(waited, 1)})
-            bar.set_postfix(loss=f"{float(loss):.3f}", exact=f"{float(right.float().mean()):.2f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", exact=f"{float(right.float().mean()):.2f}")
         state["step"], state["total_steps"] = step, total
         if step % val_every == 0 or step == total:
             acc = validate(t.vlm, t.prefix, val, device, t.amp)

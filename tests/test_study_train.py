@@ -226,3 +226,12 @@ def test_vision_sweep_runs_each_setting_and_refuses_bad_settings(tmp_path):
     assert result["batch"] == 1 and result["steps"] >= 12
     assert any("aux_accuracy" in h for h in result["history"])
     assert vision_sweep.main(["--settings", "128-1e-3", "--out", str(out)]) == 2
+
+
+def test_a_warmup_longer_than_the_budget_is_refused_before_any_work(tmp_path, capsys):
+    from study.__main__ import main
+
+    out = tmp_path / "never"
+    assert main(["train", "--out", str(out), "--llm", "tiny", "--minutes", "2", "--vision-minutes", "3"]) == 2
+    assert "--vision-minutes 3.0 must be at least 0 and below --minutes 2.0" in capsys.readouterr().err
+    assert not out.exists()
