@@ -377,6 +377,18 @@ class StepBudget:
             return max(step + 1, int((self.deadline - self.clock()) / self.per_step) + step)
         return None
 
+    def total(self, step: int, total: int | None, bar, log, phase: str) -> int | None:
+        """The phase's step count after ``step``: ``total`` once known, else what ``after`` fixes (shown on the
+        progress bar and logged)."""
+        if total is not None:
+            return total
+        fixed = self.after(step)
+        if fixed is not None:
+            bar.total = fixed
+            bar.refresh()
+            log(f"{phase}: {self.per_step * 1000:.0f} ms/step -> {fixed} steps by {self.deadline / 60:g} min")
+        return fixed
+
 
 def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float = 6.0, max_steps: int | None = None,
           batch: int = 64, lr_vision: float = 5e-4, lr_lora: float = 6e-4, seed: int = 0, device: str = "cpu",
@@ -537,12 +549,7 @@ def warm_up_vision(t: "Training", state: dict, save, restore, settings: dict, au
         opt.step()
         step += 1
         bar.update(1)
-        fixed = budget.after(step) if total is None else None
-        if fixed is not None:
-            total = fixed
-            bar.total = total
-            log(f"vision warm-up: {budget.per_step * 1000:.0f} ms/step -> {total} steps in "
-                f"{settings['vision_minutes']} min")
+        total = budget.total(step, total, bar, log, "vision warm-up")
         if step % 10 == 0:
             state["history"].append({"phase": "vision", "step": step, "aux_loss": round(loss.item(), 4),
                                      "seconds": round(clock(), 1), "data_wait_s": round(waited, 1)})
@@ -583,12 +590,7 @@ def run_joint_phase(t: "Training", state: dict, save, restore, settings: dict, v
         loss, right, aux_loss = training_step(t, batch_on_device, settings["aux_weight"])
         step += 1
         bar.update(1)
-        fixed = budget.after(step) if total is None else None
-        if fixed is not None:
-            total = fixed
-            bar.total = total
-            bar.refresh()
-            log(f"{budget.per_step * 1000:.0f} ms/step -> {total} steps in {settings['minutes']} min")
+        total = budget.total(step, total, bar, log, "whole model")
         if step % 10 == 0:
             state["history"].append({"step": step, "loss": round(loss.item(), 4), "aux_loss": round(aux_loss.item(), 4),
                                      "train_exact": float(right.float().mean()), "seconds": round(clock(), 1),

@@ -114,9 +114,12 @@ class _Interrupt(Exception):
     pass
 
 
-def _interrupt_at_validation(message):
-    if "validation" in message:
-        raise _Interrupt(message)
+def _interrupt_when(text):
+    """A ``log`` that stops training at the first message containing ``text``."""
+    def log(message):
+        if text in message:
+            raise _Interrupt(message)
+    return log
 
 
 def test_resume_continues_and_refuses_other_turns(tmp_path, tokenizer):
@@ -124,7 +127,7 @@ def test_resume_continues_and_refuses_other_turns(tmp_path, tokenizer):
     kw = dict(llm_source="tiny", device="cpu", batch=2, max_steps=4, warmup_steps=2, val_every=3, val_n=2,
               save_every=2)
     with pytest.raises(_Interrupt):      # stops at step 3, after the save of step 2
-        T.train(out, turns=2, log=_interrupt_at_validation, **kw)
+        T.train(out, turns=2, log=_interrupt_when("validation"), **kw)
     assert (out / "resume" / "state.json").exists() and not (out / T.TRAINED).exists()
     with pytest.raises(ValueError, match="other settings"):
         T.train(out, turns=3, log=lambda *_: None, **kw)
@@ -189,17 +192,12 @@ def test_vision_warmup_trains_only_the_vision_tower(tmp_path, tokenizer):
     assert changed == {"vision"}
 
 
-def _interrupt_at_vision_check(message):
-    if "vision warm-up step 2" in message:
-        raise _Interrupt(message)
-
-
 def test_resume_inside_the_vision_warmup_keeps_the_auxiliary_heads(tmp_path, tokenizer):
     out = tmp_path / "v"
     kw = dict(llm_source="tiny", device="cpu", batch=2, max_steps=2, warmup_steps=2, val_every=2, val_n=2,
               save_every=1, vision_max_steps=3, vision_batch=2)
     with pytest.raises(_Interrupt):      # the check at warm-up step 2 comes before its save: step 1 was saved last
-        T.train(out, log=_interrupt_at_vision_check, **kw)
+        T.train(out, log=_interrupt_when("vision warm-up step 2"), **kw)
     meta = T.read_resume_meta(out / "resume")
     assert meta["phase"] == "vision" and meta["vision_step"] == 1
     training = T.prepare("tiny", None, 0, "cpu", lr_vision=5e-4, lr_lora=6e-4)
