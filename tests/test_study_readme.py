@@ -83,3 +83,11 @@ def test_the_from_scratch_training_quoted_is_its_record():
         low, high = compared[name]["ci95"]
         assert compared[name]["n"] == 500
         assert f"{compared[name]['accuracy']:.1f} % [{low:.1f}, {high:.1f}]" in section, name
+    comparison = json.loads((folder / "unpruned-first500-cpu.json").read_text())
+
+    def signed(x):
+        return f"{x:+.1f}".replace("-", "−")
+
+    for name in ("5min", "9min"):   # the paired differences to the published weights
+        d = comparison[f"{name}_minus_published"]
+        assert f"{signed(d['diff'])} [{signed(d['ci95'][0])}, {signed(d['ci95'][1])}]" in section, name
