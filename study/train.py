@@ -99,10 +99,14 @@ def square_pixels(image) -> torch.Tensor:
 def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> float32 CLIP input, with CLIPImageProcessor's arithmetic: rescale by 1/255 in float64
     then cast to float32, then (x - mean) / std in float32."""
-    x = (pixels.double() * (1 / 255)).float()
-    mean = torch.tensor(M.CLIP_MEAN, dtype=torch.float32, device=pixels.device)[:, None, None]
-    std = torch.tensor(M.CLIP_STD, dtype=torch.float32, device=pixels.device)[:, None, None]
-    return (x - mean) / std
+    mean, std = _clip_mean_std(pixels.device)
+    return ((pixels.double() * (1 / 255)).float() - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std [3, 1, 1] float32 on ``device``, made once (not copied to the device every step)."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device)[:, None, None] for v in (M.CLIP_MEAN, M.CLIP_STD))
 
 
 def patch_targets(objects, image_size, grid: int = 24, resolution: int = 336) -> torch.Tensor:
@@ -217,7 +221,8 @@ class PatchStream(torch.utils.data.IterableDataset):
 
 
 def collate(batch, pad_id: int):
-    """-> pixels uint8 [B, 3, R, R], suffix [B, T] (right-padded), mask [B, T], labels [B, T], patch targets [B, 576, 3]"""
+    """-> pixels uint8 [B, 3, R, R], suffix [B, T] (right-padded), mask [B, T], labels [B, T],
+    patch targets [B, 576, 3]"""
     pixels = torch.stack([b[0] for b in batch])
     t = max(len(b[1]) for b in batch)
     suffix = torch.full((len(batch), t), pad_id, dtype=torch.long)
@@ -448,21 +453,18 @@ def train(out: Path, *, llm_source: str = "smollm2", gguf=None, minutes: float =
     t0 = time.time() - state["seconds"]
     clock = lambda: time.time() - t0  # noqa: E731 - training time, continued across resumes
 
-    pending = [resume_dir.exists()]
+    vision_opt = vision_optimizer(training, vision_lr) if state["phase"] == "vision" else None
+    if resume_dir.exists():   # weights, read-outs and the moments of the phase under way at the interruption
+        load_resume(resume_dir, training, vision_opt or training.opt)
 
     def save(opt):
         save_resume(resume_dir, training, opt, dict(state, settings=settings, seconds=clock()))
 
-    def restore(opt):   # the phase under way at the interruption loads the weights and its optimiser's moments
-        if pending[0]:
-            load_resume(resume_dir, training, opt)
-            pending[0] = False
-
-    if state["phase"] == "vision":
-        warm_up_vision(training, state, save, restore, settings, aux_val, clock=clock, cuda=cuda, workers=workers,
+    if vision_opt is not None:
+        warm_up_vision(training, vision_opt, state, save, settings, aux_val, clock=clock, cuda=cuda, workers=workers,
                        val_every=val_every, save_every=save_every, log=log)
         state["phase"] = "joint"
-    run_joint_phase(training, state, save, restore, settings, val, aux_val, clock=clock, cuda=cuda, workers=workers,
+    run_joint_phase(training, state, save, settings, val, aux_val, clock=clock, cuda=cuda, workers=workers,
                     warmup_steps=warmup_steps, val_every=val_every, save_every=save_every, log=log)
 
     history = state["history"]
@@ -516,18 +518,21 @@ def aux_accuracy(t: "Training", validation, device, chunk: int = 64) -> dict[str
     return {k: round(v, 4) for k, v in t.aux.accuracy(torch.cat(features), targets.to(device)).items()}
 
 
-def warm_up_vision(t: "Training", state: dict, save, restore, settings: dict, aux_val, *, clock, cuda: bool,
+def vision_optimizer(t: "Training", lr: float) -> torch.optim.AdamW:
+    """The warm-up's own AdamW over the vision tower and the read-outs (the joint phase starts ``t.opt`` afresh)."""
+    params = list(t.vlm.vision.parameters()) + list(t.aux.parameters())
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+
+
+def warm_up_vision(t: "Training", opt, state: dict, save, settings: dict, aux_val, *, clock, cuda: bool,
                    workers: int, val_every: int, save_every: int, log, warmup_steps: int = 50) -> None:
     """Phase 1: the vision tower (and the auxiliary read-outs) alone learn the patch targets; advances
     ``state['vision_step']`` to its total (fixed by the time budget ``settings['vision_minutes']`` or
-    ``settings['vision_max_steps']``). Its own AdamW; the joint phase starts its optimiser afresh. ``save(opt)``
-    writes the resume state, ``restore(opt)`` loads it once if training resumed in this phase."""
+    ``settings['vision_max_steps']``) with ``opt`` (``vision_optimizer``); ``save(opt)`` writes the resume state."""
     from tqdm import tqdm
 
     device = t.prefix.device
-    params = list(t.vlm.vision.parameters()) + list(t.aux.parameters())
-    opt = torch.optim.AdamW(params, lr=settings["vision_lr"], betas=(0.9, 0.98), weight_decay=0.05)
-    restore(opt)
+    params = [p for g in opt.param_groups for p in g["params"]]
     step, total = state["vision_step"], state["vision_total"]
     budget = StepBudget(warmup_steps, settings["vision_minutes"] * 60, clock, cuda)
     seed = VISION_WARMUP_SEED + 100_000 * settings["seed"] + step
@@ -556,7 +561,8 @@ def warm_up_vision(t: "Training", state: dict, save, restore, settings: dict, au
             bar.set_postfix(aux_loss=f"{loss.item():.3f}")
         if step % val_every == 0 or step == total:
             acc = aux_accuracy(t, aux_val, device)
-            state["history"].append({"phase": "vision", "step": step, "aux_accuracy": acc, "seconds": round(clock(), 1)})
+            state["history"].append({"phase": "vision", "step": step, "aux_accuracy": acc,
+                                     "seconds": round(clock(), 1)})
             log(f"vision warm-up step {step}: object-patch accuracy {acc}")
         state["vision_step"], state["vision_total"] = step, total
         if step % save_every == 0 and step < (total or 0):
@@ -565,14 +571,13 @@ def warm_up_vision(t: "Training", state: dict, save, restore, settings: dict, au
     save(opt)   # an interruption before the joint phase's first save then resumes there, not inside the warm-up
 
 
-def run_joint_phase(t: "Training", state: dict, save, restore, settings: dict, val, aux_val, *, clock, cuda: bool,
+def run_joint_phase(t: "Training", state: dict, save, settings: dict, val, aux_val, *, clock, cuda: bool,
                     workers: int, warmup_steps: int, val_every: int, save_every: int, log) -> None:
     """Phase 2: answers' cross-entropy + auxiliary loss on the whole trainable model until ``settings['minutes']``
     of training time (or ``settings['max_steps']``); validation exact match every ``val_every`` steps."""
     from tqdm import tqdm
 
     device = t.prefix.device
-    restore(t.opt)
     base_lrs = [g["lr"] for g in t.opt.param_groups]
     step, total = state["step"], state["total_steps"]
     budget = StepBudget(warmup_steps, settings["minutes"] * 60, clock, cuda)
@@ -676,7 +681,8 @@ def validate(vlm, prefix, batches, device, amp) -> float:
     right = n = 0
     for pixels, suffix, mask, labels, _ in batches:
         with amp:
-            _, ok = vlm.loss(prefix, clip_normalize(pixels.to(device)), suffix.to(device), mask.to(device), labels.to(device))
+            _, ok = vlm.loss(prefix, clip_normalize(pixels.to(device)), suffix.to(device), mask.to(device),
+                             labels.to(device))
         right += int(ok.sum())
         n += len(ok)
     return right / max(n, 1)

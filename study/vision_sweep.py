@@ -33,8 +33,8 @@ def run_setting(batch: int, lr: float, *, seconds: float, workers: int, device: 
     settings = {"vision_lr": lr, "vision_batch": batch, "vision_minutes": seconds / 60, "seed": seed}
     aux_val = T.patch_validation(seed, val_n)
     t0 = time.time()
-    T.warm_up_vision(t, state, lambda opt: None, lambda opt: None, settings, aux_val, clock=lambda: time.time() - t0,
-                     cuda=cuda, workers=workers, val_every=val_every, save_every=10 ** 9, log=print,
+    T.warm_up_vision(t, T.vision_optimizer(t, lr), state, lambda opt: None, settings, aux_val,
+                     clock=lambda: time.time() - t0, cuda=cuda, workers=workers, val_every=val_every, save_every=10 ** 9, log=print,
                      warmup_steps=warmup_steps)
     return {"batch": batch, "lr": lr, "steps": state["vision_step"], "seconds": round(time.time() - t0, 1),
             "images_per_s": round(state["vision_step"] * batch / (time.time() - t0), 1),
